@@ -1,0 +1,141 @@
+//! Everything x86-specific: the ring-0 stubs (`ring0.s`), the ring-3 upcall trampoline (`upcall.s`),
+//! the IDT (written from ring 3, [`idt`]) and wrappers for the few instructions the runtime needs.
+//!
+//! Ring 0 is assembly only: on nested KVM it is emulated and cannot run SSE, which rustc's prebuilt
+//! `core` uses. See docs/guest.md for the ring-0/ring-3 split and the upcall.
+
+pub mod idt;
+
+use core::arch::{asm, global_asm};
+
+/// The per-vCPU area (`percpu_base + percpu_size * index`, zeroed at boot): offsets of what lives in it.
+pub mod layout {
+    /// 256 interrupt gates of 16 bytes.
+    pub const IDT: usize = 0x0000;
+    /// null, kernel code, kernel data, user data, user code, TSS (two entries).
+    pub const GDT: usize = 0x1000;
+    /// u64: the vCPU index, for the ring-0 fatal-exception printer.
+    pub const CPU_INDEX: usize = 0x1040;
+    /// The 64-bit TSS (0x68 bytes) and its I/O permission bitmap (8 KiB + 1), up to 0x30e9.
+    pub const TSS: usize = 0x1080;
+    /// The ring-3 runtime's per-vCPU data (`runtime::percpu::PerCpu`), one page. It starts with the
+    /// software interrupt mask and pending flag, which the ring-0 stubs read and write.
+    pub const PERCPU_DATA: usize = 0x4000;
+    /// One page of ring-0 stack; its top is TSS.RSP0.
+    pub const R0_STACK: usize = 0x5000;
+    pub const R0_STACK_TOP: usize = 0x6000;
+    // The ring-3 stack runs from the end of the area down to 0x6000.
+    /// The smallest per-vCPU area the guest can run in (the ABI gives 128 KiB).
+    pub const MIN_AREA: usize = 0x10000;
+}
+
+/// Selectors of the per-vCPU GDT built by `ring0.s`.
+pub mod selector {
+    pub const KERNEL_CS: u16 = 0x08;
+    pub const USER_DS: u16 = 0x18 | 3;
+    pub const USER_CS: u16 = 0x20 | 3;
+    pub const TSS: u16 = 0x28;
+}
+
+/// The TSS: 0x68 bytes, then the I/O permission bitmap (8 KiB: all 65536 ports) and its 0xff end byte.
+const IOPB_OFFSET: usize = 0x68;
+const TSS_LIMIT: u64 = (IOPB_OFFSET + 8192) as u64;
+/// Low quadword of the TSS descriptor without its base: limit, type 9 (available 64-bit TSS), present.
+const TSS_DESC_LOW: u64 = TSS_LIMIT | (0x89 << 40);
+/// Ring 3 runs with IF=1 and IOPL 0 (port I/O goes through the TSS's I/O bitmap).
+const RFLAGS_USER: u64 = (1 << 9) | 2;
+
+/// `rax` value that makes a ring-3 `ud2` end in a triple fault (`triple_fault`).
+const TRIPLE_FAULT_MAGIC: u64 = 0x5452_4950_4c45_4621;
+
+global_asm!(
+    include_str!("ring0.s"),
+    BI_PERCPU_SIZE = const crate::runtime::boot::offset::PERCPU_SIZE,
+    BI_SERIAL_PORT = const crate::runtime::boot::offset::SERIAL_PORT,
+    BI_EXIT_PORT = const crate::runtime::boot::offset::EXIT_PORT,
+    BOOT_INFO = const crate::runtime::boot::BOOT_INFO_ADDR,
+    IDT = const layout::IDT,
+    IDT_LIMIT = const 256 * 16 - 1,
+    GDT = const layout::GDT,
+    GDT_LIMIT = const 7 * 8 - 1,
+    TSS = const layout::TSS,
+    CPU_INDEX = const layout::CPU_INDEX,
+    R0_STACK = const layout::R0_STACK,
+    R0_STACK_TOP = const layout::R0_STACK_TOP,
+    TSS_SEL = const selector::TSS,
+    TSS_DESC_LOW = const TSS_DESC_LOW,
+    IOPB_OFFSET = const IOPB_OFFSET,
+    IOPB_END = const IOPB_OFFSET + 8192,
+    USER_DS = const selector::USER_DS,
+    USER_CS = const selector::USER_CS,
+    RFLAGS_USER = const RFLAGS_USER,
+    PERCPU_DATA = const layout::PERCPU_DATA,
+    IRQ_MASKED = const crate::runtime::percpu::IRQ_MASKED_OFFSET,
+    IRQ_PENDING = const crate::runtime::percpu::IRQ_PENDING_OFFSET,
+    TRIPLE_FAULT_MAGIC = const TRIPLE_FAULT_MAGIC,
+    EXIT_EXCEPTION = const crate::runtime::vm::EXIT_EXCEPTION,
+    guest_main = sym crate::guest_main,
+);
+
+global_asm!(include_str!("upcall.s"), doorbell = sym crate::runtime::doorbell::quietvm_doorbell);
+
+/// Unmasks the doorbell (`runtime::irq`) and halts until it rings, atomically: at ring 3 `hlt` traps
+/// to the #GP stub, which does both with interrupts off (ring0.s). Returns after the doorbell's handler
+/// has run (or at once if a doorbell was pending), with the doorbell unmasked.
+#[inline(always)]
+pub fn unmask_and_halt() {
+    // SAFETY: the #GP stub steps over the hlt and returns here with every register preserved (the upcall
+    // saves what the doorbell handler clobbers); memory may change meanwhile, hence no `nomem`.
+    unsafe { asm!("hlt", options(nostack)) };
+}
+
+#[inline(always)]
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O at ring 3, allowed by the TSS I/O bitmap; a port of quietvm's devices (or ignored).
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags)) };
+}
+
+/// A 32-bit `out`. Not `nomem`: quietvm's timer device reads and writes the device page during it.
+#[inline(always)]
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags))
+    };
+}
+
+/// A 16-bit `out` (only to check that the timer device refuses it).
+#[inline(always)]
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as `outb`.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nostack, preserves_flags)) };
+}
+
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as `outb`.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nostack, preserves_flags))
+    };
+    value
+}
+
+#[inline(always)]
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+#[inline(always)]
+pub fn stack_pointer() -> usize {
+    let rsp: usize;
+    // SAFETY: reads rsp.
+    unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
+    rsp
+}
+
+/// Ends the VM in a triple fault: `ud2` with the magic the fatal-exception stub recognises.
+pub fn triple_fault() -> ! {
+    // SAFETY: does not return; the stub never comes back.
+    unsafe { asm!("ud2", in("rax") TRIPLE_FAULT_MAGIC, options(noreturn, nostack)) }
+}

@@ -1,0 +1,59 @@
+//! quietvm's built-in test guest: a freestanding x86-64 ELF (docs/boot.md) that runs one of the timer
+//! workloads in `workloads/` and ends the VM with exit code 0 if all of its checks passed.
+//!
+//! - `arch/`: ring-0 assembly (entry, GDT/TSS, #GP halt path, doorbell upcall, fatal exceptions) and
+//!   the ring-3 upcall trampoline. Everything else runs at ring 3 (docs/guest.md says why).
+//! - `runtime/`: boot info, console, timer device client, doorbell handler, locks, memory, time.
+//! - `checks.rs`: the per-arming verification all timer workloads share.
+//! - `workloads/`: one file per workload.
+
+#![no_std]
+#![no_main]
+
+#[macro_use]
+mod runtime;
+mod arch;
+#[macro_use]
+mod checks;
+mod workloads;
+
+use runtime::boot::{self, BootInfo};
+use runtime::vm;
+
+/// Entered at ring 3 from `_start` (arch/ring0.s) on every vCPU.
+extern "C" fn guest_main(cpu: u64, info: *const BootInfo) -> ! {
+    // SAFETY: quietvm passes the boot info address in rsi (docs/boot.md); it stays valid and unchanged.
+    let info = unsafe { &*info };
+    let area = (info.percpu_base + info.percpu_size * cpu) as usize;
+    // First, so that any fault from here on is reported rather than a triple fault.
+    arch::idt::init(area, info.doorbell_vector);
+    boot::set(info);
+    if info.magic != boot::MAGIC
+        || info.version != boot::VERSION
+        || info.percpu_size < arch::layout::MIN_AREA as u64
+        || info.doorbell_vector < 32
+        || info.max_timers <= info.vcpus
+    {
+        if cpu == 0 {
+            // Only vCPU 0 reports (and exits), so that the message is whole.
+            println!(
+                "guest: unusable boot info (magic {:#x}, version {}, percpu_size {:#x}, doorbell vector {}, max_timers {}, vcpus {})",
+                info.magic, info.version, info.percpu_size, info.doorbell_vector, info.max_timers, info.vcpus
+            );
+            vm::exit(vm::EXIT_BAD_BOOT);
+        }
+        vm::halt_forever();
+    }
+    runtime::percpu::init(cpu as u32);
+    workloads::run(cpu as u32)
+}
+
+#[panic_handler]
+fn panic(panic: &core::panic::PanicInfo) -> ! {
+    println!(
+        "guest: panic on vCPU {}: {}",
+        runtime::percpu::index(),
+        panic
+    );
+    vm::exit(vm::EXIT_PANIC)
+}

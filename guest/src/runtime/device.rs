@@ -1,0 +1,181 @@
+//! Client of quietvm's timer device (docs/timer-abi.md): fill this vCPU's device page, one 32-bit `out`
+//! of the command number to the command port, read the results back from the page.
+//!
+//! The doorbell handler saves and restores the device page around its own commands (`doorbell`), like
+//! a signal handler saving errno, so code it interrupts may be anywhere in a command sequence: callers
+//! need not mask the doorbell around commands.
+
+use super::{boot, percpu};
+use crate::arch;
+use core::mem::offset_of;
+use core::ptr::{addr_of, addr_of_mut};
+
+/// "No timer" (the `id` of a `POP` when no callback runs).
+pub const NONE: u32 = u32::MAX;
+pub const PINNED: u32 = 1;
+pub const MOVABLE: u32 = 2;
+
+pub mod command {
+    pub const NOW: u32 = 1;
+    pub const ARM: u32 = 2;
+    pub const CANCEL: u32 = 3;
+    pub const CANCEL_SYNC: u32 = 4;
+    pub const POP: u32 = 5;
+    pub const ACK: u32 = 6;
+}
+
+pub mod status {
+    pub const OK: u32 = 0;
+    pub const EMPTY: u32 = 1;
+    pub const PAST: u32 = 2;
+    pub const RUNNING: u32 = 3;
+    pub const DEADLOCK: u32 = 4;
+    pub const BAD_ACK: u32 = 5;
+    pub const INVALID: u32 = 6;
+    pub const UNKNOWN_COMMAND: u32 = 7;
+    pub const BAD_ACCESS: u32 = 8;
+
+    pub fn name(status: u32) -> &'static str {
+        match status {
+            OK => "OK",
+            EMPTY => "EMPTY",
+            PAST => "PAST",
+            RUNNING => "RUNNING",
+            DEADLOCK => "DEADLOCK",
+            BAD_ACK => "BAD_ACK",
+            INVALID => "INVALID",
+            UNKNOWN_COMMAND => "UNKNOWN_COMMAND",
+            BAD_ACCESS => "BAD_ACCESS",
+            _ => "(unknown status)",
+        }
+    }
+}
+
+/// The first 64 bytes of a device page.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Page {
+    pub id: u32,
+    pub flags: u32,
+    pub deadline: u64,
+    pub status: u32,
+    pub reserved: u32,
+    pub value: u64,
+    pub now: u64,
+    pub exp_id: u32,
+    pub exp_owner: u32,
+    pub exp_deadline: u64,
+    pub exp_fired_at: u64,
+}
+
+const _: () = {
+    assert!(offset_of!(Page, deadline) == 0x08);
+    assert!(offset_of!(Page, status) == 0x10);
+    assert!(offset_of!(Page, value) == 0x18);
+    assert!(offset_of!(Page, now) == 0x20);
+    assert!(offset_of!(Page, exp_id) == 0x28);
+    assert!(offset_of!(Page, exp_owner) == 0x2c);
+    assert!(offset_of!(Page, exp_deadline) == 0x30);
+    assert!(offset_of!(Page, exp_fired_at) == 0x38);
+    assert!(core::mem::size_of::<Page>() == 0x40);
+};
+
+/// What every command answers.
+#[derive(Clone, Copy, Debug)]
+pub struct Reply {
+    pub status: u32,
+    pub value: u64,
+    pub now: u64,
+}
+
+/// A timer handed over by `POP`: its callback now runs on this vCPU.
+#[derive(Clone, Copy, Debug)]
+pub struct Expired {
+    pub id: u32,
+    /// The vCPU on whose queue it was armed.
+    pub owner: u32,
+    pub deadline: u64,
+    pub fired_at: u64,
+}
+
+fn page() -> *mut Page {
+    let info = boot::info();
+    (info.device_pages + 4096 * u64::from(percpu::index())) as *mut Page
+}
+
+/// Issues `cmd` with the given inputs. Each command is one exit to quietvm.
+pub fn raw(cmd: u32, id: u32, flags: u32, deadline: u64) -> Reply {
+    let page = page();
+    // SAFETY: this vCPU's own device page (mapped, user-accessible); volatile because quietvm writes
+    // it during the `out`, which the compiler cannot see (the asm has no `nomem`).
+    unsafe {
+        addr_of_mut!((*page).id).write_volatile(id);
+        addr_of_mut!((*page).flags).write_volatile(flags);
+        addr_of_mut!((*page).deadline).write_volatile(deadline);
+        arch::outl(boot::info().timer_port, cmd);
+        Reply {
+            status: addr_of!((*page).status).read_volatile(),
+            value: addr_of!((*page).value).read_volatile(),
+            now: addr_of!((*page).now).read_volatile(),
+        }
+    }
+}
+
+/// The `exp_*` fields of the last `POP`.
+fn expired() -> Expired {
+    let page = page();
+    // SAFETY: as in `raw`.
+    unsafe {
+        Expired {
+            id: addr_of!((*page).exp_id).read_volatile(),
+            owner: addr_of!((*page).exp_owner).read_volatile(),
+            deadline: addr_of!((*page).exp_deadline).read_volatile(),
+            fired_at: addr_of!((*page).exp_fired_at).read_volatile(),
+        }
+    }
+}
+
+/// The guest clock, in ns since the VM started.
+pub fn now() -> u64 {
+    raw(command::NOW, NONE, 0, 0).value
+}
+
+pub fn arm(id: u32, flags: u32, deadline: u64) -> Reply {
+    raw(command::ARM, id, flags, deadline)
+}
+
+pub fn cancel(id: u32) -> Reply {
+    raw(command::CANCEL, id, 0, 0)
+}
+
+/// One `CANCEL_SYNC` (callers repeat it while it answers `RUNNING`).
+pub fn cancel_sync(id: u32) -> Reply {
+    raw(command::CANCEL_SYNC, id, 0, 0)
+}
+
+/// `POP`: ends callback `prev` (or `NONE`) and takes the next expired timer, if any.
+pub fn pop(prev: u32) -> (Reply, Option<Expired>) {
+    let reply = raw(command::POP, prev, 0, 0);
+    let expired = (reply.status == status::OK).then(expired);
+    (reply, expired)
+}
+
+pub fn ack(id: u32) -> Reply {
+    raw(command::ACK, id, 0, 0)
+}
+
+/// A 32-bit `in` of the command port: the status of this vCPU's last command.
+pub fn last_status() -> u32 {
+    arch::inl(boot::info().timer_port)
+}
+
+/// Snapshot of the page, for the doorbell handler to put back.
+pub fn save_page() -> Page {
+    // SAFETY: as in `raw`.
+    unsafe { page().read_volatile() }
+}
+
+pub fn restore_page(saved: Page) {
+    // SAFETY: as in `raw`.
+    unsafe { page().write_volatile(saved) }
+}

@@ -1,0 +1,18 @@
+//! The ring-3 runtime every workload builds on: boot info, console, the timer device client, the
+//! doorbell handler, per-vCPU data, locks, memory, time and randomness.
+
+// First: its print!/println! macros are used by the modules below.
+#[macro_use]
+pub mod serial;
+
+pub mod arena;
+pub mod boot;
+pub mod device;
+pub mod doorbell;
+pub mod irq;
+pub mod mem;
+pub mod percpu;
+pub mod rand;
+pub mod sync;
+pub mod time;
+pub mod vm;

@@ -1,0 +1,102 @@
+//! Time and waiting. A vCPU waits by halting (the point of quietvm: an idle vCPU costs nothing) until
+//! one of its own callbacks makes the condition true, or until its sleep timer fires. Each vCPU owns one
+//! sleep timer: the last `vcpus` timer ids are reserved for them, the rest are the workloads'.
+
+use super::device::{self, status, Expired, PINNED};
+use super::{boot, irq, percpu};
+use crate::arch;
+use core::sync::atomic::Ordering;
+
+pub const MS: u64 = 1_000_000;
+pub const US: u64 = 1_000;
+
+pub fn now() -> u64 {
+    device::now()
+}
+
+/// Timer ids the workloads may use: `0 .. workload_timers()`.
+pub fn workload_timers() -> u32 {
+    let info = boot::info();
+    info.max_timers.saturating_sub(info.vcpus)
+}
+
+fn sleep_timer(cpu: u32) -> u32 {
+    workload_timers() + cpu
+}
+
+/// Called for every expired timer first: true if it was a sleep timer.
+pub fn on_timer(expired: &Expired) -> bool {
+    if expired.id < workload_timers() {
+        return false;
+    }
+    percpu::this().sleep_fired.store(true, Ordering::Relaxed);
+    true
+}
+
+/// Halts until `done()` is true (checked with the doorbell masked, so a callback cannot slip in between
+/// the check and the halt) or, with a deadline, until the guest clock passes it. Returns `done()`.
+/// Only from main code (unmasked), not from callbacks.
+pub fn wait_until(deadline: Option<u64>, done: impl Fn() -> bool) -> bool {
+    assert!(!irq::is_masked(), "wait_until with the doorbell masked");
+    let cpu = percpu::index();
+    let sleep = sleep_timer(cpu);
+    let pc = percpu::of(cpu);
+    pc.sleep_fired.store(false, Ordering::Relaxed);
+    if let Some(deadline) = deadline {
+        let reply = device::arm(sleep, PINNED, deadline);
+        match reply.status {
+            status::OK => {}
+            status::PAST => return done(),
+            s => panic!("ARM of the sleep timer answered {}", status::name(s)),
+        }
+    }
+    let result = loop {
+        irq::mask();
+        if done() {
+            irq::unmask();
+            break true;
+        }
+        if pc.sleep_fired.load(Ordering::Relaxed) {
+            irq::unmask();
+            break false;
+        }
+        arch::unmask_and_halt();
+    };
+    if deadline.is_some() && !pc.sleep_fired.load(Ordering::Relaxed) {
+        // Pinned to this vCPU, so it cannot be half-way through firing elsewhere.
+        device::cancel(sleep);
+    }
+    result
+}
+
+/// Halts until the guest clock reaches `deadline`.
+pub fn sleep_until(deadline: u64) {
+    wait_until(Some(deadline), || false);
+}
+
+/// Spins (busy, interrupts on) until the guest clock reaches `deadline`; returns the clock.
+pub fn spin_until(deadline: u64) -> u64 {
+    loop {
+        let now = now();
+        if now >= deadline {
+            return now;
+        }
+    }
+}
+
+/// Like `wait_until`, for a condition another vCPU may make true (which does not wake this one): halts
+/// in steps of `interval`, until `done()` or until the clock passes `limit`. Returns `done()`.
+pub fn poll_until(limit: u64, interval: u64, done: impl Fn() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        let now = now();
+        if now >= limit {
+            return done();
+        }
+        if wait_until(Some((now + interval).min(limit)), &done) {
+            return true;
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! Ending the VM, and the guest's exit codes (docs/guest.md).
+
+use super::boot;
+
+pub const EXIT_OK: u32 = 0;
+/// A workload's own checks failed.
+pub const EXIT_FAIL: u32 = 1;
+/// A CPU exception (written by the ring-0 stub in arch/ring0.s).
+pub const EXIT_EXCEPTION: u32 = 90;
+/// A Rust panic.
+pub const EXIT_PANIC: u32 = 91;
+/// Unknown workload or malformed argument.
+pub const EXIT_USAGE: u32 = 92;
+/// The boot info is not what docs/boot.md describes.
+pub const EXIT_BAD_BOOT: u32 = 93;
+
+/// Ends the VM with `code` (a 32-bit `out` to the exit port), and halts if quietvm does not stop at once.
+pub fn exit(code: u32) -> ! {
+    crate::arch::outl(boot::info().exit_port, code);
+    halt_forever()
+}
+
+/// Ends the VM with `EXIT_USAGE` after vCPU 0 printed `message` (every vCPU finds the same error; only
+/// vCPU 0 reports it, so that the message is whole when the VM ends).
+pub fn usage_error(message: core::fmt::Arguments) -> ! {
+    if super::percpu::index() == 0 {
+        println!("{}", message);
+        exit(EXIT_USAGE)
+    }
+    halt_forever()
+}
+
+/// Stops this vCPU for good, leaving the others running.
+pub fn halt_forever() -> ! {
+    loop {
+        crate::arch::unmask_and_halt();
+    }
+}

@@ -1,0 +1,434 @@
+//! `abi-check`: vCPU 0 goes through every answer of the timer device (docs/timer-abi.md) and checks it:
+//! NOW, INVALID (ids, flags), PAST, UNKNOWN_COMMAND, BAD_ACCESS (8- and 16-bit writes, read back with the
+//! 32-bit `in`), BAD_ACK (POP/ACK naming a callback not running), DEADLOCK (CANCEL_SYNC from a timer's
+//! own callback), re-arm and cancel values, the `exp_*` fields, and with 2+ vCPUs RUNNING (CANCEL_SYNC
+//! while another vCPU runs the callback) and a re-arm taking a timer over from another vCPU's queue.
+
+use super::Env;
+use crate::arch;
+use crate::runtime::device::{self, command, status, Expired, Reply, MOVABLE, NONE, PINNED};
+use crate::runtime::doorbell;
+use crate::runtime::time::{self, MS};
+use crate::runtime::{boot, irq, percpu, vm};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// Timer ids used: T fires on vCPU 0 and runs the in-callback checks; U runs a long callback on vCPU 1;
+/// W is armed by vCPU 1 and taken over by vCPU 0.
+const T: u32 = 0;
+const U: u32 = 1;
+const W: u32 = 2;
+
+static CHECKS: AtomicU32 = AtomicU32::new(0);
+static T_DEADLINE: AtomicU64 = AtomicU64::new(0);
+static T_DONE: AtomicBool = AtomicBool::new(false);
+static U_RUNNING: AtomicBool = AtomicBool::new(false);
+static U_RELEASE: AtomicBool = AtomicBool::new(false);
+/// vCPU 1's progress: 1 = U armed, 2 = W armed.
+static STEP: AtomicU32 = AtomicU32::new(0);
+/// vCPU W fired on + 1, and its exp_owner + 1.
+static W_FIRED_ON: AtomicU32 = AtomicU32::new(0);
+static W_OWNER: AtomicU32 = AtomicU32::new(0);
+
+fn check(what: &str, ok: bool, got: impl core::fmt::Debug) {
+    CHECKS.fetch_add(1, Ordering::Relaxed);
+    if !ok {
+        crate::fail!("{}: got {:?}", what, got);
+    }
+}
+
+fn expect(what: &str, reply: Reply, want_status: u32, want_value: Option<u64>) {
+    let ok = reply.status == want_status && want_value.is_none_or(|v| reply.value == v);
+    check(what, ok, (status::name(reply.status), reply.value));
+}
+
+pub fn run(env: &Env) -> ! {
+    env.ids(3);
+    match env.cpu {
+        0 => vcpu0(env),
+        1 => vcpu1(),
+        _ => vm::halt_forever(),
+    }
+}
+
+fn vcpu0(env: &Env) -> ! {
+    let max = boot::info().max_timers;
+    let far = || time::now() + 1_000 * MS;
+
+    // NOW: value = now, and the clock never goes backwards.
+    let first = device::raw(command::NOW, NONE, 0, 0);
+    check(
+        "NOW: status OK, value = now",
+        first.status == status::OK && first.value == first.now,
+        first,
+    );
+    let mut last = first.value;
+    let mut monotonic = true;
+    for _ in 0..50 {
+        let t = time::now();
+        monotonic &= t >= last;
+        last = t;
+    }
+    check("NOW is monotonic", monotonic, last);
+    check(
+        "in: last status OK",
+        device::last_status() == status::OK,
+        device::last_status(),
+    );
+
+    // Bad ids and flags: INVALID, nothing changes.
+    expect(
+        "ARM with id max_timers",
+        device::arm(max, PINNED, far()),
+        status::INVALID,
+        None,
+    );
+    expect(
+        "ARM with id 0xffffffff",
+        device::arm(NONE, PINNED, far()),
+        status::INVALID,
+        None,
+    );
+    expect(
+        "CANCEL with id max_timers",
+        device::cancel(max),
+        status::INVALID,
+        None,
+    );
+    expect(
+        "CANCEL_SYNC with id 0xffffffff",
+        device::cancel_sync(NONE),
+        status::INVALID,
+        None,
+    );
+    expect(
+        "ARM with flags 0",
+        device::arm(T, 0, far()),
+        status::INVALID,
+        None,
+    );
+    expect(
+        "ARM with flags 3 (PINNED|MOVABLE)",
+        device::arm(T, 3, far()),
+        status::INVALID,
+        None,
+    );
+    expect(
+        "ARM with flags 4",
+        device::arm(T, 4, far()),
+        status::INVALID,
+        None,
+    );
+    expect(
+        "CANCEL after invalid ARMs: nothing was armed",
+        device::cancel(T),
+        status::OK,
+        Some(0),
+    );
+
+    // PAST: deadline not after now.
+    expect(
+        "ARM with deadline 0",
+        device::arm(T, PINNED, 0),
+        status::PAST,
+        None,
+    );
+    let now = time::now();
+    expect(
+        "ARM with deadline = an earlier now",
+        device::arm(T, MOVABLE, now),
+        status::PAST,
+        None,
+    );
+    expect(
+        "CANCEL after PAST: nothing was armed",
+        device::cancel(T),
+        status::OK,
+        Some(0),
+    );
+
+    // Unknown commands and access sizes.
+    for cmd in [0, 7, 0x100, 0xdead_beef] {
+        expect(
+            "unknown command",
+            device::raw(cmd, T, PINNED, far()),
+            status::UNKNOWN_COMMAND,
+            None,
+        );
+    }
+    check(
+        "in: last status UNKNOWN_COMMAND",
+        device::last_status() == status::UNKNOWN_COMMAND,
+        device::last_status(),
+    );
+    arch::outw(boot::info().timer_port, command::NOW as u16);
+    check(
+        "16-bit out: BAD_ACCESS",
+        device::last_status() == status::BAD_ACCESS,
+        device::last_status(),
+    );
+    arch::outb(boot::info().timer_port, command::NOW as u8);
+    check(
+        "8-bit out: BAD_ACCESS",
+        device::last_status() == status::BAD_ACCESS,
+        device::last_status(),
+    );
+    expect(
+        "NOW after BAD_ACCESS",
+        device::raw(command::NOW, NONE, 0, 0),
+        status::OK,
+        None,
+    );
+
+    // Arm, re-arm, cancel values.
+    expect(
+        "ARM of an idle timer: value 0",
+        device::arm(T, PINNED, far()),
+        status::OK,
+        Some(0),
+    );
+    expect(
+        "re-ARM: value 1",
+        device::arm(T, PINNED, far()),
+        status::OK,
+        Some(1),
+    );
+    expect(
+        "re-ARM as MOVABLE: value 1",
+        device::arm(T, MOVABLE, far()),
+        status::OK,
+        Some(1),
+    );
+    expect(
+        "CANCEL of a pending timer: value 1",
+        device::cancel(T),
+        status::OK,
+        Some(1),
+    );
+    expect(
+        "CANCEL of an idle timer: value 0",
+        device::cancel(T),
+        status::OK,
+        Some(0),
+    );
+    expect(
+        "CANCEL_SYNC of an idle timer: OK, value 0",
+        device::cancel_sync(T),
+        status::OK,
+        Some(0),
+    );
+    expect(
+        "ARM then CANCEL_SYNC: value 1",
+        {
+            device::arm(T, PINNED, far());
+            device::cancel_sync(T)
+        },
+        status::OK,
+        Some(1),
+    );
+
+    // POP/ACK naming a callback that is not running (masked: no real POP may run meanwhile).
+    let was_unmasked = irq::mask();
+    expect(
+        "POP naming timer 5, no callback running",
+        device::pop(5).0,
+        status::BAD_ACK,
+        None,
+    );
+    expect(
+        "ACK naming timer 5, no callback running",
+        device::ack(5),
+        status::BAD_ACK,
+        None,
+    );
+    expect(
+        "POP with none, nothing expired",
+        device::pop(NONE).0,
+        status::EMPTY,
+        None,
+    );
+    irq::restore(was_unmasked);
+
+    // A real firing; the in-callback checks are in `on_timer`.
+    let deadline = time::now() + 2 * MS;
+    T_DEADLINE.store(deadline, Ordering::Relaxed);
+    expect(
+        "ARM T for 2 ms",
+        device::arm(T, PINNED, deadline),
+        status::OK,
+        Some(0),
+    );
+    check(
+        "T fired",
+        time::wait_until(Some(deadline + 1_000 * MS), || {
+            T_DONE.load(Ordering::Acquire)
+        }),
+        (),
+    );
+    // T was re-armed in its callback then cancelled by the CANCEL_SYNC there: it must stay quiet.
+    expect(
+        "CANCEL of T after its callback: nothing pending",
+        device::cancel(T),
+        status::OK,
+        Some(0),
+    );
+
+    if env.vcpus >= 2 {
+        // RUNNING: vCPU 1 runs U's callback until released.
+        while STEP.load(Ordering::Acquire) < 1 {
+            arch::pause();
+        }
+        let started = time::poll_until(time::now() + 1_000 * MS, MS, || {
+            U_RUNNING.load(Ordering::Acquire)
+        });
+        check("U's callback started on vCPU 1", started, ());
+        if started {
+            expect(
+                "CANCEL_SYNC while vCPU 1 runs the callback",
+                device::cancel_sync(U),
+                status::RUNNING,
+                Some(0),
+            );
+            expect(
+                "CANCEL while it runs: nothing pending",
+                device::cancel(U),
+                status::OK,
+                Some(0),
+            );
+            U_RELEASE.store(true, Ordering::Release);
+            let limit = time::now() + 1_000 * MS;
+            let mut reply = device::cancel_sync(U);
+            while reply.status == status::RUNNING && reply.now < limit {
+                reply = device::cancel_sync(U);
+            }
+            expect(
+                "CANCEL_SYNC once the callback ended",
+                reply,
+                status::OK,
+                Some(0),
+            );
+        }
+        U_RELEASE.store(true, Ordering::Release);
+
+        // Taking over W, pending on vCPU 1's queue.
+        while STEP.load(Ordering::Acquire) < 2 {
+            arch::pause();
+        }
+        let deadline = time::now() + 2 * MS;
+        expect(
+            "ARM of W pending on vCPU 1: value 1",
+            device::arm(W, PINNED, deadline),
+            status::OK,
+            Some(1),
+        );
+        let fired = time::wait_until(Some(deadline + 1_000 * MS), || {
+            W_FIRED_ON.load(Ordering::Acquire) != 0
+        });
+        check("W fired", fired, ());
+        check(
+            "W fired on vCPU 0 (its new owner)",
+            W_FIRED_ON.load(Ordering::Relaxed) == 1,
+            W_FIRED_ON.load(Ordering::Relaxed),
+        );
+        check(
+            "W's exp_owner is vCPU 0",
+            W_OWNER.load(Ordering::Relaxed) == 1,
+            W_OWNER.load(Ordering::Relaxed),
+        );
+    }
+
+    super::finish(
+        env,
+        format_args!("{} checks", CHECKS.load(Ordering::Relaxed)),
+    )
+}
+
+fn vcpu1() -> ! {
+    device::arm(U, PINNED, time::now() + MS);
+    STEP.store(1, Ordering::Release);
+    // U's callback runs here; vCPU 0 releases it (remotely, hence polling).
+    let limit = time::now() + 5_000 * MS;
+    time::poll_until(limit, MS, || {
+        U_RELEASE.load(Ordering::Acquire) && !U_RUNNING.load(Ordering::Acquire)
+    });
+    device::arm(W, PINNED, time::now() + 10_000 * MS);
+    STEP.store(2, Ordering::Release);
+    vm::halt_forever()
+}
+
+pub fn on_timer(expired: &Expired) {
+    match expired.id {
+        T => t_callback(expired),
+        U => {
+            // Holds the callback (masked, as all callbacks) until vCPU 0 has seen RUNNING.
+            U_RUNNING.store(true, Ordering::Release);
+            while !U_RELEASE.load(Ordering::Acquire) {
+                arch::pause();
+            }
+            U_RUNNING.store(false, Ordering::Release);
+        }
+        W => {
+            W_OWNER.store(expired.owner + 1, Ordering::Relaxed);
+            W_FIRED_ON.store(percpu::index() + 1, Ordering::Release);
+        }
+        id => check("a timer this workload never armed fired", false, id),
+    }
+}
+
+fn t_callback(expired: &Expired) {
+    let deadline = T_DEADLINE.load(Ordering::Relaxed);
+    check("T: exp_owner 0", expired.owner == 0, expired.owner);
+    check(
+        "T: exp_deadline as armed",
+        expired.deadline == deadline,
+        (expired.deadline, deadline),
+    );
+    check(
+        "T: exp_fired_at >= deadline",
+        expired.fired_at >= deadline,
+        (expired.fired_at, deadline),
+    );
+    check("T: fired on vCPU 0", percpu::index() == 0, percpu::index());
+    expect(
+        "POP naming another timer inside T's callback",
+        device::pop(T + 5).0,
+        status::BAD_ACK,
+        None,
+    );
+    expect(
+        "ACK naming another timer inside T's callback",
+        device::ack(T + 5),
+        status::BAD_ACK,
+        None,
+    );
+    expect(
+        "re-ARM T from its own callback: value 0",
+        device::arm(T, PINNED, time::now() + MS),
+        status::OK,
+        Some(0),
+    );
+    expect(
+        "CANCEL_SYNC of T from its own callback",
+        device::cancel_sync(T),
+        status::DEADLOCK,
+        Some(1),
+    );
+    expect(
+        "CANCEL after DEADLOCK: it was cancelled",
+        device::cancel(T),
+        status::OK,
+        Some(0),
+    );
+    expect(
+        "ACK of the running callback",
+        doorbell::ack_running(),
+        status::OK,
+        None,
+    );
+    expect(
+        "ACK again: no longer running",
+        device::ack(T),
+        status::BAD_ACK,
+        None,
+    );
+    T_DONE.store(true, Ordering::Release);
+}

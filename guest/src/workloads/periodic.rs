@@ -1,0 +1,182 @@
+//! Periodic timers, shared by `idle-movable`, `all-idle`, `mixed` and `never-ack`. Each callback re-arms
+//! its timer at the previous deadline + period on the vCPU it runs on (as a kernel timer re-armed in its
+//! callback stays there); if that is already past, at now + period, counting a skip and the periods lost.
+//!
+//! Check, after `stop_and_check`: a timer started at t0 with period P and stopped at T should have fired
+//! N = floor((T - t0) / P) times; it may miss the last one (still on its way) and the periods its skips
+//! lost, and it can fire at most once more (the arming pending when it was stopped):
+//! N - 1 - skips - lost <= fired <= N + 1.
+
+use crate::checks::Book;
+use crate::runtime::arena::{self, Zeroable};
+use crate::runtime::device::{status, Expired};
+use crate::runtime::rand::Rng;
+use crate::runtime::sync::Published;
+use crate::runtime::time::{self, US};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+pub struct Periodic {
+    id: AtomicU32,
+    flags: AtomicU32,
+    period: AtomicU64,
+    /// When it was started (0 = never).
+    t0: AtomicU64,
+    fires: AtomicU64,
+    skips: AtomicU64,
+    lost: AtomicU64,
+}
+
+// SAFETY: atomics only.
+unsafe impl Zeroable for Periodic {}
+
+pub struct PeriodicSet {
+    book: &'static Book,
+    first_id: u32,
+    timers: &'static [Periodic],
+    stopping: AtomicBool,
+}
+
+static SET: Published<PeriodicSet> = Published::new();
+
+/// Creates the set (one vCPU; the others call `set()`): timers `first_id ..` with `flags_of(i)` and
+/// periods drawn from `min_period .. max_period` ns.
+pub fn create(
+    book: &'static Book,
+    first_id: u32,
+    count: u32,
+    rng: &mut Rng,
+    min_period: u64,
+    max_period: u64,
+    flags_of: impl Fn(u32) -> u32,
+) -> &'static PeriodicSet {
+    let timers = arena::alloc::<Periodic>(count as usize);
+    for (i, t) in timers.iter().enumerate() {
+        let i = i as u32;
+        t.id.store(first_id + i, Ordering::Relaxed);
+        t.flags.store(flags_of(i), Ordering::Relaxed);
+        // Whole microseconds, for readable messages.
+        t.period.store(
+            rng.range(min_period / US, max_period / US) * US,
+            Ordering::Relaxed,
+        );
+    }
+    let set = arena::leak(PeriodicSet {
+        book,
+        first_id,
+        timers,
+        stopping: AtomicBool::new(false),
+    });
+    SET.publish(set);
+    set
+}
+
+pub fn set() -> &'static PeriodicSet {
+    SET.get()
+}
+
+/// The workload callback for a set's timers.
+pub fn on_timer(expired: &Expired) {
+    if !set().on_timer(expired) {
+        crate::fail!("timer {} is not one of the periodic timers", expired.id);
+    }
+}
+
+impl PeriodicSet {
+    fn get(&self, id: u32) -> Option<&Periodic> {
+        self.timers.get(id.checked_sub(self.first_id)? as usize)
+    }
+
+    pub fn ids(&self) -> core::ops::Range<u32> {
+        self.first_id..self.first_id + self.timers.len() as u32
+    }
+
+    /// Starts timer `id` on this vCPU: first deadline now + period.
+    pub fn start(&self, id: u32) {
+        let t = self.get(id).expect("start: not in the set");
+        let now = time::now();
+        let period = t.period.load(Ordering::Relaxed);
+        t.t0.store(now, Ordering::Relaxed);
+        self.arm(t, now + period);
+    }
+
+    /// Arms at `deadline`, or at now + period if that is past (a skip).
+    fn arm(&self, t: &Periodic, deadline: u64) {
+        let (id, flags, period) = (
+            t.id.load(Ordering::Relaxed),
+            t.flags.load(Ordering::Relaxed),
+            t.period.load(Ordering::Relaxed),
+        );
+        let mut deadline = deadline;
+        loop {
+            let reply = self.book.arm(id, flags, deadline);
+            if reply.status != status::PAST {
+                return;
+            }
+            t.skips.fetch_add(1, Ordering::Relaxed);
+            t.lost.fetch_add(
+                (reply.now - (deadline - period)) / period,
+                Ordering::Relaxed,
+            );
+            deadline = reply.now + period;
+        }
+    }
+
+    /// The callback: true if `expired` is one of ours.
+    pub fn on_timer(&self, expired: &Expired) -> bool {
+        let Some(t) = self.get(expired.id) else {
+            return false;
+        };
+        let _callback = self.book.enter(expired);
+        t.fires.fetch_add(1, Ordering::Relaxed);
+        if !self.stopping.load(Ordering::Acquire) {
+            self.arm(t, expired.deadline + t.period.load(Ordering::Relaxed));
+        }
+        true
+    }
+
+    /// Stops every timer (callbacks stop re-arming, then `CANCEL_SYNC` each) and checks its count.
+    /// Returns (timers, fires, skips).
+    pub fn stop_and_check(&self) -> (u32, u64, u64) {
+        let stop = time::now();
+        self.stopping.store(true, Ordering::Release);
+        for t in self.timers {
+            if t.t0.load(Ordering::Relaxed) != 0 {
+                self.book.cancel_sync(t.id.load(Ordering::Relaxed));
+            }
+        }
+        let (mut started, mut fires, mut skips) = (0, 0, 0);
+        for t in self.timers {
+            let t0 = t.t0.load(Ordering::Relaxed);
+            if t0 == 0 {
+                continue;
+            }
+            let id = t.id.load(Ordering::Relaxed);
+            let period = t.period.load(Ordering::Relaxed);
+            let fired = t.fires.load(Ordering::Relaxed);
+            let (skipped, lost) = (
+                t.skips.load(Ordering::Relaxed),
+                t.lost.load(Ordering::Relaxed),
+            );
+            let n = stop.saturating_sub(t0) / period;
+            let low = n.saturating_sub(1 + skipped + lost);
+            if fired < low || fired > n + 1 {
+                crate::fail!(
+                    "periodic timer {} (period {} us, {} skips losing {} periods) fired {} times in {} us, expected {}..={}",
+                    id,
+                    period / US,
+                    skipped,
+                    lost,
+                    fired,
+                    (stop - t0) / US,
+                    low,
+                    n + 1
+                );
+            }
+            started += 1;
+            fires += fired;
+            skips += skipped;
+        }
+        self.book.check_quiescent(self.ids());
+        (started, fires, skips)
+    }
+}

@@ -1,0 +1,250 @@
+//! The VM configuration: a TOML file (see `configs/`) whose settings command-line flags override.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tmigr::service::Policy;
+
+/// Workloads the built-in guest knows (docs/guest.md).
+pub const BUILTIN_WORKLOADS: &[&str] = &[
+    "hello",
+    "timers",
+    "idle-movable",
+    "all-idle",
+    "mixed",
+    "rearm-heavy",
+    "ping-pong",
+    "cancel-race",
+    "abi-check",
+    "triple-fault",
+    "never-ack",
+];
+
+/// Everything needed to launch one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Guest workload, passed to the guest as `workload=...`.
+    pub workload: String,
+    /// Workload duration in milliseconds, passed as `duration_ms=...`.
+    pub duration_ms: u64,
+    /// Placement policy for movable timers: local, push or pull.
+    #[serde(with = "policy_name")]
+    pub policy: Policy,
+    /// Seed for the guest's random choices, passed as `seed=...`.
+    pub seed: u64,
+    /// A guest ELF of your own instead of the built-in test guest (docs/boot.md).
+    pub guest: Option<PathBuf>,
+    /// Extra `key=value` words for the guest's args.
+    pub args: Vec<String>,
+    /// Timer ids available to the guest.
+    pub max_timers: u32,
+    /// End the VM as failed if it has not ended after this many milliseconds (0 = never).
+    pub timeout_ms: u64,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 1,
+            memory_mib: 64,
+            workload: "hello".into(),
+            duration_ms: 1000,
+            policy: Policy::Pull,
+            seed: 1,
+            guest: None,
+            args: Vec::new(),
+            max_timers: 4096,
+            timeout_ms: 0,
+        }
+    }
+}
+
+mod policy_name {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use tmigr::service::Policy;
+
+    pub fn serialize<S: Serializer>(p: &Policy, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&p.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Policy, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse()
+            .map_err(|_| D::Error::custom(format!("unknown policy `{name}` (local, push or pull)")))
+    }
+}
+
+/// A configuration that cannot be used. Each variant is one line for the user.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path} does not parse: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("--vcpus must be at least 1")]
+    NoVcpus,
+    #[error("--vcpus {0} is more than quietvm supports (at most {1})")]
+    TooManyVcpus(u32, u32),
+    #[error("unknown workload `{0}`; the built-in guest knows: {list}", list = BUILTIN_WORKLOADS.join(", "))]
+    UnknownWorkload(String),
+    #[error("guest argument `{0}` is not of the form key=value with no spaces")]
+    BadArg(String),
+    #[error("--max-timers must be between 1 and {max}", max = MAX_TIMERS_LIMIT)]
+    BadMaxTimers,
+    #[error("--memory-mib must be between 2 and {max}", max = MAX_MEMORY_MIB)]
+    BadMemory,
+}
+
+/// The most guest memory quietvm maps (its page tables cover 64 GiB).
+pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+/// The most timer ids a VM may have.
+pub const MAX_TIMERS_LIMIT: u32 = 1 << 20;
+/// The most vCPUs quietvm runs (a further bound is KVM's own, checked when the VM is created).
+pub const MAX_VCPUS: u32 = 1024;
+
+impl VmConfig {
+    /// Reads a TOML config file; keys left out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text over the defaults.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        struct Partial {
+            vcpus: Option<u32>,
+            memory_mib: Option<u64>,
+            workload: Option<String>,
+            duration_ms: Option<u64>,
+            policy: Option<String>,
+            seed: Option<u64>,
+            guest: Option<PathBuf>,
+            args: Option<Vec<String>>,
+            max_timers: Option<u32>,
+            timeout_ms: Option<u64>,
+        }
+        let p: Partial = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        let d = VmConfig::default();
+        let policy = match p.policy {
+            Some(name) => name
+                .parse()
+                .map_err(|_| format!("unknown policy `{name}` (local, push or pull)"))?,
+            None => d.policy,
+        };
+        Ok(VmConfig {
+            vcpus: p.vcpus.unwrap_or(d.vcpus),
+            memory_mib: p.memory_mib.unwrap_or(d.memory_mib),
+            workload: p.workload.unwrap_or(d.workload),
+            duration_ms: p.duration_ms.unwrap_or(d.duration_ms),
+            policy,
+            seed: p.seed.unwrap_or(d.seed),
+            guest: p.guest,
+            args: p.args.unwrap_or_default(),
+            max_timers: p.max_timers.unwrap_or(d.max_timers),
+            timeout_ms: p.timeout_ms.unwrap_or(d.timeout_ms),
+        })
+    }
+
+    /// Checks what can be checked before KVM is opened.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::TooManyVcpus(self.vcpus, MAX_VCPUS));
+        }
+        if self.guest.is_none() && !BUILTIN_WORKLOADS.contains(&self.workload.as_str()) {
+            return Err(ConfigError::UnknownWorkload(self.workload.clone()));
+        }
+        if self.workload.is_empty() || self.workload.contains(char::is_whitespace) {
+            return Err(ConfigError::UnknownWorkload(self.workload.clone()));
+        }
+        for arg in &self.args {
+            let ok = arg.split_once('=').is_some_and(|(k, _)| !k.is_empty())
+                && !arg.contains(char::is_whitespace);
+            if !ok {
+                return Err(ConfigError::BadArg(arg.clone()));
+            }
+        }
+        if self.max_timers == 0 || self.max_timers > MAX_TIMERS_LIMIT {
+            return Err(ConfigError::BadMaxTimers);
+        }
+        if !(2..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::BadMemory);
+        }
+        Ok(())
+    }
+
+    /// The guest's `args` string (docs/boot.md).
+    pub fn guest_args(&self) -> String {
+        let mut words = vec![
+            format!("workload={}", self.workload),
+            format!("duration_ms={}", self.duration_ms),
+            format!("seed={}", self.seed),
+            format!("policy={}", self.policy),
+        ];
+        words.extend(self.args.iter().cloned());
+        words.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_toml_gives_defaults() {
+        assert_eq!(VmConfig::from_toml("").unwrap(), VmConfig::default());
+    }
+
+    #[test]
+    fn toml_overrides_defaults() {
+        let c = VmConfig::from_toml("vcpus = 8\nworkload = \"idle-movable\"\npolicy = \"local\"\n")
+            .unwrap();
+        assert_eq!(c.vcpus, 8);
+        assert_eq!(c.workload, "idle-movable");
+        assert_eq!(c.policy, Policy::Local);
+    }
+
+    #[test]
+    fn unknown_key_and_bad_policy_are_refused() {
+        assert!(VmConfig::from_toml("vcpu = 8")
+            .unwrap_err()
+            .contains("vcpu"));
+        assert!(VmConfig::from_toml("policy = \"fast\"")
+            .unwrap_err()
+            .contains("fast"));
+    }
+
+    #[test]
+    fn validate_catches_bad_values() {
+        let bad = |f: fn(&mut VmConfig)| {
+            let mut c = VmConfig::default();
+            f(&mut c);
+            c.validate().is_err()
+        };
+        assert!(bad(|c| c.vcpus = 0));
+        assert!(bad(|c| c.workload = "nope".into()));
+        assert!(bad(|c| c.args = vec!["novalue".into()]));
+        assert!(bad(|c| c.memory_mib = 0));
+        assert!(!bad(|_| {}));
+    }
+}

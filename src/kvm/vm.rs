@@ -1,0 +1,98 @@
+//! The VM: `/dev/kvm`, the VM file descriptor, guest memory and vCPU creation.
+
+use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::vcpu::Vcpu;
+use super::{ioctl_err, KvmError};
+
+/// A VM with its memory, ready for vCPUs. No in-kernel irqchip: quietvm emulates timers and `HLT`
+/// itself and injects interrupts with `KVM_INTERRUPT`.
+pub struct KvmVm {
+    kvm: Kvm,
+    vm: VmFd,
+    memory: GuestMemoryMmap,
+    cpuid: CpuId,
+}
+
+impl KvmVm {
+    /// Opens the KVM device (`/dev/kvm`, or `$QUIETVM_KVM_DEVICE` where that is set), creates a VM
+    /// and maps `mem_size` bytes of guest memory at guest address 0. The memory is anonymous and mapped
+    /// lazily: untouched pages cost nothing.
+    pub fn create(mem_size: u64) -> Result<Self, KvmError> {
+        let path = std::env::var("QUIETVM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+        let open_err = |source| KvmError::OpenKvm {
+            path: path.clone(),
+            source,
+        };
+        let cpath = std::ffi::CString::new(path.clone())
+            .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let kvm = Kvm::new_with_path(cpath).map_err(open_err)?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(KvmError::ApiVersion { path, api });
+        }
+        if !kvm.check_extension(Cap::UserMemory) {
+            return Err(KvmError::MissingCap("KVM_CAP_USER_MEMORY"));
+        }
+        let vm = kvm.create_vm().map_err(ioctl_err("create the VM"))?;
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+            .map_err(|e| KvmError::Memory(e.to_string()))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| KvmError::Memory(e.to_string()))?;
+            let desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `memory`, which lives as long as the VM
+            // (both are fields of the returned value, and the VM fd is dropped first).
+            unsafe { vm.set_user_memory_region(desc) }
+                .map_err(ioctl_err("register guest memory"))?;
+        }
+        // Intel VMX wants a TSS area outside guest memory; harmless elsewhere.
+        const TSS_ADDRESS: u64 = 0xfffb_d000;
+        if mem_size <= TSS_ADDRESS {
+            vm.set_tss_address(TSS_ADDRESS as usize)
+                .map_err(ioctl_err("set the TSS address"))?;
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl_err("read supported CPUID"))?;
+        Ok(KvmVm {
+            kvm,
+            vm,
+            memory,
+            cpuid,
+        })
+    }
+
+    /// The most vCPUs KVM allows in one VM.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The CPUID the host supports, to give every vCPU.
+    pub fn cpuid(&self) -> &CpuId {
+        &self.cpuid
+    }
+
+    /// Creates vCPU `index`.
+    pub fn create_vcpu(&self, index: u64) -> Result<Vcpu, KvmError> {
+        let fd = self
+            .vm
+            .create_vcpu(index)
+            .map_err(ioctl_err("create a vCPU"))?;
+        Ok(Vcpu::new(fd))
+    }
+}

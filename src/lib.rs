@@ -1,0 +1,15 @@
+//! quietvm: a small KVM virtual machine monitor whose idle vCPUs stay asleep.
+//!
+//! - [`kvm`]: the only place that talks to KVM or uses `unsafe`.
+//! - [`vmm`]: the VM and its vCPU threads, the halt path, kicks and interrupt injection.
+//! - [`devices`]: the serial console and the paravirtual timer device (docs/timer-abi.md).
+//! - [`config`]: the TOML config and its command-line overrides.
+//! - [`stats`]: the statistics printed at exit and written as JSON (docs/stats.md).
+//!
+//! The timer hierarchy itself is the `tmigr` crate: pure Rust with no KVM in it.
+
+pub mod config;
+pub mod devices;
+pub mod kvm;
+pub mod stats;
+pub mod vmm;

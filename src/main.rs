@@ -1,0 +1,177 @@
+//! The `quietvm` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use quietvm::config::VmConfig;
+use quietvm::vmm::{run_vm, EXIT_VMM_ERROR};
+use tmigr::service::Policy;
+
+/// A small KVM VMM whose idle vCPUs stay asleep.
+///
+/// quietvm launches SMP test guests with userspace vCPU timers and an emulated idle HLT, and expires
+/// movable guest timers with the Linux kernel's pull model, so that halted vCPUs are not woken just to
+/// expire them.
+#[derive(Parser, Debug)]
+#[command(name = "quietvm", version, about, long_about = None)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG-style filtering is not needed.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM and run a guest workload until the guest ends it.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// A TOML config (see configs/); flags below override its settings.
+    config: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// A guest ELF of your own (docs/boot.md) instead of the built-in test guest.
+    #[arg(long)]
+    guest: Option<PathBuf>,
+    /// The built-in guest's workload: hello, timers, idle-movable, all-idle, mixed, rearm-heavy,
+    /// ping-pong, cancel-race, abi-check, triple-fault, never-ack.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Workload duration in milliseconds.
+    #[arg(long)]
+    duration_ms: Option<u64>,
+    /// Placement policy for movable timers.
+    #[arg(long, value_parser = parse_policy)]
+    policy: Option<Policy>,
+    /// Seed for the guest's random choices.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Extra KEY=VALUE words for the guest (repeatable).
+    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    args: Vec<String>,
+    /// End the VM as failed if it runs longer than this (0 = no limit).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Write the statistics as JSON (docs/stats.md) to this file.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+    /// Do not print the statistics table at exit.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    s.parse()
+        .map_err(|_| format!("unknown policy `{s}` (local, push or pull)"))
+}
+
+impl RunArgs {
+    fn config(&self) -> Result<VmConfig, String> {
+        let mut cfg = match &self.config {
+            Some(path) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
+            None => VmConfig::default(),
+        };
+        if let Some(v) = self.vcpus {
+            cfg.vcpus = v;
+        }
+        if let Some(v) = self.memory_mib {
+            cfg.memory_mib = v;
+        }
+        if let Some(v) = &self.guest {
+            cfg.guest = Some(v.clone());
+        }
+        if let Some(v) = &self.workload {
+            cfg.workload = v.clone();
+        }
+        if let Some(v) = self.duration_ms {
+            cfg.duration_ms = v;
+        }
+        if let Some(v) = self.policy {
+            cfg.policy = v;
+        }
+        if let Some(v) = self.seed {
+            cfg.seed = v;
+        }
+        cfg.args.extend(self.args.iter().cloned());
+        if let Some(v) = self.timeout_ms {
+            cfg.timeout_ms = v;
+        }
+        Ok(cfg)
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    log::set_max_level(level);
+    let _ = log::set_logger(&StderrLogger);
+}
+
+/// Log lines go to stderr, so stdout carries only the guest's console.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!(
+                "quietvm: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("quietvm: error: {msg}");
+    ExitCode::from(EXIT_VMM_ERROR as u8)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let cfg = match args.config() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let stats = match run_vm(&cfg) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    if stats.exit_code != 0 {
+        eprintln!("quietvm: {}", stats.outcome);
+    }
+    if !args.quiet {
+        eprint!("{}", stats.table());
+    }
+    if let Some(path) = &args.stats_json {
+        let json = serde_json::to_string_pretty(&stats).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            return fail(format!("cannot write {}: {e}", path.display()));
+        }
+    }
+    ExitCode::from(stats.exit_code as u8)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}

@@ -1,0 +1,319 @@
+//! The life of one vCPU thread: run the guest, handle its exits, inject its doorbell, and sleep while
+//! it halts, until something is due.
+//!
+//! # The halt path
+//! A `HLT` exit puts the vCPU to sleep in quietvm: [`TimerService::vcpu_halt`] (a deactivate, under
+//! `pull`) says when it must wake; the thread sleeps in `sigwaitinfo` until its deadline timer or a kick
+//! (another vCPU handed it work, the hierarchy moved its event, or the VM ends). On waking it runs again
+//! ([`TimerService::vcpu_run`]), expires what is due, and returns to the guest with its doorbell if it
+//! has work; with nothing to do it halts again without re-entering the guest. Every real sleep is one
+//! host wakeup, counted with its cause.
+//!
+//! # Injection
+//! There is no in-kernel irqchip, and the interrupt-window exit is unreliable on the project's machines
+//! (kvm-here.md), so the doorbell is injected at an exit when the guest can take it; if it cannot (its
+//! interrupts are off), quietvm asks for the window exit and also kicks itself shortly after, and tries
+//! again at that exit.
+
+use std::sync::Arc;
+
+use tmigr::clock::Clock;
+use tmigr::service::{Expired, KTIME_MAX};
+
+use super::kicks::{KICK_DELIVERY, KICK_HIERARCHY, KICK_STOP};
+use super::{Outcome, VmShared};
+use crate::devices::timer::Effects;
+use crate::devices::{DOORBELL_VECTOR, EXIT_PORT, SERIAL_PORTS, TIMER_PORT};
+use crate::kvm::kick::{
+    block_kick_in_this_thread, drain_kicks, sleep_until_kicked, DeadlineTimer, ThreadKicker,
+};
+use crate::kvm::sys::{gettid, set_minimal_timer_slack};
+use crate::kvm::vcpu::{Exit, Vcpu};
+use crate::kvm::KvmError;
+use crate::stats::{voluntary_switches, VcpuStats, WakeupCause};
+
+/// How soon to retry a doorbell the guest could not take (interrupts off).
+const DOORBELL_RETRY_NS: u64 = 200_000;
+
+pub(super) struct VcpuThread {
+    shared: Arc<VmShared>,
+    index: u32,
+    vcpu: Vcpu,
+    timer: DeadlineTimer,
+    stats: VcpuStats,
+    scratch: Vec<Expired>,
+    effects: Effects,
+    /// A doorbell is waiting for the guest to enable interrupts; retry at this guest time.
+    doorbell_retry_at: u64,
+    /// The guest has issued its first timer command or `HLT`, so it can take the doorbell
+    /// (docs/timer-abi.md, "Taking part"). Until then the vCPU is idle to the timer service.
+    joined_timers: bool,
+}
+
+impl VcpuThread {
+    /// Runs vCPU `index` on the calling thread until the VM ends. Returns its statistics.
+    pub(super) fn run(shared: Arc<VmShared>, index: u32, vcpu: Vcpu) -> VcpuStats {
+        let mut stats = VcpuStats::new(index);
+        stats.tid = gettid();
+        let setup = || -> Result<DeadlineTimer, KvmError> {
+            block_kick_in_this_thread()?;
+            vcpu.unblock_kick_in_guest()?;
+            set_minimal_timer_slack();
+            DeadlineTimer::for_this_thread()
+        };
+        let timer = match setup() {
+            Ok(t) => t,
+            Err(e) => {
+                shared.end(Outcome::VmmError(format!("vCPU {index}: {e}")));
+                return stats;
+            }
+        };
+        shared.kicks.register(index, Some(ThreadKicker::current()));
+        let switches_at_start = voluntary_switches(stats.tid).unwrap_or(0);
+        let mut thread = VcpuThread {
+            shared,
+            index,
+            vcpu,
+            timer,
+            stats,
+            scratch: Vec::new(),
+            effects: Effects::default(),
+            doorbell_retry_at: KTIME_MAX,
+            joined_timers: false,
+        };
+        // Until the guest can take its doorbell it must not become a migrator and be handed other
+        // vCPUs' timers: on hosts where ring 3 always runs with interrupts on, an early doorbell would
+        // arrive before the guest's IDT exists.
+        thread.shared.device.service().vcpu_halt(index);
+        thread.apply_service_kicks();
+        if let Err(outcome) = thread.run_loop() {
+            thread.shared.end(outcome);
+        }
+        thread.shared.kicks.register(index, None);
+        let switches_at_end = voluntary_switches(thread.stats.tid).unwrap_or(0);
+        thread.stats.kernel_voluntary_switches = switches_at_end.saturating_sub(switches_at_start);
+        thread.stats
+    }
+
+    fn now(&self) -> u64 {
+        self.shared.device.service().clock().now_ns()
+    }
+
+    fn run_loop(&mut self) -> Result<(), Outcome> {
+        loop {
+            if self.shared.stopping() {
+                return Ok(());
+            }
+            self.shared.kicks.take(self.index);
+            if self.joined_timers {
+                self.expire_due();
+                self.offer_doorbell()?;
+                self.arm_deadline(self.shared.device.service().next_event(self.index));
+            }
+            let exit = {
+                let shared = &self.shared;
+                let index = self.index;
+                self.vcpu
+                    .run(|port, size| shared.io_in(index, port, size))
+                    .map_err(|e| Outcome::VmmError(format!("vCPU {index}: {e}")))?
+            };
+            log::trace!("vCPU {}: exit {exit:?}", self.index);
+            self.stats.count_exit(exit_stat_name(&exit));
+            match exit {
+                Exit::IoOut { port, size, value } => self.io_out(port, size, value),
+                Exit::IoIn { .. } => {}
+                Exit::Hlt => {
+                    self.stats.halts += 1;
+                    self.join_timers();
+                    self.halt();
+                }
+                Exit::Interrupted => drain_kicks(),
+                // The loop's top injects the waiting doorbell.
+                Exit::InterruptWindow => {}
+                Exit::Mmio { addr, write } => {
+                    return Err(Outcome::GuestCrash(format!(
+                        "vCPU {}: guest {} unmapped address {addr:#x}",
+                        self.index,
+                        if write { "wrote" } else { "read" }
+                    )))
+                }
+                Exit::Shutdown => {
+                    return Err(Outcome::GuestCrash(format!(
+                        "vCPU {}: triple fault ({})",
+                        self.index,
+                        self.vcpu.describe_state()
+                    )))
+                }
+                Exit::InternalError { suberror } => return Err(Outcome::GuestCrash(format!(
+                    "vCPU {}: KVM internal error (suberror {suberror}; emulation failure?) ({})",
+                    self.index,
+                    self.vcpu.describe_state()
+                ))),
+                Exit::FailEntry { reason } => {
+                    return Err(Outcome::GuestCrash(format!(
+                        "vCPU {}: VM entry failed (reason {reason:#x})",
+                        self.index
+                    )))
+                }
+                Exit::Other(what) => {
+                    return Err(Outcome::GuestCrash(format!(
+                        "vCPU {}: unhandled exit {what}",
+                        self.index
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Programs the deadline timer for guest time `at` (`KTIME_MAX`: no deadline), also covering a
+    /// pending doorbell retry.
+    fn arm_deadline(&mut self, at: u64) {
+        let at = at.min(self.doorbell_retry_at);
+        let mono = if at == KTIME_MAX {
+            0
+        } else {
+            self.shared.clock_start_mono + at
+        };
+        self.timer.arm_at(mono);
+    }
+
+    fn expire_due(&mut self) -> (u32, u32, u32) {
+        let found = self
+            .shared
+            .device
+            .expire_due(self.index, &mut self.scratch, &mut self.effects);
+        self.apply_effects();
+        found
+    }
+
+    fn apply_service_kicks(&mut self) {
+        self.shared
+            .device
+            .service()
+            .take_kicks(&mut self.effects.recheck);
+        self.apply_effects();
+    }
+
+    /// The guest is ready for timers: it becomes a running vCPU of the timer service.
+    fn join_timers(&mut self) {
+        if !self.joined_timers {
+            self.joined_timers = true;
+            self.shared.device.service().vcpu_run(self.index);
+        }
+    }
+
+    fn apply_effects(&mut self) {
+        for cpu in self.effects.deliver.drain(..) {
+            self.shared.kicks.kick(cpu, KICK_DELIVERY);
+        }
+        for cpu in self.effects.recheck.drain(..) {
+            // This thread re-reads its own next event before it enters the guest or sleeps anyway.
+            if cpu != self.index {
+                self.shared.kicks.kick(cpu, KICK_HIERARCHY);
+            }
+        }
+    }
+
+    /// Injects the doorbell if the guest has timers waiting and can take it now.
+    fn offer_doorbell(&mut self) -> Result<(), Outcome> {
+        if !self.shared.device.doorbell_due(self.index) {
+            self.doorbell_retry_at = KTIME_MAX;
+            return Ok(());
+        }
+        if self.vcpu.can_take_interrupt() {
+            self.vcpu
+                .inject(DOORBELL_VECTOR)
+                .map_err(|e| Outcome::VmmError(format!("vCPU {}: {e}", self.index)))?;
+            self.shared.device.doorbell_injected(self.index);
+            self.vcpu.request_interrupt_window(false);
+            self.doorbell_retry_at = KTIME_MAX;
+        } else {
+            self.vcpu.request_interrupt_window(true);
+            self.doorbell_retry_at = self.now() + DOORBELL_RETRY_NS;
+        }
+        Ok(())
+    }
+
+    fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        match port {
+            p if SERIAL_PORTS.contains(&p) => self
+                .shared
+                .serial
+                .write((p - SERIAL_PORTS.start) as u8, value as u8),
+            EXIT_PORT => self.shared.end(Outcome::GuestExit(value)),
+            TIMER_PORT => {
+                self.join_timers();
+                self.shared
+                    .device
+                    .command(self.index, size, value, &mut self.effects);
+                self.apply_effects();
+            }
+            _ => {
+                log::debug!(
+                    "vCPU {}: out {value:#x} to unknown port {port:#x}",
+                    self.index
+                );
+            }
+        }
+    }
+
+    /// The guest halted: sleep until something is due for this vCPU, then return to the guest.
+    fn halt(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        let service = shared.device.service();
+        loop {
+            if self.shared.stopping() || self.shared.device.doorbell_due(self.index) {
+                return;
+            }
+            let wake_at = service.vcpu_halt(self.index);
+            self.apply_service_kicks();
+
+            let reasons = self.shared.kicks.take(self.index);
+            let slept = if reasons == 0 && wake_at > self.now() {
+                self.arm_deadline(wake_at);
+                sleep_until_kicked()
+            } else {
+                false
+            };
+            let reasons = reasons | self.shared.kicks.take(self.index);
+
+            service.vcpu_run(self.index);
+            let (own_pinned, own_movable, remote) = self.expire_due();
+            let has_work = self.shared.device.doorbell_due(self.index);
+            if slept {
+                let cause = if reasons & KICK_STOP != 0 || self.shared.stopping() {
+                    WakeupCause::Control
+                } else if own_pinned > 0 {
+                    WakeupCause::OwnPinnedTimer
+                } else if own_movable > 0 {
+                    WakeupCause::OwnMovableTimer
+                } else if remote > 0 {
+                    WakeupCause::RemoteMovableTimer
+                } else if has_work || reasons & KICK_DELIVERY != 0 {
+                    WakeupCause::Interrupt
+                } else if reasons & KICK_HIERARCHY != 0 {
+                    WakeupCause::MigratorKick
+                } else {
+                    WakeupCause::Spurious
+                };
+                self.stats.count_wakeup(cause);
+            }
+            if has_work {
+                self.shared.device.woke_from_halt(self.index);
+                return;
+            }
+        }
+    }
+}
+
+fn exit_stat_name(exit: &Exit) -> &'static str {
+    match exit {
+        Exit::IoOut { port, .. } | Exit::IoIn { port, .. } => match *port {
+            p if SERIAL_PORTS.contains(&p) => "io_serial",
+            EXIT_PORT => "io_exit",
+            TIMER_PORT => "io_timer",
+            _ => "io_unknown",
+        },
+        other => other.kind(),
+    }
+}

@@ -1,0 +1,105 @@
+//! Shared helpers for the integration tests: run the real `quietvm` binary on real KVM.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The result of one `quietvm` run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// The `--stats-json` output, when the run wrote it.
+    pub stats: Option<Value>,
+}
+
+impl Run {
+    /// Panics with the whole output unless the exit code is `code`.
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "expected exit code {code}, got {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn stats(&self) -> &Value {
+        self.stats
+            .as_ref()
+            .unwrap_or_else(|| panic!("no stats written\n--- stderr\n{}", self.stderr))
+    }
+
+    /// `stats.vcpus[i]`.
+    pub fn vcpu(&self, i: usize) -> &Value {
+        &self.stats()["vcpus"][i]
+    }
+}
+
+pub fn quietvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_quietvm"))
+}
+
+fn temp_json() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "quietvm-test-{}-{}.json",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Runs `quietvm run ARGS --stats-json <tmp>` with a generous timeout so a hung guest fails the test.
+pub fn run(args: &[&str]) -> Run {
+    let json = temp_json();
+    let out = quietvm()
+        .arg("run")
+        .args(args)
+        .args(["--timeout-ms", "120000", "--stats-json"])
+        .arg(&json)
+        .output()
+        .expect("spawn quietvm");
+    let stats = std::fs::read_to_string(&json)
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("stats JSON parses"));
+    let _ = std::fs::remove_file(&json);
+    finish(out, stats)
+}
+
+/// Runs `quietvm ARGS` as given (no stats file).
+pub fn raw(args: &[&str]) -> Run {
+    finish(quietvm().args(args).output().expect("spawn quietvm"), None)
+}
+
+fn finish(out: Output, stats: Option<Value>) -> Run {
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stats,
+    }
+}
+
+pub fn u64_of(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Checks quietvm's own wakeup count of every vCPU against the kernel's voluntary context switches.
+/// `slack` absolute switches are allowed on top of 5 % (thread start-up and the final stop can add one
+/// or two switches the thread did not spend halted).
+pub fn assert_wakeups_match_kernel(run: &Run, slack: u64) {
+    for v in run.stats()["vcpus"].as_array().expect("vcpus array") {
+        let ours = u64_of(&v["host_wakeups"]);
+        let kernel = u64_of(&v["kernel_voluntary_switches"]);
+        let allowed = slack + ours.max(kernel) / 20;
+        assert!(
+            ours.abs_diff(kernel) <= allowed,
+            "vCPU {}: quietvm counted {ours} host wakeups, the kernel {kernel} voluntary switches (allowed difference {allowed})\n{}",
+            v["index"],
+            run.stderr
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! Unit tests of the service and the hierarchy (race tests use the hooks).
+
+mod model_props;
+mod ops;
+mod races;

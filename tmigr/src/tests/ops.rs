@@ -1,0 +1,1 @@
+//! per-op tests
