@@ -2,9 +2,10 @@
 //! quietvm's standard output.
 
 use std::io::Write;
-use std::sync::Mutex;
 
 use vm_superio::{Serial, Trigger};
+
+use crate::sync::NoSleepMutex;
 
 /// The console's interrupt line is not wired: the guest polls, and quietvm never injects serial IRQs.
 pub struct NoInterrupt;
@@ -51,13 +52,13 @@ impl<W: Write> LineWriter<W> {
 
 /// The UART behind a lock (vCPU threads write it concurrently).
 pub struct SerialConsole<W: Write> {
-    uart: Mutex<Serial<NoInterrupt, vm_superio::serial::NoEvents, LineWriter<W>>>,
+    uart: NoSleepMutex<Serial<NoInterrupt, vm_superio::serial::NoEvents, LineWriter<W>>>,
 }
 
 impl<W: Write> SerialConsole<W> {
     pub fn new(out: W) -> Self {
         SerialConsole {
-            uart: Mutex::new(Serial::new(
+            uart: NoSleepMutex::new(Serial::new(
                 NoInterrupt,
                 LineWriter {
                     line: Vec::new(),
@@ -69,7 +70,7 @@ impl<W: Write> SerialConsole<W> {
 
     /// A guest `out` to register `offset`.
     pub fn write(&self, offset: u8, value: u8) {
-        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let mut uart = self.uart.lock();
         if let Err(e) = uart.write(offset, value) {
             log::debug!("serial write: {e:?}");
         }
@@ -77,15 +78,12 @@ impl<W: Write> SerialConsole<W> {
 
     /// A guest `in` from register `offset`.
     pub fn read(&self, offset: u8) -> u8 {
-        self.uart
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(offset)
+        self.uart.lock().read(offset)
     }
 
     /// Writes out a last line the guest did not end with a newline.
     pub fn flush(&self) {
-        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let mut uart = self.uart.lock();
         let _ = uart.writer_mut().flush_line();
     }
 }
@@ -100,8 +98,8 @@ mod tests {
         for b in b"hi\nthere" {
             console.write(0, *b);
         }
-        assert_eq!(console.uart.lock().unwrap().writer().out, b"hi\n");
+        assert_eq!(console.uart.lock().writer().out, b"hi\n");
         console.flush();
-        assert_eq!(console.uart.lock().unwrap().writer().out, b"hi\nthere");
+        assert_eq!(console.uart.lock().writer().out, b"hi\nthere");
     }
 }

@@ -7,16 +7,17 @@
 //! an expiry back while the timer's previous callback still runs elsewhere.
 //!
 //! # Locking
-//! One mutex ([`TimerDevice::state`]) covers the per-timer slots and the per-vCPU queues, and is held
+//! One lock ([`TimerDevice::state`], a [`NoSleepMutex`]) covers the per-timer slots and the per-vCPU queues, and is held
 //! across the calls into the service, so a timer's slot and its place in the service never disagree.
 //! Lock order: device state, then the service's own locks. The service never calls back into the device.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use tmigr::clock::Clock;
 use tmigr::service::{CpuId, Expired, TimerId, TimerKind, TimerService};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::sync::NoSleepMutex;
 
 /// Command numbers, statuses and device-page offsets of docs/timer-abi.md.
 pub mod abi {
@@ -129,7 +130,7 @@ pub struct TimerDevice<C: Clock> {
     service: TimerService<C>,
     memory: GuestMemoryMmap,
     device_pages: u64,
-    state: Mutex<DeviceState>,
+    state: NoSleepMutex<DeviceState>,
 }
 
 impl<C: Clock> TimerDevice<C> {
@@ -166,7 +167,7 @@ impl<C: Clock> TimerDevice<C> {
             service,
             memory,
             device_pages,
-            state: Mutex::new(state),
+            state: NoSleepMutex::new(state),
         }
     }
 
@@ -175,10 +176,8 @@ impl<C: Clock> TimerDevice<C> {
         &self.service
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceState> {
-        // A panic elsewhere must not take the device down with it: the state stays consistent because
-        // every update below is completed before the guard drops.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, DeviceState, spin::relax::Yield> {
+        self.state.lock()
     }
 
     fn page(&self, cpu: CpuId) -> u64 {

@@ -2,9 +2,9 @@
 //! the kick signal (see `kvm::kick` for why a signal reaches the thread in and out of `KVM_RUN`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 
 use crate::kvm::kick::ThreadKicker;
+use crate::sync::NoSleepMutex;
 
 /// Another vCPU handed this one a timer to run.
 pub const KICK_DELIVERY: u32 = 1;
@@ -16,7 +16,7 @@ pub const KICK_STOP: u32 = 4;
 struct Slot {
     reasons: AtomicU32,
     /// `None` before the thread started and after it finished, so no signal goes to a dead thread.
-    thread: Mutex<Option<ThreadKicker>>,
+    thread: NoSleepMutex<Option<ThreadKicker>>,
 }
 
 /// The kick state of every vCPU of a VM.
@@ -30,7 +30,7 @@ impl VcpuKicks {
             slots: (0..vcpus)
                 .map(|_| Slot {
                     reasons: AtomicU32::new(0),
-                    thread: Mutex::new(None),
+                    thread: NoSleepMutex::new(None),
                 })
                 .collect(),
         }
@@ -38,10 +38,7 @@ impl VcpuKicks {
 
     /// Called by vCPU thread `cpu` when it starts (`Some`) and before it ends (`None`).
     pub fn register(&self, cpu: u32, thread: Option<ThreadKicker>) {
-        *self.slots[cpu as usize]
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = thread;
+        *self.slots[cpu as usize].thread.lock() = thread;
     }
 
     /// Adds `reason` for `cpu` and signals its thread unless a signal is already on its way.
@@ -50,7 +47,7 @@ impl VcpuKicks {
         // SeqCst pairs with `take`: the thread either sees the reason, or the signal arrives after it
         // looked, so the reason is never stranded while the thread sleeps.
         if slot.reasons.fetch_or(reason, Ordering::SeqCst) == 0 {
-            if let Some(t) = *slot.thread.lock().unwrap_or_else(|e| e.into_inner()) {
+            if let Some(t) = *slot.thread.lock() {
                 t.kick();
             }
         }

@@ -74,7 +74,7 @@ impl Layout {
                 mem.write_obj(pd | P | RW | US, GuestAddress(PDPT + (i / 512) * 8))?;
             }
             mem.write_obj(
-                i * two_mib | P | RW | US | PS,
+                (i * two_mib) | P | RW | US | PS,
                 GuestAddress(pd + (i % 512) * 8),
             )?;
         }

@@ -144,11 +144,13 @@ impl VcpuThread {
                         self.vcpu.describe_state()
                     )))
                 }
-                Exit::InternalError { suberror } => return Err(Outcome::GuestCrash(format!(
+                Exit::InternalError { suberror } => {
+                    return Err(Outcome::GuestCrash(format!(
                     "vCPU {}: KVM internal error (suberror {suberror}; emulation failure?) ({})",
                     self.index,
                     self.vcpu.describe_state()
-                ))),
+                )))
+                }
                 Exit::FailEntry { reason } => {
                     return Err(Outcome::GuestCrash(format!(
                         "vCPU {}: VM entry failed (reason {reason:#x})",

@@ -52,8 +52,13 @@ fn temp_json() -> PathBuf {
     ))
 }
 
+/// VMs of one test binary run one at a time: the host has two cores, and tests that count wakeups or
+/// compare policies must not starve each other's vCPU threads.
+static ONE_VM_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `quietvm run ARGS --stats-json <tmp>` with a generous timeout so a hung guest fails the test.
 pub fn run(args: &[&str]) -> Run {
+    let _turn = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let json = temp_json();
     let out = quietvm()
         .arg("run")

@@ -849,19 +849,21 @@ impl Hierarchy {
                 None => false,
             };
             let mut new = cur;
-            let mut walk_done = true;
             if !child_active {
                 new.active &= !childmask;
                 if new.migrator == childmask {
-                    if new.active == 0 {
-                        new.migrator = TMIGR_NONE;
-                        // The group becomes idle: propagate.
-                        walk_done = false;
+                    new.migrator = if new.active == 0 {
+                        TMIGR_NONE
                     } else {
-                        new.migrator = lowest_bit(new.active);
-                    }
+                        lowest_bit(new.active)
+                    };
                 }
             }
+            // Propagate while the group is idle, not only when this walk made
+            // it idle: a vCPU that is already idle can leave (offline) or
+            // re-deactivate, and its changed event must still reach the top
+            // of the idle subtree.
+            let walk_done = new.active != 0;
             // RACE (out-of-order propagation): bumping seq makes a
             // compare-and-swap computed from a state another walker has since
             // changed fail, even if active/migrator look the same again.
@@ -1276,6 +1278,40 @@ impl Hierarchy {
         fence(Ordering::SeqCst);
     }
 
+    /// A human-readable dump of every group (debugging and test failures).
+    pub fn dump(&self) -> String {
+        let s = lock(&self.setup);
+        let mut out = format!("root {} levels {}\n", s.root, s.levels.len());
+        for g in 0..s.ngroups {
+            let grp = &self.groups[g as usize];
+            let gl = lock(&grp.lock);
+            let n = grp.num_children.load(Ordering::Relaxed) as usize;
+            let children: Vec<u32> = (0..n)
+                .map(|i| grp.children[i].load(Ordering::Relaxed))
+                .collect();
+            let evts: Vec<String> = (0..n)
+                .map(|i| {
+                    let e = gl.evts[i];
+                    if e.expires == KTIME_MAX {
+                        "-".to_string()
+                    } else {
+                        format!("{}@cpu{}", e.expires, e.cpu)
+                    }
+                })
+                .collect();
+            out += &format!(
+                "g{g} lvl{} parent {:?} mask {:#x} ignore {} state {:?} children {children:?} evts {evts:?} next {}\n",
+                grp.level.load(Ordering::Relaxed),
+                self.group_parent(g),
+                grp.groupmask.load(Ordering::Relaxed),
+                grp.ignore.load(Ordering::Relaxed),
+                grp.load_state(),
+                gl.next_expiry as i128 - if gl.next_expiry == KTIME_MAX { KTIME_MAX as i128 + 1 } else { 0 },
+            );
+        }
+        out
+    }
+
     // ----------------------------------------------------------------------
     // Invariants (quiescent: no operation in flight)
     // ----------------------------------------------------------------------
@@ -1354,10 +1390,12 @@ impl Hierarchy {
         if any_active {
             match self.responsible_cpu(s.root) {
                 Some(c) if cpu_active(c) => {}
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "a cpu is active but the root's migrator chain reaches {other:?} (root {:?})",
                     root.load_state()
-                )),
+                ))
+                }
             }
         }
         for c in 0..self.cpus.len() as u32 {

@@ -1,4 +1,167 @@
-//! tmigr (docs being written)
+//! # tmigr: the timer-migration pull model for vCPUs
+//!
+//! A pure-Rust port of the design of Linux's `kernel/time/timer_migration.c`
+//! (6.9+) to the vCPUs of a VMM: each vCPU keeps its timers in its own base
+//! ([`base`]); when it halts, its first *movable* expiry is handed to a
+//! hierarchy of groups ([`hierarchy`]) in which one running vCPU per group,
+//! the *migrator*, expires the idle vCPUs' movable timers at expiry time
+//! ("pull"), so idle vCPUs stay asleep. [`service::TimerService`] is the API
+//! the VMM uses (with the calling contract and the kick protocol in its
+//! module docs); [`model`] is the reference model and simulator the tests
+//! compare it with.
+//!
+//! ## The hierarchy
+//!
+//! ```text
+//!  LVL 2                          [GRP2:0]                    root
+//!                            migrator = GRP1:0
+//!                            active   = GRP1:0
+//!                           /                \
+//!  LVL 1             [GRP1:0]                  [GRP1:1]
+//!               migrator = GRP0:1            migrator = NONE
+//!               active   = GRP0:1            active   = (none)
+//!               /           \                    |
+//!  LVL 0  [GRP0:0]         [GRP0:1]          [GRP0:2]
+//!      migr = NONE        migr = CPU9        migr = NONE
+//!      active = -         active = CPU9      active = -
+//!      /  ...  \          /   ...   \         /  ...  \
+//!  CPU 0 ..... 7      CPU 8 ..... 15     CPU 16 .... 23
+//!  idle        idle   idle  (9 runs) idle idle         idle
+//! ```
+//!
+//! Groups hold up to `group_size` children (8 as in the kernel, 2..=8 for
+//! tests); there are as many levels as the online vCPUs need. With
+//! `nodes`, groups below the *crossnode level* (the levels needed to gather
+//! the largest node) only take children of one node. Per group:
+//!
+//! * `state`: the packed `{active: u8, migrator: u8, seq: u16}` word
+//!   (`union tmigr_state`), changed only by compare-and-swap;
+//! * a lock protecting the group's event queue (one event per child slot:
+//!   the first movable expiry of that child's idle subtree and the vCPU it
+//!   belongs to) and `next_expiry` (mirrored in an atomic for lockless
+//!   readers, the kernel's `READ_ONCE`);
+//! * `ignore` (`groupevt.ignore`): the group is active, so its event queued
+//!   in the parent is stale and is purged lazily by whoever next holds the
+//!   parent's lock.
+//!
+//! Per vCPU (`struct tmigr_cpu`): a lock over `online`, `idle`, `remote`
+//! (a migrator is expiring its timers) and `wakeup` (set when it idled the
+//! root), lockless mirrors of those, its level-0 group, and its event's
+//! `ignore` flag.
+//!
+//! Operations (names as in the kernel): **activate** (`tmigr_active_up`
+//! walk: set the bit, take the migrator role if the group had none and go
+//! up); **deactivate** (`tmigr_inactive_up`: clear the bit, hand the role to
+//! another active child, and while the group is idle queue its first event
+//! in the parent (`tmigr_update_events`) and go up; the vCPU that idles the
+//! root gets the hierarchy's first expiry back and wakes for it);
+//! **new timer while idle** (`tmigr_new_timer_up`); **requires_handle_remote**
+//! (lockless: is any group I am migrator of due?); **handle_remote** (pop due
+//! events of the groups I am migrator of; for each, expire that idle vCPU's
+//! due movable timers and re-queue its next expiry); **online** (grow the
+//! hierarchy, `tmigr_setup_groups`); **offline** (deactivate with no event,
+//! and report if this was the last active vCPU with events pending:
+//! `tmigr_trigger_active`).
+//!
+//! ## Locking rules
+//!
+//! Lock order, outermost first:
+//!
+//! 1. the *setup* mutex (`tmigr_mutex`: group creation in `online`);
+//! 2. **base locks** (one per vCPU, `timer_base.lock`); when two are held
+//!    (moving a timer between bases on re-arm, hotplug migration) they are
+//!    taken in vCPU-id order; nothing else holds two;
+//! 3. **cpu locks** (`tmc->lock`);
+//! 4. **group locks**, child before parent, at most two at a time
+//!    (`tmigr_update_events` holds the child group's and the group's).
+//!
+//! A vCPU's base lock is held across its deactivate walk (as timer.c holds
+//! the base locks around `tmigr_cpu_deactivate`) and across the re-queue
+//! after a remote expiry (`timer_lock_remote_bases`), so an arm on an idle
+//! vCPU and a migrator re-queueing that vCPU are serialised: the migrator's
+//! re-queue sees the new timer. Activation, `requires_handle_remote`,
+//! `next_remote_expiry` and the kick checks take no group lock: group states
+//! are atomics and only ever changed by compare-and-swap.
+//!
+//! ## Lifetime rules
+//!
+//! Groups live in an arena sized for `max_cpus` at creation and are never
+//! freed or reused. A group is initialised (state, level, node, child slots,
+//! the new root's active mask) while unreachable, and published by a Release
+//! store of the link that makes it reachable: the parent link of its child
+//! group or the vCPU's group link. Links are published top-down, the onlined
+//! vCPU's own link last, so every group a walker reaches through an Acquire
+//! load of a link is connected up to the root. A new root gets its child
+//! mask at creation (RACE: a new root published before its mask is set; see
+//! `Hierarchy::reconcile_new_root`). A parent link is set once and never
+//! changes.
+//!
+//! ## Memory ordering
+//!
+//! * **Group state**: loads are `Acquire`; successful compare-and-swaps are
+//!   `AcqRel`; a failed compare-and-swap re-loads with `Acquire` (its
+//!   failure ordering: in Rust, unlike the kernel's `atomic_try_cmpxchg`,
+//!   the failure load of `compare_exchange(_, _, AcqRel, Acquire)` *is* an
+//!   acquire load, which is exactly the review's "re-load with acquire").
+//!   Why: a walker reads the group state and then, in `tmigr_inactive_up`,
+//!   the child's state; a walker that re-activated the child CASed the
+//!   child before CASing the group, with release semantics, so observing
+//!   its group CAS with Acquire guarantees observing its child CAS. The
+//!   child's state itself is read `Relaxed` (ordered by the group load).
+//!   `tests/loom.rs` proves these are needed: weaken either and loom finds
+//!   the lost event (see the crate README).
+//! * **`seq`**: bumped by every CAS so a CAS computed from a state another
+//!   walker changed since always fails (ABA on `active`/`migrator`).
+//! * **Group `next_expiry`**, **cpu `wakeup`/`idle`/`online`** mirrors:
+//!   written under their lock with `Release`, read locklessly with `Acquire`;
+//!   lockless readers only use them as hints or re-check under the lock
+//!   (`handle_remote_cpu` re-checks `idle`/`online` under the cpu lock).
+//! * **`ignore` flags**: `Relaxed`. Set locklessly by activation, cleared
+//!   under the parent lock by the idle path. A late view makes a migrator
+//!   handle an active child once, harmlessly (it backs off for an active
+//!   vCPU, base locks serialise the expiries); the idle path's clear can
+//!   not be lost because it happens under the lock after the state CAS.
+//! * **Links** (`parent`, vCPU `group`): Release store, Acquire load.
+//! * **Kicks**: `fence(SeqCst)` on both sides of a store-buffering pattern
+//!   (walker: write state, fence, read the migrator's programmed time;
+//!   `next_event`: write programmed time, fence, re-read state); see
+//!   [`service`].
+//! * **Timer slots** ([`base::TimerSlots`]): claimed by compare-and-swap
+//!   under the claiming base's lock; changed only under the lock of the base
+//!   the timer is pending on.
+//!
+//! ## Known races and where they are prevented
+//!
+//! Each race of the design note is walked through in a `RACE:` comment at
+//! the code that prevents it, and has a test named after it in
+//! `src/tests/races.rs`:
+//!
+//! * out-of-order propagation: `seq`, in `Hierarchy::inactive_up`;
+//! * reading the child's state without ordering / failed CAS: the Acquire
+//!   loads in `Hierarchy::active_up` and `Hierarchy::inactive_up`;
+//! * last vCPU idles while another arms a first movable timer: states read
+//!   under the locks in `Hierarchy::update_events`;
+//! * last active vCPU goes offline: [`hierarchy::Hierarchy::offline`]
+//!   returns the hierarchy's first expiry, `TimerService::vcpu_offline`
+//!   names a vCPU to force active;
+//! * a new root published before its mask is set:
+//!   `Hierarchy::setup_groups` and `Hierarchy::reconcile_new_root`;
+//! * livelock in remote expiry: [`hierarchy::Hierarchy::handle_remote`];
+//! * chasing stale wake-ups: `wakeup` is cleared on activate and recomputed
+//!   by every walk ([`hierarchy::Hierarchy::cpu_wakeup`]); `vcpu_halt`
+//!   always recomputes.
+//!
+//! ## Differences from the kernel
+//!
+//! * An idle vCPU never runs `handle_remote`: a vCPU woken at its root
+//!   wake-up activates first and expires as the migrator.
+//! * Running vCPUs have no periodic tick: the service computes when each
+//!   migrator must look (`next_event`) and reports kicks when that moves
+//!   earlier, so remote expiry is not late by a tick.
+//! * `new_timer` always walks (no "same expiry" shortcut); update walks go
+//!   up while groups are idle (no "first event unchanged" shortcut).
+//! * The event queue of a group is an array by child slot (at most 8).
+
 pub mod base;
 pub mod clock;
 pub mod hierarchy;

@@ -93,6 +93,7 @@ fn fixed_byte_strings_decode_and_pass() {
     }
     // Deterministic pseudo-random strings, all three policies.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut total = crate::model::SimReport::default();
     for i in 0..60 {
         let bytes: Vec<u8> = (0..400)
             .map(|_| {
@@ -103,8 +104,20 @@ fn fixed_byte_strings_decode_and_pass() {
             })
             .collect();
         let (cfg, ops) = ops_from_bytes(&bytes, 64);
-        if let Err(e) = Sim::run(&cfg, &ops) {
-            panic!("xorshift case {i} {cfg:?}: {e}");
+        match Sim::run(&cfg, &ops) {
+            Err(e) => panic!("xorshift case {i} {cfg:?}: {e}"),
+            Ok(r) => {
+                total.applied += r.applied;
+                total.expired += r.expired;
+                total.remote += r.remote;
+                total.wakeups += r.wakeups;
+            }
         }
     }
+    // The decoder must produce histories that do something.
+    eprintln!("{total:?}");
+    assert!(
+        total.expired > 100 && total.remote > 10 && total.wakeups > 10,
+        "{total:?}"
+    );
 }
