@@ -1,10 +1,55 @@
 //! The VM configuration: a TOML file (see `configs/`) whose settings command-line flags override.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tmigr::service::Policy;
+
+/// How a VM's timers are handled: by quietvm in userspace with one of the placement policies, or, as a
+/// baseline, by KVM's in-kernel LAPIC (the guest multiplexes its timers onto the TSC-deadline timer and
+/// `HLT` stays in the kernel: what Firecracker or Cloud Hypervisor users get).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmPolicy {
+    /// quietvm's timer device with this placement policy for movable timers.
+    Userspace(Policy),
+    /// KVM's in-kernel irqchip and LAPIC timer.
+    KvmLapic,
+}
+
+impl VmPolicy {
+    /// Every policy `compare` knows, in its default order.
+    pub const ALL: [VmPolicy; 4] = [
+        VmPolicy::KvmLapic,
+        VmPolicy::Userspace(Policy::Local),
+        VmPolicy::Userspace(Policy::Push),
+        VmPolicy::Userspace(Policy::Pull),
+    ];
+}
+
+impl fmt::Display for VmPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmPolicy::Userspace(p) => write!(f, "{p}"),
+            VmPolicy::KvmLapic => f.write_str("kvm-lapic"),
+        }
+    }
+}
+
+impl FromStr for VmPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kvm-lapic" => Ok(VmPolicy::KvmLapic),
+            _ => s
+                .parse()
+                .map(VmPolicy::Userspace)
+                .map_err(|_| format!("unknown policy `{s}` (local, push, pull or kvm-lapic)")),
+        }
+    }
+}
 
 /// Workloads the built-in guest knows (docs/guest.md).
 pub const BUILTIN_WORKLOADS: &[&str] = &[
@@ -22,8 +67,8 @@ pub const BUILTIN_WORKLOADS: &[&str] = &[
 ];
 
 /// Everything needed to launch one VM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct VmConfig {
     /// Number of vCPUs.
     pub vcpus: u32,
@@ -33,9 +78,9 @@ pub struct VmConfig {
     pub workload: String,
     /// Workload duration in milliseconds, passed as `duration_ms=...`.
     pub duration_ms: u64,
-    /// Placement policy for movable timers: local, push or pull.
-    #[serde(with = "policy_name")]
-    pub policy: Policy,
+    /// Placement policy for movable timers: local, push or pull; or kvm-lapic (the in-kernel baseline).
+    #[serde(serialize_with = "serialize_policy")]
+    pub policy: VmPolicy,
     /// Seed for the guest's random choices, passed as `seed=...`.
     pub seed: u64,
     /// A guest ELF of your own instead of the built-in test guest (docs/boot.md).
@@ -55,7 +100,7 @@ impl Default for VmConfig {
             memory_mib: 64,
             workload: "hello".into(),
             duration_ms: 1000,
-            policy: Policy::Pull,
+            policy: VmPolicy::Userspace(Policy::Pull),
             seed: 1,
             guest: None,
             args: Vec::new(),
@@ -65,19 +110,8 @@ impl Default for VmConfig {
     }
 }
 
-mod policy_name {
-    use serde::{de::Error, Deserialize, Deserializer, Serializer};
-    use tmigr::service::Policy;
-
-    pub fn serialize<S: Serializer>(p: &Policy, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&p.to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Policy, D::Error> {
-        let name = String::deserialize(d)?;
-        name.parse()
-            .map_err(|_| D::Error::custom(format!("unknown policy `{name}` (local, push or pull)")))
-    }
+fn serialize_policy<S: serde::Serializer>(p: &VmPolicy, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string())
 }
 
 /// A configuration that cannot be used. Each variant is one line for the user.
@@ -144,9 +178,7 @@ impl VmConfig {
         let p: Partial = toml::from_str(text).map_err(|e| e.message().to_string())?;
         let d = VmConfig::default();
         let policy = match p.policy {
-            Some(name) => name
-                .parse()
-                .map_err(|_| format!("unknown policy `{name}` (local, push or pull)"))?,
+            Some(name) => name.parse()?,
             None => d.policy,
         };
         Ok(VmConfig {
@@ -221,7 +253,9 @@ mod tests {
             .unwrap();
         assert_eq!(c.vcpus, 8);
         assert_eq!(c.workload, "idle-movable");
-        assert_eq!(c.policy, Policy::Local);
+        assert_eq!(c.policy, VmPolicy::Userspace(Policy::Local));
+        let c = VmConfig::from_toml("policy = \"kvm-lapic\"").unwrap();
+        assert_eq!(c.policy, VmPolicy::KvmLapic);
     }
 
     #[test]

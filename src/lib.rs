@@ -4,13 +4,17 @@
 //! - [`vmm`]: the VM and its vCPU threads, the halt path, kicks and interrupt injection.
 //! - [`devices`]: the serial console and the paravirtual timer device (docs/timer-abi.md).
 //! - [`config`]: the TOML config and its command-line overrides.
+//! - [`compare`]: `quietvm compare`, policies side by side with the kernel's counters as ground truth.
 //! - [`stats`]: the statistics printed at exit and written as JSON (docs/stats.md).
+//! - [`simulate`]: `quietvm simulate`, the timer service under all policies on virtual time (no KVM).
 //!
 //! The timer hierarchy itself is the `tmigr` crate: pure Rust with no KVM in it.
 
+pub mod compare;
 pub mod config;
 pub mod devices;
 pub mod kvm;
+pub mod simulate;
 pub mod stats;
 pub mod sync;
 pub mod vmm;

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use quietvm::config::VmConfig;
+use quietvm::config::VmPolicy;
 use quietvm::vmm::{run_vm, EXIT_VMM_ERROR};
-use tmigr::service::Policy;
 
 /// A small KVM VMM whose idle vCPUs stay asleep.
 ///
@@ -27,6 +27,9 @@ struct Cli {
 enum Command {
     /// Boot a VM and run a guest workload until the guest ends it.
     Run(RunArgs),
+    /// Run the same VM under several policies (interleaved rounds) and compare host wakeups, exits,
+    /// lateness and CPU time, cross-checked against the kernel's per-thread counters.
+    Compare(quietvm::compare::CompareArgs),
 }
 
 #[derive(Args, Debug)]
@@ -49,9 +52,10 @@ struct RunArgs {
     /// Workload duration in milliseconds.
     #[arg(long)]
     duration_ms: Option<u64>,
-    /// Placement policy for movable timers.
+    /// Timer policy: local, push or pull (quietvm's placement of movable timers), or kvm-lapic (the
+    /// in-kernel LAPIC baseline).
     #[arg(long, value_parser = parse_policy)]
-    policy: Option<Policy>,
+    policy: Option<VmPolicy>,
     /// Seed for the guest's random choices.
     #[arg(long)]
     seed: Option<u64>,
@@ -69,9 +73,8 @@ struct RunArgs {
     quiet: bool,
 }
 
-fn parse_policy(s: &str) -> Result<Policy, String> {
+fn parse_policy(s: &str) -> Result<VmPolicy, String> {
     s.parse()
-        .map_err(|_| format!("unknown policy `{s}` (local, push or pull)"))
 }
 
 impl RunArgs {
@@ -173,5 +176,6 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Compare(args) => quietvm::compare::main(args),
     }
 }

@@ -23,10 +23,14 @@ pub enum WakeupCause {
     Control,
     /// Woken with nothing to do (a stale deadline).
     Spurious,
+    /// Under `kvm-lapic`: the vCPU halted in the kernel (in-kernel irqchip), which woke it for its LAPIC
+    /// timer or an IPI. quietvm sees none of these halts; the count is the thread's voluntary context
+    /// switches.
+    KernelHalt,
 }
 
 impl WakeupCause {
-    pub const ALL: [WakeupCause; 7] = [
+    pub const ALL: [WakeupCause; 8] = [
         WakeupCause::OwnPinnedTimer,
         WakeupCause::OwnMovableTimer,
         WakeupCause::RemoteMovableTimer,
@@ -34,6 +38,7 @@ impl WakeupCause {
         WakeupCause::MigratorKick,
         WakeupCause::Control,
         WakeupCause::Spurious,
+        WakeupCause::KernelHalt,
     ];
 
     /// The key used in the JSON statistics.
@@ -46,12 +51,13 @@ impl WakeupCause {
             WakeupCause::MigratorKick => "migrator_kick",
             WakeupCause::Control => "control",
             WakeupCause::Spurious => "spurious",
+            WakeupCause::KernelHalt => "kernel_halt",
         }
     }
 }
 
 /// One vCPU's figures.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct VcpuStats {
     pub index: u32,
     /// Kernel thread id of the vCPU thread.
@@ -61,12 +67,18 @@ pub struct VcpuStats {
     /// Times the halted thread went to sleep and was woken (each one a voluntary context switch).
     pub host_wakeups: u64,
     /// `host_wakeups` by cause (every cause listed, zeros included).
-    pub wakeup_causes: BTreeMap<&'static str, u64>,
+    pub wakeup_causes: BTreeMap<String, u64>,
     /// The kernel's `voluntary_ctxt_switches` for this thread over its run (end minus start), from
     /// `/proc/self/task/TID/status`.
     pub kernel_voluntary_switches: u64,
+    /// CPU time the thread used over its run, from `/proc/self/task/TID/schedstat` (field 1).
+    #[serde(default)]
+    pub kernel_cpu_ns: u64,
+    /// Times the thread was scheduled in over its run (schedstat field 3; preemptions included).
+    #[serde(default)]
+    pub kernel_timeslices: u64,
     /// VM exits by reason.
-    pub exits: BTreeMap<&'static str, u64>,
+    pub exits: BTreeMap<String, u64>,
     /// Timer callbacks handed to this vCPU (`POP`s that returned a timer).
     pub timers_fired: u64,
     /// Of those, timers armed on another vCPU (expired here as migrator or push target).
@@ -77,18 +89,28 @@ impl VcpuStats {
     pub fn new(index: u32) -> Self {
         VcpuStats {
             index,
-            wakeup_causes: WakeupCause::ALL.iter().map(|c| (c.name(), 0)).collect(),
+            wakeup_causes: WakeupCause::ALL
+                .iter()
+                .map(|c| (c.name().to_owned(), 0))
+                .collect(),
             ..Default::default()
         }
     }
 
     pub fn count_exit(&mut self, kind: &'static str) {
-        *self.exits.entry(kind).or_default() += 1;
+        match self.exits.get_mut(kind) {
+            Some(n) => *n += 1,
+            None => {
+                self.exits.insert(kind.to_owned(), 1);
+            }
+        }
     }
 
     pub fn count_wakeup(&mut self, cause: WakeupCause) {
         self.host_wakeups += 1;
-        *self.wakeup_causes.entry(cause.name()).or_default() += 1;
+        if let Some(n) = self.wakeup_causes.get_mut(cause.name()) {
+            *n += 1;
+        }
     }
 
     /// Wakeups with the given cause.
@@ -97,16 +119,20 @@ impl VcpuStats {
     }
 }
 
-/// Percentiles of timer lateness (delivery time minus deadline), in nanoseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+/// Timer lateness (delivery time minus deadline), in nanoseconds: exact nearest-rank percentiles and
+/// a log-scale histogram for plotting.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Lateness {
     pub p50: u64,
     pub p99: u64,
     pub max: u64,
+    /// `[upper_bound_ns, count]` pairs: bucket `i` counts samples in `(bound[i-1], bound[i]]`, with
+    /// bounds 1 us, 2 us, 4 us, ... (doubling); empty buckets at the top are left out.
+    pub histogram: Vec<[u64; 2]>,
 }
 
 impl Lateness {
-    /// Exact percentiles (nearest rank) of `samples`, which it sorts.
+    /// Percentiles and histogram of `samples`, which it sorts.
     pub fn from_samples(samples: &mut [u64]) -> Self {
         if samples.is_empty() {
             return Lateness::default();
@@ -115,16 +141,28 @@ impl Lateness {
         let rank = |p: f64| {
             samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1]
         };
+        let mut histogram: Vec<[u64; 2]> = Vec::new();
+        let mut bound = 1_000u64;
+        let mut i = 0;
+        while i < samples.len() {
+            let start = i;
+            while i < samples.len() && samples[i] <= bound {
+                i += 1;
+            }
+            histogram.push([bound, (i - start) as u64]);
+            bound = bound.saturating_mul(2);
+        }
         Lateness {
             p50: rank(0.50),
             p99: rank(0.99),
             max: *samples.last().unwrap_or(&0),
+            histogram,
         }
     }
 }
 
 /// The VM's timer figures.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct TimerStats {
     /// Successful `ARM` commands.
     pub armed: u64,
@@ -144,7 +182,7 @@ pub struct TimerStats {
 }
 
 /// Everything quietvm reports about one run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct VmStats {
     pub policy: String,
     pub workload: String,
@@ -212,13 +250,53 @@ impl VmStats {
     }
 }
 
-/// The kernel's `voluntary_ctxt_switches` for thread `tid` of this process, if readable.
-pub fn voluntary_switches(tid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-        .and_then(|v| v.trim().parse().ok())
+/// A thread's own counters, as the kernel keeps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadCounters {
+    /// `voluntary_ctxt_switches` from `status`: each time the thread slept.
+    pub voluntary_switches: u64,
+    /// Field 1 of `schedstat`: CPU time in ns.
+    pub cpu_ns: u64,
+    /// Field 3 of `schedstat`: times scheduled in.
+    pub timeslices: u64,
+}
+
+impl ThreadCounters {
+    /// Reads thread `tid` of process `pid` from `/proc` (`None` if it is gone or unreadable).
+    pub fn read(pid: u32, tid: u32) -> Option<Self> {
+        let dir = format!("/proc/{pid}/task/{tid}");
+        let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
+        let voluntary_switches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())?;
+        let schedstat = std::fs::read_to_string(format!("{dir}/schedstat")).ok()?;
+        let mut fields = schedstat.split_whitespace().map(|f| f.parse::<u64>().ok());
+        let cpu_ns = fields.next().flatten()?;
+        let _wait_ns = fields.next();
+        let timeslices = fields.next().flatten()?;
+        Some(ThreadCounters {
+            voluntary_switches,
+            cpu_ns,
+            timeslices,
+        })
+    }
+
+    /// The calling thread's counters.
+    pub fn of_this_thread() -> Self {
+        Self::read(std::process::id(), crate::kvm::sys::gettid()).unwrap_or_default()
+    }
+
+    /// What changed from `earlier` to `self`.
+    pub fn since(&self, earlier: &ThreadCounters) -> ThreadCounters {
+        ThreadCounters {
+            voluntary_switches: self
+                .voluntary_switches
+                .saturating_sub(earlier.voluntary_switches),
+            cpu_ns: self.cpu_ns.saturating_sub(earlier.cpu_ns),
+            timeslices: self.timeslices.saturating_sub(earlier.timeslices),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -230,11 +308,21 @@ mod tests {
         let mut v: Vec<u64> = (1..=100).collect();
         let l = Lateness::from_samples(&mut v);
         assert_eq!((l.p50, l.p99, l.max), (50, 99, 100));
+        assert_eq!(l.histogram, vec![[1000, 100]]);
+        let l = Lateness::from_samples(&mut [500, 1500, 1600, 5000]);
+        assert_eq!(
+            l.histogram,
+            vec![[1000, 1], [2000, 2], [4000, 0], [8000, 1]]
+        );
         assert_eq!(Lateness::from_samples(&mut []), Lateness::default());
     }
 
     #[test]
-    fn own_thread_switches_are_readable() {
-        assert!(voluntary_switches(crate::kvm::sys::gettid()).is_some());
+    fn own_thread_counters_are_readable_and_count_sleeps() {
+        let before = ThreadCounters::of_this_thread();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let after = ThreadCounters::of_this_thread();
+        assert!(after.since(&before).voluntary_switches >= 1);
+        assert!(after.cpu_ns > 0);
     }
 }

@@ -10,5 +10,8 @@ pub const SERIAL_PORTS: std::ops::Range<u16> = SERIAL_PORT..SERIAL_PORT + 8;
 pub const EXIT_PORT: u16 = 0x510;
 /// The timer device's command port (docs/timer-abi.md).
 pub const TIMER_PORT: u16 = 0x520;
+/// Where a guest hands quietvm its own timer figures under `--policy kvm-lapic` (docs/boot.md, "Timer
+/// report"): a 32-bit `out` of the report's page number.
+pub const REPORT_PORT: u16 = 0x530;
 /// The vector injected when a vCPU has expired timers waiting.
 pub const DOORBELL_VECTOR: u8 = 0x20;

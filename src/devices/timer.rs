@@ -110,6 +110,9 @@ struct DeviceState {
     lateness: Vec<u64>,
 }
 
+/// Lateness samples reserved at start (8 MiB of address space).
+const LATENESS_SAMPLES_RESERVED: usize = 1 << 20;
+
 /// Figures the device counted, for the statistics.
 #[derive(Debug, Default, Clone)]
 pub struct DeviceCounters {
@@ -161,7 +164,9 @@ impl<C: Clock> TimerDevice<C> {
             early: 0,
             remote_expiries: 0,
             serialized: 0,
-            lateness: Vec::new(),
+            // Reserved up front (untouched pages cost nothing): growing it mid-run would remap memory
+            // under mmap_lock, which stalls, and may put to sleep, vCPU threads faulting in guest pages.
+            lateness: Vec::with_capacity(LATENESS_SAMPLES_RESERVED),
         };
         TimerDevice {
             service,

@@ -118,21 +118,31 @@ pub fn drain_kicks() {
 }
 
 /// A handle to kick one thread from any other thread.
+///
+/// It sends with `tgkill` rather than `pthread_kill`: glibc's `pthread_kill` takes a per-target lock
+/// that puts a second concurrent kicker of the same thread to sleep, and every sleep of a vCPU thread
+/// must be a halt (quietvm's wakeup counts are checked against the kernel's).
 #[derive(Clone, Copy, Debug)]
-pub struct ThreadKicker(libc::pthread_t);
+pub struct ThreadKicker {
+    pid: libc::pid_t,
+    tid: libc::pid_t,
+}
 
 impl ThreadKicker {
     /// The kicker of the calling thread.
     pub fn current() -> Self {
-        // SAFETY: pthread_self has no preconditions.
-        ThreadKicker(unsafe { libc::pthread_self() })
+        ThreadKicker {
+            pid: std::process::id() as libc::pid_t,
+            tid: gettid() as libc::pid_t,
+        }
     }
 
-    /// Sends the kick signal. The caller guarantees the thread is still alive: quietvm only kicks vCPU
-    /// threads before it joins them.
+    /// Sends the kick signal. The caller guarantees the thread has not exited (quietvm unregisters a
+    /// vCPU thread's kicker, under the lock its kickers hold, before the thread ends), so the id
+    /// cannot have been reused.
     pub fn kick(&self) {
-        // SAFETY: the thread id came from pthread_self of a thread that has not been joined yet.
-        unsafe { libc::pthread_kill(self.0, kick_signal()) };
+        // SAFETY: tgkill takes three integers and has no memory arguments.
+        unsafe { libc::syscall(libc::SYS_tgkill, self.pid, self.tid, kick_signal()) };
     }
 }
 

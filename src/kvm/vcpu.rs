@@ -1,9 +1,15 @@
 //! One vCPU: its boot state, `KVM_RUN` mapped to quietvm's own exit type, and interrupt injection.
 
-use kvm_bindings::{kvm_fpu, kvm_interrupt, kvm_regs, kvm_segment, CpuId};
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_interrupt, kvm_mp_state, kvm_regs, kvm_segment, CpuId, KVM_MP_STATE_RUNNABLE,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::ioctl::{ioctl_with_ptr, ioctl_with_ref};
-use vmm_sys_util::ioctl_iow_nr;
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_ptr, ioctl_with_ref};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
 
 use super::kick::guest_sigmask_without_kick;
 use super::{ioctl_err, KvmError};
@@ -17,6 +23,8 @@ ioctl_iow_nr!(
     0x8b,
     kvm_bindings::kvm_signal_mask
 );
+// Nor this one (binary statistics, Linux 5.14+).
+ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
 
 /// Why `KVM_RUN` returned, with the data quietvm needs, owned (no borrow of `kvm_run`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +67,39 @@ impl Exit {
             Exit::Other(_) => "other",
         }
     }
+}
+
+/// Reads the statistics `names` from a KVM binary statistics file: a header, then descriptors (flags,
+/// exponent, size, offset, bucket size, then a NUL-padded name of `name_size` bytes), then the data
+/// block, where each statistic's first u64 lies at the descriptor's offset (Documentation/virt/kvm/api.rst,
+/// "KVM_GET_STATS_FD").
+fn read_named_stats(file: &File, names: &[&str]) -> std::io::Result<Vec<Option<u64>>> {
+    let u32_at = |buf: &[u8], at: usize| u32::from_le_bytes(buf[at..at + 4].try_into().unwrap());
+    let mut header = [0u8; 24];
+    file.read_exact_at(&mut header, 0)?;
+    let name_size = u32_at(&header, 4) as usize;
+    let num_desc = u32_at(&header, 8) as usize;
+    let desc_offset = u64::from(u32_at(&header, 16));
+    let data_offset = u64::from(u32_at(&header, 20));
+    let desc_size = 16 + name_size;
+    let mut descs = vec![0u8; desc_size.saturating_mul(num_desc).min(1 << 20)];
+    file.read_exact_at(&mut descs, desc_offset)?;
+    let mut values = vec![None; names.len()];
+    for desc in descs.chunks_exact(desc_size) {
+        let raw_name = &desc[16..];
+        let name = &raw_name[..raw_name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(raw_name.len())];
+        let Some(i) = names.iter().position(|n| n.as_bytes() == name) else {
+            continue;
+        };
+        let offset = u64::from(u32_at(desc, 8));
+        let mut value = [0u8; 8];
+        file.read_exact_at(&mut value, data_offset + offset)?;
+        values[i] = Some(u64::from_le_bytes(value));
+    }
+    Ok(values)
 }
 
 /// Registers a vCPU starts with (see docs/boot.md).
@@ -180,6 +221,43 @@ impl Vcpu {
         self.fd
             .set_regs(&regs)
             .map_err(ioctl_err("set vCPU registers"))
+    }
+
+    /// Makes the vCPU runnable at once. With an in-kernel irqchip KVM holds every vCPU but the first in
+    /// "wait for INIT/SIPI"; quietvm starts them all at the entry point instead (docs/boot.md).
+    pub fn set_runnable(&self) -> Result<(), KvmError> {
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(ioctl_err("set the vCPU runnable"))
+    }
+
+    /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ`).
+    pub fn tsc_khz(&self) -> Result<u32, KvmError> {
+        self.fd
+            .get_tsc_khz()
+            .map_err(ioctl_err("read the TSC frequency"))
+    }
+
+    /// The current values of the vCPU's KVM statistics called `names` (for example `halt_exits`), from
+    /// its binary statistics file (`KVM_GET_STATS_FD`); `None` for a name this kernel does not have.
+    /// The counters start at zero when the vCPU is created.
+    pub fn kernel_stats(&self, names: &[&str]) -> Result<Vec<Option<u64>>, KvmError> {
+        // SAFETY: the fd is a vCPU fd and KVM_GET_STATS_FD takes no argument.
+        let fd = unsafe { ioctl(&self.fd, KVM_GET_STATS_FD()) };
+        if fd < 0 {
+            return Err(KvmError::Ioctl {
+                what: "KVM_GET_STATS_FD",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        // SAFETY: KVM just returned this new file descriptor; nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        read_named_stats(&file, names).map_err(|source| KvmError::Os {
+            what: "read the vCPU's KVM statistics",
+            source,
+        })
     }
 
     /// Makes `KVM_RUN` run the guest with the kick signal unblocked (see `kick.rs`). Call from the vCPU's

@@ -7,8 +7,9 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use super::vcpu::Vcpu;
 use super::{ioctl_err, KvmError};
 
-/// A VM with its memory, ready for vCPUs. No in-kernel irqchip: quietvm emulates timers and `HLT`
-/// itself and injects interrupts with `KVM_INTERRUPT`.
+/// A VM with its memory, ready for vCPUs. Normally without an in-kernel irqchip: quietvm emulates timers
+/// and `HLT` itself and injects interrupts with `KVM_INTERRUPT`. The `kvm-lapic` baseline creates it
+/// with KVM's irqchip instead ([`KvmVm::create_with_irqchip`]).
 pub struct KvmVm {
     kvm: Kvm,
     vm: VmFd,
@@ -21,6 +22,17 @@ impl KvmVm {
     /// and maps `mem_size` bytes of guest memory at guest address 0. The memory is anonymous and mapped
     /// lazily: untouched pages cost nothing.
     pub fn create(mem_size: u64) -> Result<Self, KvmError> {
+        Self::open(mem_size, false)
+    }
+
+    /// As [`KvmVm::create`], plus KVM's in-kernel irqchip (PIC, IOAPIC and one LAPIC per vCPU), so that
+    /// `HLT` and the LAPIC timer are handled in the kernel. Must come before any vCPU exists, which
+    /// creating it here guarantees.
+    pub fn create_with_irqchip(mem_size: u64) -> Result<Self, KvmError> {
+        Self::open(mem_size, true)
+    }
+
+    fn open(mem_size: u64, irqchip: bool) -> Result<Self, KvmError> {
         let path = std::env::var("QUIETVM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
         let open_err = |source| KvmError::OpenKvm {
             path: path.clone(),
@@ -60,6 +72,13 @@ impl KvmVm {
         if mem_size <= TSS_ADDRESS {
             vm.set_tss_address(TSS_ADDRESS as usize)
                 .map_err(ioctl_err("set the TSS address"))?;
+        }
+        if irqchip {
+            if !kvm.check_extension(Cap::Irqchip) {
+                return Err(KvmError::MissingCap("KVM_CAP_IRQCHIP"));
+            }
+            vm.create_irq_chip()
+                .map_err(ioctl_err("create the in-kernel irqchip"))?;
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

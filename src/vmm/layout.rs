@@ -2,7 +2,7 @@
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::{DOORBELL_VECTOR, EXIT_PORT, SERIAL_PORT, TIMER_PORT};
+use crate::devices::{DOORBELL_VECTOR, EXIT_PORT, REPORT_PORT, SERIAL_PORT, TIMER_PORT};
 
 pub const BOOT_GDT: u64 = 0x1000;
 pub const BOOT_INFO: u64 = 0x2000;
@@ -53,12 +53,14 @@ impl Layout {
         self.percpu_base + PERCPU_SIZE * (u64::from(index) + 1)
     }
 
-    /// Writes the page tables, the boot GDT and the boot info.
+    /// Writes the page tables, the boot GDT and the boot info. `tsc_khz` is the guest's TSC frequency
+    /// (0 if KVM could not tell).
     pub fn write_boot_structures(
         &self,
         mem: &GuestMemoryMmap,
         max_timers: u32,
         args: &str,
+        tsc_khz: u32,
     ) -> Result<(), vm_memory::GuestMemoryError> {
         // Identity map of all memory with 2 MiB pages: present, writable, user (ring 3 uses it all).
         const P: u64 = 1;
@@ -101,6 +103,9 @@ impl Layout {
         mem.write_obj(args.len() as u32, info.unchecked_add(0x44))?;
         mem.write_slice(args, info.unchecked_add(0x48))?;
         mem.write_obj(0u8, info.unchecked_add(0x48 + args.len() as u64))?;
+        // After the 512 bytes of `args`.
+        mem.write_obj(tsc_khz, info.unchecked_add(0x248))?;
+        mem.write_obj(REPORT_PORT, info.unchecked_add(0x24c))?;
         Ok(())
     }
 }

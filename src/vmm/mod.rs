@@ -1,6 +1,7 @@
 //! The VM: build it from a [`VmConfig`], run one thread per vCPU, wait for its end, report statistics.
 
 mod guest_image;
+mod in_kernel_lapic;
 mod kicks;
 pub mod layout;
 mod vcpu_thread;
@@ -16,13 +17,13 @@ use tmigr::clock::Clock;
 use tmigr::service::{ServiceConfig, TimerService};
 use vm_memory::GuestAddress;
 
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, VmConfig, VmPolicy};
 use crate::devices::serial::SerialConsole;
 use crate::devices::timer::TimerDevice;
-use crate::devices::{SERIAL_PORTS, TIMER_PORT};
-use crate::kvm::kick::install_kick_handler;
-use crate::kvm::sys::monotonic_ns;
-use crate::kvm::vcpu::BootState;
+use crate::devices::{EXIT_PORT, REPORT_PORT, SERIAL_PORTS, TIMER_PORT};
+use crate::kvm::kick::{block_kick_in_this_thread, install_kick_handler, ThreadKicker};
+use crate::kvm::sys::{monotonic_ns, set_minimal_timer_slack};
+use crate::kvm::vcpu::{BootState, Exit, Vcpu};
 use crate::kvm::vm::KvmVm;
 use crate::kvm::KvmError;
 use crate::stats::{Lateness, TimerStats, VcpuStats, VmStats};
@@ -102,26 +103,50 @@ impl Clock for GuestClock {
     }
 }
 
-/// What every vCPU thread shares.
-pub(crate) struct VmShared {
-    pub(crate) device: TimerDevice<GuestClock>,
+/// What every vCPU thread shares, in every mode. `D` is the mode's own part: the timer device for the
+/// userspace policies, the guest's timer report under `kvm-lapic`.
+pub(crate) struct VmShared<D> {
+    pub(crate) device: D,
     pub(crate) serial: SerialConsole<std::io::Stdout>,
     pub(crate) kicks: VcpuKicks,
     /// `CLOCK_MONOTONIC` at guest time 0.
     pub(crate) clock_start_mono: u64,
+    /// Every vCPU thread has been spawned: a thread waits for this before it first enters the guest.
+    pub(crate) all_started: AtomicBool,
     stop: AtomicBool,
     outcome: Mutex<Option<(Outcome, u64)>>,
     ended: Condvar,
 }
 
-impl VmShared {
+impl<D> VmShared<D> {
+    fn new(device: D, vcpus: u32, clock_start_mono: u64) -> Self {
+        VmShared {
+            device,
+            serial: SerialConsole::new(std::io::stdout()),
+            kicks: VcpuKicks::new(vcpus),
+            clock_start_mono,
+            all_started: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            ended: Condvar::new(),
+        }
+    }
+
     pub(crate) fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
 
+    /// Guest time now (the clock of [`GuestClock`]).
+    pub(crate) fn now(&self) -> u64 {
+        GuestClock {
+            start_mono: self.clock_start_mono,
+        }
+        .now_ns()
+    }
+
     /// Ends the VM (the first outcome wins) and kicks every vCPU so its thread returns.
     pub(crate) fn end(&self, outcome: Outcome) {
-        let now = self.device.service().clock().now_ns();
+        let now = self.now();
         let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
             *slot = Some((outcome, now));
@@ -132,18 +157,251 @@ impl VmShared {
         self.kicks.kick_all(KICK_STOP);
     }
 
+    /// Answers a guest `in` from a port every mode has (the serial console); `None` for other ports.
+    pub(crate) fn common_in(&self, port: u16) -> Option<u32> {
+        SERIAL_PORTS
+            .contains(&port)
+            .then(|| u32::from(self.serial.read((port - SERIAL_PORTS.start) as u8)))
+    }
+
+    /// Carries out a guest `out` to a port every mode has (serial console, debug exit); `false` for
+    /// other ports.
+    pub(crate) fn common_out(&self, port: u16, value: u32) -> bool {
+        match port {
+            p if SERIAL_PORTS.contains(&p) => self
+                .serial
+                .write((p - SERIAL_PORTS.start) as u8, value as u8),
+            EXIT_PORT => self.end(Outcome::GuestExit(value)),
+            _ => return false,
+        }
+        true
+    }
+}
+
+impl VmShared<TimerDevice<GuestClock>> {
     /// Answers a guest `in`.
     pub(crate) fn io_in(&self, cpu: u32, port: u16, size: u8) -> u32 {
+        if let Some(v) = self.common_in(port) {
+            return v;
+        }
         match port {
-            p if SERIAL_PORTS.contains(&p) => {
-                u32::from(self.serial.read((p - SERIAL_PORTS.start) as u8))
-            }
             TIMER_PORT if size == 4 => self.device.last_status(cpu),
             _ => {
                 log::debug!("vCPU {cpu}: in from unknown port {port:#x}");
                 u32::MAX
             }
         }
+    }
+}
+
+/// Set-up every vCPU thread does first, on itself: the kick signal is blocked except inside `KVM_RUN`
+/// (kvm::kick), sleeps end at their deadline, and other threads can kick it from now on.
+pub(crate) fn enter_vcpu_thread<D>(
+    shared: &VmShared<D>,
+    index: u32,
+    vcpu: &Vcpu,
+) -> Result<(), KvmError> {
+    block_kick_in_this_thread()?;
+    vcpu.unblock_kick_in_guest()?;
+    set_minimal_timer_slack();
+    shared.kicks.register(index, Some(ThreadKicker::current()));
+    Ok(())
+}
+
+/// Waits until every vCPU thread exists (or the VM is ending) before the first entry into the guest:
+/// spawning a thread maps its stack under `mmap_lock`, which would stall, and may put to sleep, vCPUs
+/// faulting in guest memory meanwhile.
+pub(crate) fn wait_for_all_vcpu_threads<D>(shared: &VmShared<D>) {
+    while !shared.all_started.load(Ordering::Acquire) && !shared.stopping() {
+        std::thread::yield_now();
+    }
+}
+
+/// The outcome of an exit that means the guest crashed, the same in every mode; `None` for the exits a
+/// mode handles itself.
+pub(crate) fn crash_outcome(index: u32, exit: &Exit, vcpu: &Vcpu) -> Option<Outcome> {
+    let why = match exit {
+        Exit::Mmio { addr, write } => format!(
+            "vCPU {index}: guest {} unmapped address {addr:#x}",
+            if *write { "wrote" } else { "read" }
+        ),
+        Exit::Shutdown => format!("vCPU {index}: triple fault ({})", vcpu.describe_state()),
+        Exit::InternalError { suberror } => format!(
+            "vCPU {index}: KVM internal error (suberror {suberror}; emulation failure?) ({})",
+            vcpu.describe_state()
+        ),
+        Exit::FailEntry { reason } => {
+            format!("vCPU {index}: VM entry failed (reason {reason:#x})")
+        }
+        Exit::Other(what) => format!("vCPU {index}: unhandled exit {what}"),
+        Exit::IoOut { .. }
+        | Exit::IoIn { .. }
+        | Exit::Hlt
+        | Exit::Interrupted
+        | Exit::InterruptWindow => return None,
+    };
+    Some(Outcome::GuestCrash(why))
+}
+
+/// The statistics name of an exit (docs/stats.md, `exits`).
+pub(crate) fn exit_stat_name(exit: &Exit) -> &'static str {
+    match exit {
+        Exit::IoOut { port, .. } | Exit::IoIn { port, .. } => match *port {
+            p if SERIAL_PORTS.contains(&p) => "io_serial",
+            EXIT_PORT => "io_exit",
+            TIMER_PORT => "io_timer",
+            REPORT_PORT => "io_report",
+            _ => "io_unknown",
+        },
+        other => other.kind(),
+    }
+}
+
+/// A VM ready to run: guest memory loaded, boot structures written, every vCPU in its boot state.
+struct Machine {
+    kvm: KvmVm,
+    vcpus: Vec<Vcpu>,
+}
+
+/// Creates the VM (with KVM's in-kernel irqchip if `irqchip`), loads the image, creates the vCPUs in
+/// the boot state of docs/boot.md and writes the boot structures. The same for every mode.
+fn build_machine(
+    cfg: &VmConfig,
+    image: &GuestImage,
+    layout: &Layout,
+    irqchip: bool,
+) -> Result<Machine, VmmError> {
+    let mem_size = cfg.memory_mib << 20;
+    let kvm = if irqchip {
+        KvmVm::create_with_irqchip(mem_size)?
+    } else {
+        KvmVm::create(mem_size)?
+    };
+    if cfg.vcpus as usize > kvm.max_vcpus() {
+        return Err(VmmError::TooManyVcpus(cfg.vcpus, kvm.max_vcpus()));
+    }
+    let loaded = Elf::load(
+        kvm.memory(),
+        None,
+        &mut Cursor::new(&image.bytes[..]),
+        Some(GuestAddress(layout::IMAGE_BASE)),
+    )
+    .map_err(|e| VmmError::Load(e.to_string()))?;
+
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for i in 0..cfg.vcpus {
+        let vcpu = kvm.create_vcpu(u64::from(i))?;
+        vcpu.set_boot_state(
+            kvm.cpuid(),
+            &BootState {
+                entry: loaded.kernel_load.0,
+                stack_top: layout.stack_top(i),
+                index: u64::from(i),
+                boot_info: layout::BOOT_INFO,
+                gdt_base: layout::BOOT_GDT,
+                page_table_root: layout::PML4,
+            },
+        )?;
+        if irqchip {
+            vcpu.set_runnable()?;
+        }
+        vcpus.push(vcpu);
+    }
+    // Only a guest that programs a TSC-based timer needs it (the kvm-lapic guest refuses 0).
+    let tsc_khz = vcpus[0].tsc_khz().unwrap_or_else(|e| {
+        log::warn!("{e}: boot info gets tsc_khz 0");
+        0
+    });
+    layout
+        .write_boot_structures(kvm.memory(), cfg.max_timers, &cfg.guest_args(), tsc_khz)
+        .map_err(|e| VmmError::Load(e.to_string()))?;
+    install_kick_handler()?;
+    Ok(Machine { kvm, vcpus })
+}
+
+/// How a VM ended, once all of its vCPU threads are back.
+struct Ended {
+    vcpus: Vec<VcpuStats>,
+    wall_ns: u64,
+    outcome: Outcome,
+    /// Guest time of the end.
+    ended_at: u64,
+}
+
+/// Runs `body(shared, index, vcpu)` on one thread per vCPU, waits for the VM's end (or `timeout_ms`),
+/// and joins the threads.
+fn run_vcpu_threads<D: Send + Sync + 'static>(
+    shared: &Arc<VmShared<D>>,
+    vcpus: Vec<Vcpu>,
+    timeout_ms: u64,
+    body: fn(Arc<VmShared<D>>, u32, Vcpu) -> VcpuStats,
+) -> Result<Ended, VmmError> {
+    let started = Instant::now();
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for (i, vcpu) in vcpus.into_iter().enumerate() {
+        let for_thread = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .stack_size(256 << 10)
+            .spawn(move || body(for_thread, i as u32, vcpu));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                shared.end(Outcome::VmmError(format!(
+                    "cannot start vCPU thread {i}: {e}"
+                )));
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(VmmError::Thread(e));
+            }
+        }
+    }
+
+    shared.all_started.store(true, Ordering::Release);
+    wait_for_end(shared, timeout_ms);
+    let mut vcpu_stats: Vec<VcpuStats> = Vec::with_capacity(threads.len());
+    for (i, t) in threads.into_iter().enumerate() {
+        match t.join() {
+            Ok(s) => vcpu_stats.push(s),
+            Err(_) => {
+                shared.end(Outcome::VmmError(format!("vCPU thread {i} panicked")));
+                vcpu_stats.push(VcpuStats::new(i as u32));
+            }
+        }
+    }
+    let wall_ns = started.elapsed().as_nanos() as u64;
+    shared.serial.flush();
+    let (outcome, ended_at) = shared
+        .outcome
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or((
+            Outcome::VmmError("the VM ended without an outcome".into()),
+            0,
+        ));
+    Ok(Ended {
+        vcpus: vcpu_stats,
+        wall_ns,
+        outcome,
+        ended_at,
+    })
+}
+
+/// The statistics of a run, from its end and its timer figures.
+fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
+    let (user, system) = crate::kvm::sys::process_cpu_ns();
+    VmStats {
+        policy: cfg.policy.to_string(),
+        workload: cfg.workload.clone(),
+        exit_code: ended.outcome.exit_code(),
+        outcome: ended.outcome.describe(),
+        wall_ns: ended.wall_ns,
+        process_user_ns: user,
+        process_system_ns: system,
+        vcpus: ended.vcpus,
+        timers,
     }
 }
 
@@ -169,45 +427,17 @@ pub fn run_vm(cfg: &VmConfig) -> Result<VmStats, VmmError> {
         });
     }
 
-    let kvm = KvmVm::create(mem_size)?;
-    if cfg.vcpus as usize > kvm.max_vcpus() {
-        return Err(VmmError::TooManyVcpus(cfg.vcpus, kvm.max_vcpus()));
-    }
-    let loaded = Elf::load(
-        kvm.memory(),
-        None,
-        &mut Cursor::new(&image.bytes[..]),
-        Some(GuestAddress(layout::IMAGE_BASE)),
-    )
-    .map_err(|e| VmmError::Load(e.to_string()))?;
-    layout
-        .write_boot_structures(kvm.memory(), cfg.max_timers, &cfg.guest_args())
-        .map_err(|e| VmmError::Load(e.to_string()))?;
-    install_kick_handler()?;
-
-    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
-    for i in 0..cfg.vcpus {
-        let vcpu = kvm.create_vcpu(u64::from(i))?;
-        vcpu.set_boot_state(
-            kvm.cpuid(),
-            &BootState {
-                entry: loaded.kernel_load.0,
-                stack_top: layout.stack_top(i),
-                index: u64::from(i),
-                boot_info: layout::BOOT_INFO,
-                gdt_base: layout::BOOT_GDT,
-                page_table_root: layout::PML4,
-            },
-        )?;
-        vcpus.push(vcpu);
-    }
-
+    let policy = match cfg.policy {
+        VmPolicy::Userspace(p) => p,
+        VmPolicy::KvmLapic => return in_kernel_lapic::run_vm(cfg, &image, &layout),
+    };
+    let machine = build_machine(cfg, &image, &layout, false)?;
     let clock = GuestClock {
         start_mono: monotonic_ns(),
     };
     let service = TimerService::new(
         ServiceConfig {
-            policy: cfg.policy,
+            policy,
             max_timers: cfg.max_timers,
             group_size: 8,
             nodes: None,
@@ -215,96 +445,35 @@ pub fn run_vm(cfg: &VmConfig) -> Result<VmStats, VmmError> {
         clock,
         cfg.vcpus,
     );
-    let shared = Arc::new(VmShared {
-        device: TimerDevice::new(
-            service,
-            kvm.memory().clone(),
-            layout.device_pages,
-            cfg.vcpus,
-            cfg.max_timers,
-        ),
-        serial: SerialConsole::new(std::io::stdout()),
-        kicks: VcpuKicks::new(cfg.vcpus),
-        clock_start_mono: clock.start_mono,
-        stop: AtomicBool::new(false),
-        outcome: Mutex::new(None),
-        ended: Condvar::new(),
-    });
+    let device = TimerDevice::new(
+        service,
+        machine.kvm.memory().clone(),
+        layout.device_pages,
+        cfg.vcpus,
+        cfg.max_timers,
+    );
+    let shared = Arc::new(VmShared::new(device, cfg.vcpus, clock.start_mono));
+    let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg.timeout_ms, VcpuThread::run)?;
 
-    let started = Instant::now();
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for (i, vcpu) in vcpus.into_iter().enumerate() {
-        let for_thread = Arc::clone(&shared);
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .stack_size(256 << 10)
-            .spawn(move || VcpuThread::run(for_thread, i as u32, vcpu));
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                shared.end(Outcome::VmmError(format!(
-                    "cannot start vCPU thread {i}: {e}"
-                )));
-                for t in threads {
-                    let _ = t.join();
-                }
-                return Err(VmmError::Thread(e));
-            }
-        }
-    }
-
-    wait_for_end(&shared, cfg.timeout_ms);
-    let mut vcpu_stats: Vec<VcpuStats> = Vec::with_capacity(threads.len());
-    for (i, t) in threads.into_iter().enumerate() {
-        match t.join() {
-            Ok(s) => vcpu_stats.push(s),
-            Err(_) => {
-                shared.end(Outcome::VmmError(format!("vCPU thread {i} panicked")));
-                vcpu_stats.push(VcpuStats::new(i as u32));
-            }
-        }
-    }
-    let wall_ns = started.elapsed().as_nanos() as u64;
-    shared.serial.flush();
-    let (outcome, ended_at) = shared
-        .outcome
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or((
-            Outcome::VmmError("the VM ended without an outcome".into()),
-            0,
-        ));
-
-    let mut counters = shared.device.counters(ended_at);
-    for v in &mut vcpu_stats {
+    let mut counters = shared.device.counters(ended.ended_at);
+    for v in &mut ended.vcpus {
         v.timers_fired = counters.fired_per_vcpu[v.index as usize];
         v.remote_expiries = counters.remote_per_vcpu[v.index as usize];
     }
-    let (user, system) = crate::kvm::sys::process_cpu_ns();
-    Ok(VmStats {
-        policy: cfg.policy.to_string(),
-        workload: cfg.workload.clone(),
-        exit_code: outcome.exit_code(),
-        outcome: outcome.describe(),
-        wall_ns,
-        process_user_ns: user,
-        process_system_ns: system,
-        vcpus: vcpu_stats,
-        timers: TimerStats {
-            armed: counters.armed,
-            fired: counters.fired,
-            cancelled: counters.cancelled,
-            early: counters.early,
-            missed: counters.missed,
-            remote_expiries: counters.remote_expiries,
-            serialized: counters.serialized,
-            lateness_ns: Lateness::from_samples(&mut counters.lateness),
-        },
-    })
+    let timers = TimerStats {
+        armed: counters.armed,
+        fired: counters.fired,
+        cancelled: counters.cancelled,
+        early: counters.early,
+        missed: counters.missed,
+        remote_expiries: counters.remote_expiries,
+        serialized: counters.serialized,
+        lateness_ns: Lateness::from_samples(&mut counters.lateness),
+    };
+    Ok(vm_stats(cfg, ended, timers))
 }
 
-fn wait_for_end(shared: &VmShared, timeout_ms: u64) {
+fn wait_for_end<D>(shared: &VmShared<D>, timeout_ms: u64) {
     let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
     let mut slot = shared.outcome.lock().unwrap_or_else(|e| e.into_inner());
     while slot.is_none() {

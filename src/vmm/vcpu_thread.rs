@@ -21,22 +21,24 @@ use tmigr::clock::Clock;
 use tmigr::service::{Expired, KTIME_MAX};
 
 use super::kicks::{KICK_DELIVERY, KICK_HIERARCHY, KICK_STOP};
-use super::{Outcome, VmShared};
-use crate::devices::timer::Effects;
-use crate::devices::{DOORBELL_VECTOR, EXIT_PORT, SERIAL_PORTS, TIMER_PORT};
-use crate::kvm::kick::{
-    block_kick_in_this_thread, drain_kicks, sleep_until_kicked, DeadlineTimer, ThreadKicker,
+use super::{
+    crash_outcome, enter_vcpu_thread, exit_stat_name, wait_for_all_vcpu_threads, GuestClock,
+    Outcome, VmShared,
 };
-use crate::kvm::sys::{gettid, set_minimal_timer_slack};
+use crate::devices::timer::{Effects, TimerDevice};
+use crate::devices::{DOORBELL_VECTOR, TIMER_PORT};
+use crate::kvm::kick::{drain_kicks, sleep_until_kicked, DeadlineTimer};
+use crate::kvm::sys::gettid;
 use crate::kvm::vcpu::{Exit, Vcpu};
-use crate::kvm::KvmError;
-use crate::stats::{voluntary_switches, VcpuStats, WakeupCause};
+use crate::stats::{ThreadCounters, VcpuStats, WakeupCause};
 
 /// How soon to retry a doorbell the guest could not take (interrupts off).
 const DOORBELL_RETRY_NS: u64 = 200_000;
 
+type Shared = VmShared<TimerDevice<GuestClock>>;
+
 pub(super) struct VcpuThread {
-    shared: Arc<VmShared>,
+    shared: Arc<Shared>,
     index: u32,
     vcpu: Vcpu,
     timer: DeadlineTimer,
@@ -52,24 +54,21 @@ pub(super) struct VcpuThread {
 
 impl VcpuThread {
     /// Runs vCPU `index` on the calling thread until the VM ends. Returns its statistics.
-    pub(super) fn run(shared: Arc<VmShared>, index: u32, vcpu: Vcpu) -> VcpuStats {
+    pub(super) fn run(shared: Arc<Shared>, index: u32, vcpu: Vcpu) -> VcpuStats {
         let mut stats = VcpuStats::new(index);
         stats.tid = gettid();
-        let setup = || -> Result<DeadlineTimer, KvmError> {
-            block_kick_in_this_thread()?;
-            vcpu.unblock_kick_in_guest()?;
-            set_minimal_timer_slack();
-            DeadlineTimer::for_this_thread()
-        };
-        let timer = match setup() {
+        let timer = match enter_vcpu_thread(&shared, index, &vcpu)
+            .and_then(|()| DeadlineTimer::for_this_thread())
+        {
             Ok(t) => t,
             Err(e) => {
                 shared.end(Outcome::VmmError(format!("vCPU {index}: {e}")));
+                shared.kicks.register(index, None);
                 return stats;
             }
         };
-        shared.kicks.register(index, Some(ThreadKicker::current()));
-        let switches_at_start = voluntary_switches(stats.tid).unwrap_or(0);
+        wait_for_all_vcpu_threads(&shared);
+        let kernel_at_start = ThreadCounters::of_this_thread();
         let mut thread = VcpuThread {
             shared,
             index,
@@ -90,8 +89,10 @@ impl VcpuThread {
             thread.shared.end(outcome);
         }
         thread.shared.kicks.register(index, None);
-        let switches_at_end = voluntary_switches(thread.stats.tid).unwrap_or(0);
-        thread.stats.kernel_voluntary_switches = switches_at_end.saturating_sub(switches_at_start);
+        let kernel = ThreadCounters::of_this_thread().since(&kernel_at_start);
+        thread.stats.kernel_voluntary_switches = kernel.voluntary_switches;
+        thread.stats.kernel_cpu_ns = kernel.cpu_ns;
+        thread.stats.kernel_timeslices = kernel.timeslices;
         thread.stats
     }
 
@@ -130,38 +131,15 @@ impl VcpuThread {
                 Exit::Interrupted => drain_kicks(),
                 // The loop's top injects the waiting doorbell.
                 Exit::InterruptWindow => {}
-                Exit::Mmio { addr, write } => {
-                    return Err(Outcome::GuestCrash(format!(
-                        "vCPU {}: guest {} unmapped address {addr:#x}",
-                        self.index,
-                        if write { "wrote" } else { "read" }
-                    )))
-                }
-                Exit::Shutdown => {
-                    return Err(Outcome::GuestCrash(format!(
-                        "vCPU {}: triple fault ({})",
-                        self.index,
-                        self.vcpu.describe_state()
-                    )))
-                }
-                Exit::InternalError { suberror } => {
-                    return Err(Outcome::GuestCrash(format!(
-                    "vCPU {}: KVM internal error (suberror {suberror}; emulation failure?) ({})",
-                    self.index,
-                    self.vcpu.describe_state()
-                )))
-                }
-                Exit::FailEntry { reason } => {
-                    return Err(Outcome::GuestCrash(format!(
-                        "vCPU {}: VM entry failed (reason {reason:#x})",
-                        self.index
-                    )))
-                }
-                Exit::Other(what) => {
-                    return Err(Outcome::GuestCrash(format!(
-                        "vCPU {}: unhandled exit {what}",
-                        self.index
-                    )))
+                crash => {
+                    return Err(
+                        crash_outcome(self.index, &crash, &self.vcpu).unwrap_or_else(|| {
+                            Outcome::GuestCrash(format!(
+                                "vCPU {}: unexpected exit {crash:?}",
+                                self.index
+                            ))
+                        }),
+                    )
                 }
             }
         }
@@ -237,12 +215,10 @@ impl VcpuThread {
     }
 
     fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        if self.shared.common_out(port, value) {
+            return;
+        }
         match port {
-            p if SERIAL_PORTS.contains(&p) => self
-                .shared
-                .serial
-                .write((p - SERIAL_PORTS.start) as u8, value as u8),
-            EXIT_PORT => self.shared.end(Outcome::GuestExit(value)),
             TIMER_PORT => {
                 self.join_timers();
                 self.shared
@@ -305,17 +281,5 @@ impl VcpuThread {
                 return;
             }
         }
-    }
-}
-
-fn exit_stat_name(exit: &Exit) -> &'static str {
-    match exit {
-        Exit::IoOut { port, .. } | Exit::IoIn { port, .. } => match *port {
-            p if SERIAL_PORTS.contains(&p) => "io_serial",
-            EXIT_PORT => "io_exit",
-            TIMER_PORT => "io_timer",
-            _ => "io_unknown",
-        },
-        other => other.kind(),
     }
 }

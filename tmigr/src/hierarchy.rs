@@ -318,6 +318,9 @@ pub struct Hierarchy {
     cpus: Box<[TmigrCpu]>,
     groups: Box<[TmigrGroup]>,
     setup: Mutex<Setup>,
+    /// Mirror of `Setup::root` for lockless readers (and hooks, which run
+    /// with the setup mutex held).
+    root: AtomicU32,
     stats: HierStats,
     #[cfg(all(any(test, feature = "test-hooks"), not(loom)))]
     hook: std::sync::Mutex<Option<HookFn>>,
@@ -361,19 +364,21 @@ impl Hierarchy {
             }
             None => (0, 1),
         };
-        // Groups at a level <= children/gs + one partial group per node.
-        let mut total = 0;
+        // Groups at a level <= children/gs, plus one partial group per node
+        // below the crossnode level (above it nodes mix); +1 per level for a
+        // new root, plus slack. Terminates: above the crossnode level the
+        // count at least halves.
+        let mut total = 4;
         let mut count = n;
-        loop {
-            let lvl_groups = count.div_ceil(gs) + nnodes;
-            total += lvl_groups;
-            // With one partial group per node added, the count stops shrinking at nnodes + 1.
-            if lvl_groups <= 1 || count <= 1 || lvl_groups >= count {
+        for lvl in 0..64 {
+            let extra = if lvl < crossnode_level { nnodes } else { 0 };
+            let lvl_groups = count.div_ceil(gs) + extra;
+            total += lvl_groups + 1;
+            if lvl_groups <= 1 && lvl >= crossnode_level {
                 break;
             }
             count = lvl_groups;
         }
-        total += 4;
         Self {
             group_size: gs,
             crossnode_level,
@@ -385,6 +390,7 @@ impl Hierarchy {
                 ngroups: 0,
                 root: NO_IDX,
             }),
+            root: AtomicU32::new(NO_IDX),
             stats: HierStats::default(),
             #[cfg(all(any(test, feature = "test-hooks"), not(loom)))]
             hook: std::sync::Mutex::new(None),
@@ -414,8 +420,10 @@ impl Hierarchy {
     }
 
     /// Installs (or removes) the test hook. Hooks run on the walking thread
-    /// with at most that walker's own base and cpu locks held, never a group
-    /// lock, so a hook may run another cpu's operation inline.
+    /// with at most that walker's own base and cpu locks (and, for
+    /// `NewRootPublished`, the setup mutex) held, never a group lock, so a
+    /// hook may run another cpu's operation inline (not `online`, `levels`,
+    /// `dump` or `check_invariants`, which take the setup mutex).
     #[cfg(all(any(test, feature = "test-hooks"), not(loom)))]
     pub fn set_hook(&self, f: Option<HookFn>) {
         *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = f;
@@ -497,7 +505,7 @@ impl Hierarchy {
 
     /// The current root group.
     pub fn root(&self) -> Option<u32> {
-        let r = lock(&self.setup).root;
+        let r = self.root.load(Ordering::Acquire);
         (r != NO_IDX).then_some(r)
     }
 
@@ -1246,6 +1254,7 @@ impl Hierarchy {
             links.push((cur, g, slot));
             if level_empty {
                 s.root = g;
+                self.root.store(g, Ordering::Release);
                 break;
             }
             cur = Ch::Group(g);

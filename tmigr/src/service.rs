@@ -740,7 +740,8 @@ impl<C: Clock> TimerService<C> {
             let v = &self.cpus[c as usize];
             let mut b = lock(&v.base);
             let ev = b.global_event(&self.slots);
-            if ev < v.programmed.load(Ordering::SeqCst) {
+            // Covered by its own wake-up, or by a kick not yet delivered.
+            if ev < v.programmed.load(Ordering::SeqCst) && !v.kick_pending.load(Ordering::SeqCst) {
                 ev
             } else {
                 KTIME_MAX

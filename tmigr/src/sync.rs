@@ -13,11 +13,24 @@ pub(crate) use loom::sync::{Mutex, MutexGuard};
 
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+/// Outside loom the locks spin and then yield, and never sleep: the VMM's
+/// wakeup counts are checked against the kernel's voluntary context switches
+/// of its vCPU threads, and a futex wait on a contended `std` mutex would be
+/// one of those. Critical sections here are short and never block.
 #[cfg(not(loom))]
-pub(crate) use std::sync::{Mutex, MutexGuard};
+pub(crate) type Mutex<T> = spin::mutex::SpinMutex<T, spin::relax::Yield>;
+#[cfg(not(loom))]
+pub(crate) type MutexGuard<'a, T> = spin::mutex::SpinMutexGuard<'a, T, spin::relax::Yield>;
+
+/// Locks `m`.
+#[cfg(not(loom))]
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock()
+}
 
 /// Locks `m`, ignoring poisoning: every critical section leaves its data
 /// consistent before it can panic (panics here are assertion failures in tests).
+#[cfg(loom)]
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

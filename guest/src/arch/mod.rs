@@ -74,6 +74,7 @@ global_asm!(
     IRQ_PENDING = const crate::runtime::percpu::IRQ_PENDING_OFFSET,
     TRIPLE_FAULT_MAGIC = const TRIPLE_FAULT_MAGIC,
     EXIT_EXCEPTION = const crate::runtime::vm::EXIT_EXCEPTION,
+    MSR_X2APIC_EOI = const crate::runtime::lapic::msr::X2APIC_EOI,
     guest_main = sym crate::guest_main,
 );
 
@@ -119,6 +120,26 @@ pub fn inl(port: u16) -> u32 {
         asm!("in eax, dx", in("dx") port, out("eax") value, options(nostack, preserves_flags))
     };
     value
+}
+
+/// Writes `value` to model-specific register `msr`. At ring 3 `wrmsr` raises #GP, and the ring-0 stub
+/// executes it for us and steps over it (ring0.s): one emulated trap on hosts that emulate ring 0.
+#[inline(always)]
+pub fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the #GP stub executes the wrmsr with these registers and returns after it, preserving
+    // every register and the flags; the MSRs written are the local APIC's (runtime::lapic), whose
+    // interrupts go through the doorbell machinery like quietvm's, hence no `nomem`.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+            options(nostack, preserves_flags))
+    };
+}
+
+/// The time-stamp counter (ring 3 may read it: CR4.TSD is clear).
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc only reads the TSC.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 #[inline(always)]

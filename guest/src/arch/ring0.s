@@ -112,8 +112,11 @@ _start:
 
 // #GP. Ring 3 halts by executing hlt, which traps here; for ring 3 it means "unmask the doorbell and
 // halt", atomically (ring 0 runs with IF=0). Step over it, unmask, and unless a doorbell is already
-// pending, halt for real with interrupts on (the exit to quietvm). Once the doorbell has woken us,
-// return to ring 3 through the upcall so that the expired timers are handled. Anything else is fatal.
+// pending, halt for real with interrupts on (the exit to quietvm, or the kernel's halt with an in-kernel
+// irqchip). Once the doorbell has woken us, return to ring 3 through the upcall so that the expired
+// timers are handled. A wrmsr from ring 3 (the LAPIC timer backend, runtime::lapic) is executed here
+// and stepped over: ring 3 is this guest's own trusted code, so the stub only keeps the emulated path
+// short. Anything else is fatal.
 // Frame: error code, rip, cs, rflags, rsp, ss.
 .global quietvm_gp_stub
 quietvm_gp_stub:
@@ -122,7 +125,7 @@ quietvm_gp_stub:
     jz 2f
     mov rax, [rsp + 16]
     cmp byte ptr [rax], 0xf4                // a hlt?
-    jne 2f
+    jne 3f
     inc rax
     mov [rsp + 16], rax                     // resume after it
     mov rax, rsp
@@ -138,6 +141,15 @@ quietvm_gp_stub:
     make_upcall 24                          // frame now: rcx, rax, error code, rip, ...
     pop rcx
     pop rax
+    add rsp, 8                              // the error code
+    iretq
+3:
+    cmp word ptr [rax], 0x300f              // a wrmsr (0f 30)? ecx and edx are still ring 3's
+    jne 2f
+    add rax, 2
+    mov [rsp + 16], rax                     // resume after it
+    pop rax                                 // and eax too
+    wrmsr
     add rsp, 8                              // the error code
     iretq
 2:
@@ -168,6 +180,23 @@ quietvm_doorbell_stub:
     pop rax
 2:
     iretq
+
+// The guest's LAPIC timer (and the IPI that stands for it) under the kvm-lapic backend: EOI at once, so
+// the next one can come while ring 3 handles this one, then treat it as the doorbell. The handler
+// expires the software timers and programs the next deadline (runtime::soft_timers).
+.global quietvm_lapic_stub
+quietvm_lapic_stub:
+    push rax
+    push rcx
+    push rdx
+    mov ecx, {MSR_X2APIC_EOI}
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+    pop rdx
+    pop rcx
+    pop rax
+    jmp quietvm_doorbell_stub
 
 // Any other vector: nothing to do.
 .global quietvm_spurious_stub

@@ -59,6 +59,37 @@ pub fn alloc<T: Zeroable>(count: usize) -> &'static [T] {
     unsafe { core::slice::from_raw_parts(start as *const T, count) }
 }
 
+/// `count` zeroed values of `T` that one owner mutates (behind a lock of its own), for the rest of the
+/// VM's life.
+pub fn alloc_mut<T: Zeroable>(count: usize) -> &'static mut [T] {
+    let size = core::mem::size_of::<T>()
+        .checked_mul(count)
+        .expect("arena: size overflow");
+    let start = reserve(size, core::mem::align_of::<T>());
+    // SAFETY: as in `alloc`; and nobody else has a reference to this fresh range, so it may be `mut`.
+    unsafe { core::slice::from_raw_parts_mut(start as *mut T, count) }
+}
+
+/// As `alloc`, starting on a 4 KiB page boundary (for structures quietvm finds by page number).
+pub fn alloc_page_aligned<T: Zeroable>(count: usize) -> &'static [T] {
+    let size = core::mem::size_of::<T>()
+        .checked_mul(count)
+        .expect("arena: size overflow");
+    let start = reserve(size, 4096.max(core::mem::align_of::<T>()));
+    // SAFETY: as in `alloc`.
+    unsafe { core::slice::from_raw_parts(start as *const T, count) }
+}
+
+/// Free memory not handed out yet, in bytes.
+pub fn remaining() -> usize {
+    let info = boot::info();
+    let next = match NEXT.load(Ordering::Relaxed) {
+        0 => info.free_base as usize,
+        n => n,
+    };
+    (info.mem_size as usize).saturating_sub(next)
+}
+
 /// Moves `value` into the arena.
 pub fn leak<T>(value: T) -> &'static T {
     let start = reserve(core::mem::size_of::<T>(), core::mem::align_of::<T>()) as *mut T;

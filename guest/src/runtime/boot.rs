@@ -26,6 +26,11 @@ pub struct BootInfo {
     pub max_timers: u32,
     pub args_len: u32,
     pub args: [u8; 512],
+    /// The guest TSC's frequency (0 if quietvm could not tell).
+    pub tsc_khz: u32,
+    /// Where the guest's timer report goes under `policy=kvm-lapic` (runtime::soft_timers).
+    pub report_port: u16,
+    pub reserved2: u16,
 }
 
 /// Offsets used by the assembly (checked against the struct below).
@@ -45,6 +50,8 @@ const _: () = {
     assert!(offset_of!(BootInfo, max_timers) == 0x40);
     assert!(offset_of!(BootInfo, args_len) == 0x44);
     assert!(offset_of!(BootInfo, args) == 0x48);
+    assert!(offset_of!(BootInfo, tsc_khz) == 0x248);
+    assert!(offset_of!(BootInfo, report_port) == 0x24c);
 };
 
 static BOOT: AtomicPtr<BootInfo> = AtomicPtr::new(BOOT_INFO_ADDR as *mut BootInfo);

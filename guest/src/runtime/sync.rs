@@ -45,6 +45,26 @@ impl<T> SpinLock<T> {
     }
 }
 
+impl<T> SpinLock<T> {
+    /// The lock if it is free now, else `None` (for code that must not wait, such as the last report
+    /// before the VM ends, which may come from a panic inside a lock holder).
+    pub fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
+        let was_unmasked = irq::mask();
+        if self
+            .locked
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return Some(SpinGuard {
+                lock: self,
+                was_unmasked,
+            });
+        }
+        irq::restore(was_unmasked);
+        None
+    }
+}
+
 pub struct SpinGuard<'a, T> {
     lock: &'a SpinLock<T>,
     was_unmasked: bool,

@@ -54,3 +54,57 @@ fn regression_offline_then_idle_parent_keeps_event() {
         r.unwrap();
     }
 }
+
+#[test]
+fn hierarchy_grows_levels_for_many_cpus_and_small_capacities() {
+    use crate::hierarchy::{HierConfig, Hierarchy};
+    for (n, gs, levels) in [
+        (1u32, 2usize, 1usize),
+        (3, 2, 2),
+        (4, 2, 2),
+        (5, 2, 3),
+        (8, 8, 1),
+        (9, 8, 2),
+        (64, 8, 2),
+        (300, 8, 3),
+        (300, 2, 9),
+    ] {
+        let h = Hierarchy::new(HierConfig {
+            group_size: gs,
+            nodes: None,
+            max_cpus: n,
+        });
+        for c in 0..n {
+            h.online(c);
+        }
+        assert_eq!(h.levels(), levels, "{n} cpus, group size {gs}");
+        h.check_invariants(&|_| crate::service::KTIME_MAX).unwrap();
+    }
+}
+
+#[test]
+fn nodes_keep_groups_apart_below_crossnode_level() {
+    use crate::hierarchy::{HierConfig, Hierarchy};
+    // 2 nodes of 4 vCPUs interleaved, group size 2: crossnode level 2.
+    let nodes: Vec<u32> = (0..8).map(|c| c % 2).collect();
+    let h = Hierarchy::new(HierConfig {
+        group_size: 2,
+        nodes: Some(nodes.clone()),
+        max_cpus: 8,
+    });
+    assert_eq!(h.crossnode_level(), 2);
+    for c in 0..8 {
+        h.online(c);
+    }
+    for a in 0..8u32 {
+        for b in 0..8u32 {
+            if h.cpu_group(a) == h.cpu_group(b) {
+                assert_eq!(
+                    nodes[a as usize], nodes[b as usize],
+                    "cpus {a} and {b} share a group"
+                );
+            }
+        }
+    }
+    h.check_invariants(&|_| crate::service::KTIME_MAX).unwrap();
+}

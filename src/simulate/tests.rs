@@ -1,0 +1,116 @@
+//! The engine against the properties the model promises.
+
+use tmigr::service::Policy;
+
+use super::workloads::WorkloadKind;
+use super::*;
+
+fn cfg(vcpus: u32, w: WorkloadKind, ms: u64) -> SimConfig {
+    let mut c = SimConfig::new(vcpus, w);
+    c.duration_ns = ms * 1_000_000;
+    c
+}
+
+fn run(c: &SimConfig, p: Policy) -> PolicyReport {
+    run_policy(c, p).expect("simulation runs").report
+}
+
+fn assert_correct(r: &PolicyReport) {
+    assert!(r.failures().is_empty(), "{:?}\n{r:#?}", r.failures());
+    assert!(r.timers.fired > 0, "{r:#?}");
+}
+
+#[test]
+fn every_workload_and_policy_is_correct_with_invariants_checked_at_every_event() {
+    for w in WorkloadKind::ALL {
+        for vcpus in [1, 3, 17] {
+            let mut c = cfg(vcpus, w, 200);
+            c.check_every = 1;
+            for p in [Policy::Local, Policy::Push, Policy::Pull] {
+                let r = run(&c, p);
+                assert_correct(&r);
+            }
+        }
+    }
+}
+
+#[test]
+fn one_busy_under_pull_never_wakes_an_idle_vcpu_for_a_movable_timer() {
+    let c = cfg(64, WorkloadKind::OneBusy, 300);
+    let pull = run(&c, Policy::Pull);
+    assert_correct(&pull);
+    assert_eq!(pull.movable_wakeups, 0, "{pull:#?}");
+    assert_eq!(pull.wakeups, 0, "{pull:#?}");
+    let local = run(&c, Policy::Local);
+    assert_correct(&local);
+    // 126 timers of 1-10 ms for 300 ms: thousands of expiries, each a wakeup under local.
+    assert!(local.movable_wakeups > 1_000, "{local:#?}");
+    assert_eq!(local.timers.remote_expiries, 0);
+}
+
+#[test]
+fn all_idle_under_pull_wakes_one_vcpu_per_distinct_expiry() {
+    let c = cfg(64, WorkloadKind::AllIdle, 300);
+    let pull = run(&c, Policy::Pull);
+    assert_correct(&pull);
+    assert_eq!(pull.wakeups, pull.movable_wakeups, "{pull:#?}");
+    assert_eq!(pull.wakeups, pull.timers.expiry_instants, "{pull:#?}");
+    let local = run(&c, Policy::Local);
+    assert!(local.wakeups > pull.wakeups, "{local:#?}");
+}
+
+#[test]
+fn same_seed_gives_the_same_report_and_another_seed_does_not() {
+    let c = cfg(32, WorkloadKind::RearmHeavy, 150);
+    let policies = [Policy::Local, Policy::Push, Policy::Pull];
+    let a = serde_json::to_string(&simulate(&c, &policies).unwrap().0).unwrap();
+    let b = serde_json::to_string(&simulate(&c, &policies).unwrap().0).unwrap();
+    assert_eq!(a, b);
+    let mut c2 = c.clone();
+    c2.seed = 2;
+    let d = serde_json::to_string(&simulate(&c2, &policies).unwrap().0).unwrap();
+    assert_ne!(a, d);
+}
+
+#[test]
+fn rearm_heavy_cancels_or_replaces_most_armings() {
+    let c = cfg(16, WorkloadKind::RearmHeavy, 300);
+    for p in [Policy::Local, Policy::Pull] {
+        let r = run(&c, p);
+        assert_correct(&r);
+        let t = &r.timers;
+        assert!(t.replaced + t.cancelled > t.fired, "{r:#?}");
+    }
+}
+
+#[test]
+fn ping_pong_wakes_the_owner_after_every_remote_expiry() {
+    let c = cfg(16, WorkloadKind::PingPong, 300);
+    let pull = run(&c, Policy::Pull);
+    assert_correct(&pull);
+    let interrupts = pull.wakeup_causes["interrupt"];
+    assert!(pull.timers.remote_expiries > 0, "{pull:#?}");
+    // Each remote expiry of an idle owner's timer hands it work: one interrupt wakeup each (the
+    // busy vCPU 0 expires its own timer locally).
+    assert!(interrupts + 5 >= pull.timers.remote_expiries, "{pull:#?}");
+}
+
+#[test]
+fn bad_configurations_are_refused_with_one_line() {
+    let ok = cfg(8, WorkloadKind::OneBusy, 10);
+    assert!(ok.validate().is_ok());
+    let mut bad = ok.clone();
+    bad.vcpus = 0;
+    assert!(bad.validate().unwrap_err().contains("--vcpus"));
+    bad.vcpus = MAX_VCPUS + 1;
+    assert!(run_policy(&bad, Policy::Pull).is_err());
+    let mut bad = ok.clone();
+    bad.duration_ns = 0;
+    assert!(bad.validate().is_err());
+    let mut bad = cfg(8, WorkloadKind::RearmHeavy, 10);
+    bad.timers_per_vcpu = 4;
+    assert!(bad.validate().unwrap_err().contains("--timers"));
+    for e in [ok.validate().err()].into_iter().flatten() {
+        assert!(!e.contains('\n'));
+    }
+}

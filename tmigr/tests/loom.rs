@@ -1,0 +1,164 @@
+//! Loom models of the hierarchy's concurrent paths. Run with
+//! `RUSTFLAGS="--cfg loom" cargo test -p tmigr --test loom --release`.
+//! Each model checks, after all threads joined, the hierarchy invariants
+//! (active masks, migrator chains, idle events queued in parents) and that
+//! no event is lost: a pending movable event is either reachable by an
+//! active migrator or some vCPU must wake for it.
+#![cfg(loom)]
+
+use loom::thread;
+use std::sync::Arc;
+use tmigr::hierarchy::{HierConfig, Hierarchy};
+use tmigr::KTIME_MAX;
+
+const EVT: u64 = 100;
+
+fn builder() -> loom::model::Builder {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(2);
+    b
+}
+
+fn hier(n: u32, gs: usize) -> Arc<Hierarchy> {
+    let h = Arc::new(Hierarchy::new(HierConfig {
+        group_size: gs,
+        nodes: None,
+        max_cpus: n,
+    }));
+    for c in 0..n {
+        h.online(c);
+    }
+    h
+}
+
+/// No event lost: the event is handled by the running migrator chain from
+/// the root, or a vCPU wakes for it.
+fn assert_covered(h: &Hierarchy, wakes: &[u64], running: &[u32]) {
+    let root = h.root().unwrap();
+    let covered_by_migrator = running.iter().any(|&c| h.next_remote_expiry(c) <= EVT);
+    let covered_by_wake =
+        wakes.iter().any(|&w| w <= EVT) || (0..h.max_cpus()).any(|c| h.cpu_wakeup(c) <= EVT);
+    assert!(
+        covered_by_migrator || covered_by_wake,
+        "event {EVT} lost: root {:?} next {}, wakes {wakes:?}\n{}",
+        h.group_state(root),
+        h.group_next_expiry(root),
+        h.dump()
+    );
+}
+
+/// Two vCPUs of one group go idle at the same time; vCPU 1 has an event.
+/// Whoever idles the group last (and so the root) must wake for it.
+#[test]
+fn loom_two_cpus_idle_one_group() {
+    builder().check(|| {
+        let h = hier(2, 2);
+        let h1 = h.clone();
+        let t = thread::spawn(move || h1.deactivate(1, EVT).firstexp);
+        let w0 = h.deactivate(0, KTIME_MAX).firstexp;
+        let w1 = t.join().unwrap();
+        h.check_invariants(&|c| if c == 1 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[w0, w1], &[]);
+    });
+}
+
+/// One vCPU idles while the other wakes, in one group: the waking one must
+/// end up migrator (of group and root) with the idle one's event visible.
+#[test]
+fn loom_two_cpus_idle_and_wake_one_group() {
+    builder().check(|| {
+        let h = hier(2, 2);
+        h.deactivate(1, KTIME_MAX);
+        let h1 = h.clone();
+        let t = thread::spawn(move || h1.activate(1));
+        h.deactivate(0, EVT);
+        t.join().unwrap();
+        h.check_invariants(&|c| if c == 0 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[], &[1]);
+    });
+}
+
+/// The review's out-of-order propagation across two levels (group size 2,
+/// 3 vCPUs: GRP0:0 = {0, 1}, GRP0:1 = {2}): vCPU 2 is idle with an event,
+/// vCPU 0 goes idle while vCPU 1 wakes. The root must end up active through
+/// GRP0:0 with vCPU 1 as migrator, and vCPU 2's event reachable by it.
+#[test]
+fn loom_three_cpus_idle_and_wake_two_levels() {
+    builder().check(|| {
+        let h = hier(3, 2);
+        h.deactivate(1, KTIME_MAX);
+        h.deactivate(2, EVT);
+        let h1 = h.clone();
+        let t = thread::spawn(move || h1.activate(1));
+        h.deactivate(0, KTIME_MAX);
+        t.join().unwrap();
+        h.check_invariants(&|c| if c == 2 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[], &[1]);
+    });
+}
+
+/// Three vCPUs, two levels, all changing at once: 0 idles, 1 wakes, 2 idles
+/// with an event.
+#[test]
+fn loom_three_cpus_all_change_two_levels() {
+    builder().check(|| {
+        let h = hier(3, 2);
+        h.deactivate(1, KTIME_MAX);
+        let h1 = h.clone();
+        let h2 = h.clone();
+        let t1 = thread::spawn(move || {
+            h1.activate(1);
+        });
+        let t2 = thread::spawn(move || h2.deactivate(2, EVT).firstexp);
+        let w0 = h.deactivate(0, KTIME_MAX).firstexp;
+        t1.join().unwrap();
+        let w2 = t2.join().unwrap();
+        h.check_invariants(&|c| if c == 2 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[w0, w2], &[1]);
+    });
+}
+
+/// The last running vCPU idles while an idle vCPU gets a first movable
+/// timer (new timer while idle): someone must wake for it.
+#[test]
+fn loom_last_cpu_idles_while_other_arms_first_movable() {
+    builder().check(|| {
+        let h = hier(3, 2);
+        h.deactivate(1, KTIME_MAX);
+        h.deactivate(2, KTIME_MAX);
+        let h1 = h.clone();
+        let t = thread::spawn(move || h1.new_timer(1, EVT).map_or(KTIME_MAX, |r| r.firstexp));
+        let w0 = h.deactivate(0, KTIME_MAX).firstexp;
+        let w1 = t.join().unwrap();
+        h.check_invariants(&|c| if c == 1 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[w0, w1], &[]);
+    });
+}
+
+/// The last active vCPU goes offline while another idles again; vCPU 1's
+/// event must be owned: either a wake-up is returned (the offline one's is
+/// the hand-off: then another vCPU is forced active) or someone runs.
+#[test]
+fn loom_offline_last_active_cpu() {
+    builder().check(|| {
+        let h = hier(3, 2);
+        h.deactivate(1, EVT);
+        let h2 = h.clone();
+        let t = thread::spawn(move || h2.deactivate(2, KTIME_MAX).firstexp);
+        let w0 = h.offline(0).firstexp;
+        let w2 = t.join().unwrap();
+        assert_covered(&h, &[w0, w2], &[]);
+        if w0 != KTIME_MAX {
+            // tmigr_trigger_active: the hand-off target runs.
+            h.activate(2);
+            assert_covered(&h, &[w2], &[2]);
+        }
+        h.check_invariants(&|c| if c == 1 { EVT } else { KTIME_MAX })
+            .unwrap();
+    });
+}
