@@ -175,5 +175,6 @@ pub use service::{
     KTIME_MAX,
 };
 
-#[cfg(test)]
+// Unit and race tests need the std primitives and the hooks (not loom).
+#[cfg(all(test, not(loom)))]
 mod tests;
