@@ -64,6 +64,7 @@ pub const BUILTIN_WORKLOADS: &[&str] = &[
     "abi-check",
     "triple-fault",
     "never-ack",
+    "replay",
 ];
 
 /// Everything needed to launch one VM.
@@ -91,6 +92,9 @@ pub struct VmConfig {
     pub max_timers: u32,
     /// End the VM as failed if it has not ended after this many milliseconds (0 = never).
     pub timeout_ms: u64,
+    /// A file placed in guest memory for the workload (boot info `payload_*`), e.g. the `replay`
+    /// workload's trace (`quietvm replay TRACE --guest-out FILE`).
+    pub payload: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -106,6 +110,7 @@ impl Default for VmConfig {
             args: Vec::new(),
             max_timers: 4096,
             timeout_ms: 0,
+            payload: None,
         }
     }
 }
@@ -174,6 +179,7 @@ impl VmConfig {
             args: Option<Vec<String>>,
             max_timers: Option<u32>,
             timeout_ms: Option<u64>,
+            payload: Option<PathBuf>,
         }
         let p: Partial = toml::from_str(text).map_err(|e| e.message().to_string())?;
         let d = VmConfig::default();
@@ -192,6 +198,7 @@ impl VmConfig {
             args: p.args.unwrap_or_default(),
             max_timers: p.max_timers.unwrap_or(d.max_timers),
             timeout_ms: p.timeout_ms.unwrap_or(d.timeout_ms),
+            payload: p.payload,
         })
     }
 

@@ -30,6 +30,17 @@ enum Command {
     /// Run the same VM under several policies (interleaved rounds) and compare host wakeups, exits,
     /// lateness and CPU time, cross-checked against the kernel's per-thread counters.
     Compare(quietvm::compare::CompareArgs),
+    /// Simulate the timer policies on virtual time (no KVM): wakeups, remote expiries, lateness.
+    Simulate(quietvm::simulate::SimulateArgs),
+    /// Send one request to a running VMM's API socket (docs/api.md).
+    Ctl(quietvm::api::client::CtlArgs),
+    /// Run many VMs at once, one `quietvm run` process each, and report host wakeups, VMM CPU,
+    /// memory per VM and start-up time.
+    Fleet(quietvm::fleet::FleetArgs),
+    /// Replay a Linux timer trace under each policy, beside the kernel's own decisions.
+    Replay(quietvm::replay::ReplayArgs),
+    /// Record this machine's timer activity (tracefs, root) for `quietvm replay`.
+    TraceHost(quietvm::replay::TraceHostArgs),
 }
 
 #[derive(Args, Debug)]
@@ -177,5 +188,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Compare(args) => quietvm::compare::main(args),
+        Command::Simulate(args) => quietvm::simulate::main(args),
+        Command::Ctl(args) => quietvm::api::client::main(args),
+        Command::Fleet(args) => quietvm::fleet::main(args),
+        Command::Replay(args) => quietvm::replay::main(args),
+        Command::TraceHost(args) => quietvm::replay::trace_host_main(args),
     }
 }

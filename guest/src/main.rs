@@ -33,18 +33,23 @@ extern "C" fn guest_main(cpu: u64, info: *const BootInfo) -> ! {
         || info.percpu_size < arch::layout::MIN_AREA as u64
         || info.doorbell_vector < 32
         || info.max_timers <= info.vcpus
+        || (runtime::lapic::wanted() && info.tsc_khz == 0)
     {
         if cpu == 0 {
             // Only vCPU 0 reports (and exits), so that the message is whole.
             println!(
-                "guest: unusable boot info (magic {:#x}, version {}, percpu_size {:#x}, doorbell vector {}, max_timers {}, vcpus {})",
-                info.magic, info.version, info.percpu_size, info.doorbell_vector, info.max_timers, info.vcpus
+                "guest: unusable boot info (magic {:#x}, version {}, percpu_size {:#x}, doorbell vector {}, max_timers {}, vcpus {}, tsc_khz {})",
+                info.magic, info.version, info.percpu_size, info.doorbell_vector, info.max_timers, info.vcpus, info.tsc_khz
             );
             vm::exit(vm::EXIT_BAD_BOOT);
         }
         vm::halt_forever();
     }
     runtime::percpu::init(cpu as u32);
+    if runtime::lapic::wanted() {
+        runtime::lapic::init(cpu as u32);
+        runtime::soft_timers::init(cpu as u32);
+    }
     workloads::run(cpu as u32)
 }
 

@@ -27,6 +27,7 @@ pub mod abi {
     pub const CMD_CANCEL_SYNC: u32 = 4;
     pub const CMD_POP: u32 = 5;
     pub const CMD_ACK: u32 = 6;
+    pub const CMD_OFFLINE_ACK: u32 = 7;
 
     pub const OK: u32 = 0;
     pub const EMPTY: u32 = 1;
@@ -52,6 +53,12 @@ pub mod abi {
     pub const OFF_EXP_OWNER: u64 = 0x2c;
     pub const OFF_EXP_DEADLINE: u64 = 0x30;
     pub const OFF_EXP_FIRED_AT: u64 = 0x38;
+    pub const OFF_CONTROL: u64 = 0x40;
+
+    /// `control` values (docs/api.md, vCPU hotplug).
+    pub const CONTROL_NONE: u32 = 0;
+    pub const CONTROL_OFFLINE_REQUESTED: u32 = 1;
+    pub const CONTROL_ONLINE: u32 = 2;
 }
 
 /// What the vCPU loop must do after a device access: kick other vCPUs.
@@ -61,6 +68,8 @@ pub struct Effects {
     pub deliver: Vec<CpuId>,
     /// vCPUs the timer service asked to re-read their next event.
     pub recheck: Vec<CpuId>,
+    /// The guest acknowledged an offline request: the vCPU must leave now (`OFFLINE_ACK`).
+    pub go_offline: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +102,12 @@ struct VcpuSide {
     doorbell_armed: bool,
     /// Woken from a halt and still in the handler it was woken into: idle, for `push`.
     in_wake_handler: bool,
+    /// Online: it takes part in expiry and deliveries; offline vCPUs get none.
+    online: bool,
+    /// quietvm asked the guest to take this vCPU offline and waits for `OFFLINE_ACK`.
+    offline_requested: bool,
+    /// A `control` change the guest has not been rung for yet.
+    control_pending: bool,
     last_status: u32,
     fired: u64,
     remote_expiries: u64,
@@ -153,6 +168,9 @@ impl<C: Clock> TimerDevice<C> {
                     in_flight: None,
                     doorbell_armed: true,
                     in_wake_handler: false,
+                    online: true,
+                    offline_requested: false,
+                    control_pending: false,
                     last_status: abi::OK,
                     fired: 0,
                     remote_expiries: 0,
@@ -238,6 +256,17 @@ impl<C: Clock> TimerDevice<C> {
                 abi::CMD_ACK => {
                     let id = self.read_u32(cpu, abi::OFF_ID);
                     (self.end_callback(&mut st, cpu, id, effects), 0)
+                }
+                abi::CMD_OFFLINE_ACK => {
+                    let side = &st.vcpus[cpu as usize];
+                    if !side.offline_requested {
+                        (abi::INVALID, 0)
+                    } else if side.in_flight.is_some() {
+                        (abi::BAD_ACK, 0)
+                    } else {
+                        effects.go_offline = true;
+                        (abi::OK, 0)
+                    }
                 }
                 _ => (abi::UNKNOWN_COMMAND, 0),
             }
@@ -329,8 +358,10 @@ impl<C: Clock> TimerDevice<C> {
                 let slot = &mut st.timers[t as usize];
                 slot.running_on = None;
                 if let Some(e) = slot.held.take() {
-                    // A pinned timer fires on its owner; a movable one right here, on a running vCPU.
-                    let target = if e.kind == TimerKind::Pinned {
+                    // A pinned timer fires on its owner (if that is still online); a movable one
+                    // right here, on a running vCPU.
+                    let target = if e.kind == TimerKind::Pinned && st.vcpus[e.owner as usize].online
+                    {
                         e.owner
                     } else {
                         cpu
@@ -432,12 +463,63 @@ impl<C: Clock> TimerDevice<C> {
     pub fn doorbell_due(&self, cpu: CpuId) -> bool {
         let st = self.lock();
         let side = &st.vcpus[cpu as usize];
-        side.doorbell_armed && !side.queue.is_empty()
+        side.control_pending || (side.doorbell_armed && !side.queue.is_empty())
     }
 
     /// Records that the doorbell was injected into `cpu`.
     pub fn doorbell_injected(&self, cpu: CpuId) {
-        self.lock().vcpus[cpu as usize].doorbell_armed = false;
+        let mut st = self.lock();
+        let side = &mut st.vcpus[cpu as usize];
+        side.doorbell_armed = false;
+        side.control_pending = false;
+    }
+
+    fn set_control(&self, st: &mut DeviceState, cpu: CpuId, value: u32) {
+        st.vcpus[cpu as usize].control_pending = value != abi::CONTROL_NONE;
+        self.write(cpu, abi::OFF_CONTROL, value);
+    }
+
+    /// Asks the guest to take `cpu` offline (its doorbell rings; it answers with `OFFLINE_ACK`).
+    pub fn request_offline(&self, cpu: CpuId) {
+        let mut st = self.lock();
+        st.vcpus[cpu as usize].offline_requested = true;
+        self.set_control(&mut st, cpu, abi::CONTROL_OFFLINE_REQUESTED);
+    }
+
+    /// Withdraws an offline request the guest did not acknowledge in time. `false` if it was
+    /// acknowledged meanwhile (the vCPU is leaving: the request can no longer be withdrawn).
+    pub fn withdraw_offline(&self, cpu: CpuId) -> bool {
+        let mut st = self.lock();
+        if !st.vcpus[cpu as usize].online {
+            return false;
+        }
+        st.vcpus[cpu as usize].offline_requested = false;
+        self.set_control(&mut st, cpu, abi::CONTROL_NONE);
+        true
+    }
+
+    /// `cpu` leaves (after its `OFFLINE_ACK`): the expired timers waiting in its delivery queue go to
+    /// `to`, and it gets no deliveries until it is back. The timer service moves its queued timers.
+    pub fn take_offline(&self, cpu: CpuId, to: CpuId, effects: &mut Effects) {
+        let mut st = self.lock();
+        let side = &mut st.vcpus[cpu as usize];
+        side.online = false;
+        side.offline_requested = false;
+        side.doorbell_armed = true;
+        let moved: Vec<Expired> = side.queue.drain(..).collect();
+        if !moved.is_empty() {
+            for e in moved {
+                Self::enqueue(&mut st, to, e);
+            }
+            effects.deliver.push(to);
+        }
+    }
+
+    /// `cpu` is back online: the guest is told through `control` and its doorbell.
+    pub fn bring_online(&self, cpu: CpuId) {
+        let mut st = self.lock();
+        st.vcpus[cpu as usize].online = true;
+        self.set_control(&mut st, cpu, abi::CONTROL_ONLINE);
     }
 
     /// `cpu` was woken from a halt with work to do: until it empties its queue it counts as idle for

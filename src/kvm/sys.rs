@@ -32,3 +32,108 @@ pub fn process_cpu_ns() -> (u64, u64) {
     let ns = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
     (ns(ru.ru_utime), ns(ru.ru_stime))
 }
+
+/// The real user id of this process.
+pub fn current_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The user id of the process on the other end of Unix socket `fd` (`SO_PEERCRED`).
+pub fn peer_uid(fd: std::os::unix::io::RawFd) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for the kernel to write a ucred of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+/// The eventfd SIGTERM and SIGINT write to (-1: none yet).
+static TERMINATION_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+/// The last termination signal received (0: none).
+static TERMINATION_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn on_termination(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    use std::sync::atomic::Ordering;
+    TERMINATION_SIGNAL.store(sig, Ordering::Relaxed);
+    let fd = TERMINATION_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer for the eventfd.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+/// Makes SIGTERM and SIGINT write to eventfd `fd` (which must stay open for the process's life), so
+/// the event loop can shut the VM down in order. Returns the signal later with [`termination_signal`].
+pub fn route_termination_signals(fd: std::os::unix::io::RawFd) -> Result<(), std::io::Error> {
+    TERMINATION_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_termination)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(())
+}
+
+/// The termination signal received, if any.
+pub fn termination_signal() -> Option<i32> {
+    match TERMINATION_SIGNAL.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// How a child process ended and what it used, from `wait4`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChildExit {
+    /// Its exit code, if it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// Its peak resident set size in KiB (`ru_maxrss`).
+    pub max_rss_kib: u64,
+    /// Its user and system CPU time in nanoseconds.
+    pub user_ns: u64,
+    pub system_ns: u64,
+}
+
+/// Waits for child process `pid` to end, reaps it, and returns its exit status and resource usage
+/// (`wait4`). The caller must own the child, and nothing else may wait for it or signal it afterwards
+/// (for a `std::process::Child`, drop it without waiting or killing).
+pub fn wait_child(pid: u32) -> std::io::Result<ChildExit> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `status` and `ru` are valid for wait4 to write; waiting for one given pid has no
+        // effect beyond reaping that child.
+        let rc = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut ru) };
+        if rc == pid as libc::pid_t {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    let ns = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
+    Ok(ChildExit {
+        code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+        signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+        max_rss_kib: ru.ru_maxrss.max(0) as u64,
+        user_ns: ns(ru.ru_utime),
+        system_ns: ns(ru.ru_stime),
+    })
+}

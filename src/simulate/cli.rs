@@ -1,5 +1,6 @@
 //! The `quietvm simulate` command line.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -27,7 +28,7 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "one-busy")]
     pub workload: String,
     /// Simulated seconds.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub duration_s: f64,
     /// Seed of the workload's random choices.
     #[arg(long, default_value_t = 1)]
@@ -36,10 +37,11 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub timers: Option<u32>,
     /// A halted vCPU runs this long after its wake time or kick.
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, allow_negative_numbers = true)]
     pub wake_latency_us: f64,
-    /// A running vCPU expires this long after its exit time or kick.
-    #[arg(long, default_value_t = 5.0)]
+    /// A running vCPU expires this long after its exit time or kick; a woken vCPU stays up one
+    /// exit cost, plus one per callback it runs, before it halts again.
+    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     pub exit_cost_us: f64,
     /// Write the report as JSON to this file.
     #[arg(long)]
@@ -103,6 +105,14 @@ pub fn main(args: SimulateArgs) -> ExitCode {
         Ok(x) => x,
         Err(e) => return usage(e),
     };
+    // Created before the run, so a bad path fails at once rather than after a long simulation.
+    let json_file = match &args.json {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => Some((path, f)),
+            Err(e) => return usage(format!("cannot write {}: {e}", path.display())),
+        },
+        None => None,
+    };
     let (report, wall_ms) = match simulate(&cfg, &policies) {
         Ok(r) => r,
         Err(e) => {
@@ -111,9 +121,9 @@ pub fn main(args: SimulateArgs) -> ExitCode {
         }
     };
     print!("{}", report.table(&wall_ms));
-    if let Some(path) = &args.json {
+    if let Some((path, mut file)) = json_file {
         let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-        if let Err(e) = std::fs::write(path, json + "\n") {
+        if let Err(e) = file.write_all((json + "\n").as_bytes()) {
             eprintln!(
                 "quietvm simulate: error: cannot write {}: {e}",
                 path.display()

@@ -9,7 +9,7 @@
 //!
 //! * **Start** (time 0, in vCPU order): every vCPU first halts (`vcpu_halt`, as each VMM thread does
 //!   before its guest joins the timers), then at its start joins (`vcpu_run`), makes its workload's
-//!   first armings, and either stays busy or halts.
+//!   first armings, and either stays busy or is awake (below) and halts.
 //! * **Running** (busy in the guest): it is kicked out of the guest at the time `next_event` gave it
 //!   and pays the *exit cost* before the VMM runs: `expire` samples the clock at
 //!   `next_event + exit_cost`. The callbacks of what it expired run on it at once and may arm, cancel or
@@ -17,10 +17,18 @@
 //!   kicks (real guests exit for other reasons too; those exits would only make it look earlier).
 //! * **Halted**: `vcpu_halt` says when to wake; a halted vCPU sleeps until then or until kicked and
 //!   pays the *wake latency* (the host waking its thread): it runs `vcpu_run` + `expire` at
-//!   `wake time + wake_latency`. If it expired something or was handed work, its callbacks run (under
-//!   push it counts as idle while they do, as the VMM's doorbell handler does), then it halts again
-//!   unless its workload made it busy. If `vcpu_halt` returns a time already passed it does not sleep
-//!   (the VMM's rule): `vcpu_run` + `expire` again at once, and no wakeup is counted.
+//!   `wake time + wake_latency`. The callbacks of what it expired, and any work another vCPU handed
+//!   it, run at once (under push it counts as idle until it halts again, as the VMM's doorbell
+//!   handler does). Then it stays **awake** (running, in the hierarchy too) for one exit cost plus
+//!   one per callback or message it ran (each costs the guest at least one exit for its timer
+//!   commands), entering the guest only if it ran something, and halts again unless its workload
+//!   made it busy. If `vcpu_halt` returns a time already passed it does not sleep (the VMM's rule):
+//!   it runs again at once and no wakeup is counted.
+//!
+//!   The awake time matters beyond lateness: two vCPUs woken at the same time must overlap, as two
+//!   host threads do. If each halted before the next one woke, each would be the last to idle the
+//!   root in turn and be handed the same first expiry, and they would all wake together at every
+//!   expiry from then on (a stale root-idler wakeup that never dies out).
 //! * **Kicks**: after every step the engine drains `take_kicks` and kicks each vCPU but the one that
 //!   made the step (it re-reads its own next event anyway, as the VMM skips itself). A kicked running
 //!   vCPU exits after the exit cost, a kicked halted one wakes after the wake latency.
@@ -193,8 +201,8 @@ const KICK_DELIVERY: u8 = 2;
 enum What {
     /// A running vCPU's exit or a halted one's wake, valid only while `gen` is the vCPU's `look_gen`.
     Look,
-    /// A running vCPU's busy phase ends (valid while `gen` is its `burst_gen`).
-    BurstEnd,
+    /// The end of a running vCPU's [`Phase`] (valid while `gen` is its `phase_gen`).
+    PhaseEnd,
     /// The vCPU's guest joins the timers.
     Start,
 }
@@ -209,19 +217,38 @@ struct Event {
     gen: u32,
 }
 
+/// What a vCPU is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Asleep in the VMM's halt path.
+    Halted,
+    /// In the guest, busy with the workload's own work until `until` (`KTIME_MAX`: for ever).
+    Busy { until: u64 },
+    /// Awake briefly, not busy: running the callbacks or work it was woken for, or only the VMM's
+    /// halt loop; halts at `until`. Two vCPUs woken at the same time are both active meanwhile, as
+    /// two host threads woken together are.
+    Awake { until: u64 },
+}
+
 struct VcpuSim {
     started: bool,
-    running: bool,
+    phase: Phase,
+    phase_gen: u32,
+    /// Entered the guest since it last woke (a running vCPU in the halt loop has not).
+    in_guest: bool,
     /// When the pending `Look` runs (`KTIME_MAX`: none).
     look_at: u64,
     look_gen: u32,
-    burst_gen: u32,
-    /// End of the current busy phase (`KTIME_MAX`: for ever), `None` when not busy.
-    busy_until: Option<u64>,
     /// `KICK_*` bits received since the vCPU last looked.
     kicked: u8,
     /// Work handed to it by other vCPUs ([`Action::Post`]).
     inbox: Vec<u32>,
+}
+
+impl VcpuSim {
+    fn running(&self) -> bool {
+        self.phase != Phase::Halted
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,6 +265,17 @@ enum Arming {
         deadline: u64,
         armed_by: CpuId,
     },
+}
+
+/// What a step of a running vCPU did: the wakeup-cause counts, callbacks and messages run, and
+/// the busy phase the workload asked for.
+#[derive(Clone, Copy, Debug, Default)]
+struct StepOutcome {
+    own_pinned: u32,
+    own_movable: u32,
+    remote: u32,
+    ran: u64,
+    busy: Option<u64>,
 }
 
 struct Engine<'a> {
@@ -299,11 +337,11 @@ impl<'a> Engine<'a> {
             cpus: (0..n)
                 .map(|_| VcpuSim {
                     started: false,
-                    running: false,
+                    phase: Phase::Halted,
+                    phase_gen: 0,
+                    in_guest: false,
                     look_at: KTIME_MAX,
                     look_gen: 0,
-                    burst_gen: 0,
-                    busy_until: None,
                     kicked: 0,
                     inbox: Vec::new(),
                 })
@@ -346,6 +384,25 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Starts a new phase of `cpu` (ending at `until` unless halted or `KTIME_MAX`).
+    fn set_phase(&mut self, cpu: CpuId, phase: Phase) {
+        if self.policy == Policy::Push && !matches!(phase, Phase::Awake { .. }) {
+            // A vCPU woken with work counts as idle for push until it halts again (the VMM: until
+            // its guest has popped every expired timer, just before its `HLT`) or gets busy.
+            self.svc.set_push_idle(cpu, false);
+        }
+        let v = &mut self.cpus[cpu as usize];
+        v.phase = phase;
+        v.phase_gen = v.phase_gen.wrapping_add(1);
+        let gen = v.phase_gen;
+        match phase {
+            Phase::Busy { until } | Phase::Awake { until } if until != KTIME_MAX => {
+                self.schedule(until, cpu, What::PhaseEnd, gen);
+            }
+            _ => {}
+        }
+    }
+
     fn run(&mut self) -> Result<(), String> {
         // Every VMM thread halts before its guest joins the timers.
         for c in 0..self.cfg.vcpus {
@@ -367,7 +424,7 @@ impl<'a> Engine<'a> {
             let v = &self.cpus[ev.cpu as usize];
             let valid = match ev.what {
                 What::Look => ev.gen == v.look_gen,
-                What::BurstEnd => ev.gen == v.burst_gen && v.running,
+                What::PhaseEnd => ev.gen == v.phase_gen && v.running(),
                 What::Start => true,
             };
             if !valid {
@@ -390,13 +447,13 @@ impl<'a> Engine<'a> {
             match ev.what {
                 What::Look => {
                     self.cpus[ev.cpu as usize].look_at = KTIME_MAX;
-                    if self.cpus[ev.cpu as usize].running {
+                    if self.cpus[ev.cpu as usize].running() {
                         self.exit(ev.cpu);
                     } else {
                         self.wake(ev.cpu);
                     }
                 }
-                What::BurstEnd => self.burst_end(ev.cpu),
+                What::PhaseEnd => self.phase_end(ev.cpu),
                 What::Start => self.start(ev.cpu),
             }
             if self.cfg.check_every > 0
@@ -435,47 +492,61 @@ impl<'a> Engine<'a> {
         );
     }
 
-    /// The guest of `cpu` joins the timers at `now`.
+    /// The guest of `cpu` joins the timers at `now`: its first armings, then busy or awake.
     fn start(&mut self, cpu: CpuId) {
         self.cpus[cpu as usize].started = true;
         self.svc.vcpu_run(cpu);
-        self.cpus[cpu as usize].running = true;
         let mut actions = mem::take(&mut self.actions);
         self.wl.start(cpu, self.now, &mut actions);
+        let ran = actions.len() as u64;
         let busy = self.apply(cpu, &mut actions);
         self.actions = actions;
-        self.settle(cpu, busy);
+        self.after_step(
+            cpu,
+            StepOutcome {
+                ran,
+                busy,
+                ..StepOutcome::default()
+            },
+        );
     }
 
-    /// After a step of running `cpu`: stay in the guest if busy, else halt.
-    fn settle(&mut self, cpu: CpuId, busy: Option<u64>) {
-        match busy {
-            Some(until) => {
-                self.set_busy(cpu, until);
-                self.program(cpu);
-                self.deliver_kicks(cpu);
+    /// After a step of `cpu`, which is running: busy if the workload said so; else awake for one
+    /// exit cost per callback or message it ran (each one exits at least once for its timer
+    /// commands) plus one, then it halts. It enters the guest (`next_event`) if busy, if it ran
+    /// something, or if it was in the guest already; a vCPU woken for nothing only goes round the
+    /// VMM's halt loop.
+    fn after_step(&mut self, cpu: CpuId, out: StepOutcome) {
+        let phase = self.cpus[cpu as usize].phase;
+        match (out.busy, phase) {
+            (Some(u), Phase::Busy { until }) => {
+                if u > until {
+                    self.set_phase(cpu, Phase::Busy { until: u });
+                }
             }
-            None => self.halt(cpu),
+            (Some(u), _) => self.set_phase(cpu, Phase::Busy { until: u }),
+            (None, Phase::Busy { .. }) => {}
+            (None, Phase::Awake { until }) if until != KTIME_MAX && out.ran == 0 => {}
+            (None, _) => {
+                let mut until = self.now + self.cfg.exit_cost_ns * (1 + out.ran);
+                if let Phase::Awake { until: cur } = phase {
+                    if cur != KTIME_MAX {
+                        until = until.max(cur);
+                    }
+                }
+                self.set_phase(cpu, Phase::Awake { until });
+            }
         }
-    }
-
-    /// `cpu` is (or stays) in the guest, busy until at least `until` (`KTIME_MAX`: for ever).
-    fn set_busy(&mut self, cpu: CpuId, until: u64) {
-        let v = &mut self.cpus[cpu as usize];
-        v.running = true;
-        if v.busy_until.is_some_and(|cur| cur >= until) {
-            return;
+        let v = &self.cpus[cpu as usize];
+        if out.ran > 0 || v.in_guest || matches!(v.phase, Phase::Busy { .. }) {
+            self.program(cpu);
         }
-        v.busy_until = Some(until);
-        v.burst_gen = v.burst_gen.wrapping_add(1);
-        let gen = v.burst_gen;
-        if until != KTIME_MAX {
-            self.schedule(until, cpu, What::BurstEnd, gen);
-        }
+        self.deliver_kicks(cpu);
     }
 
     /// A running `cpu` enters the guest until its next event.
     fn program(&mut self, cpu: CpuId) {
+        self.cpus[cpu as usize].in_guest = true;
         let next = self.svc.next_event(cpu);
         let at = if next == KTIME_MAX {
             KTIME_MAX
@@ -489,75 +560,84 @@ impl<'a> Engine<'a> {
     fn exit(&mut self, cpu: CpuId) {
         self.guest_exits += 1;
         self.cpus[cpu as usize].kicked = 0;
-        let (_, busy) = self.expire(cpu, false);
-        let busy2 = self.deliver_inbox(cpu);
-        if let Some(until) = busy.max(busy2) {
-            self.set_busy(cpu, until);
-        }
-        self.program(cpu);
-        self.deliver_kicks(cpu);
+        let mut out = self.expire(cpu, false);
+        let (ran, busy) = self.deliver_inbox(cpu);
+        out.ran += ran;
+        out.busy = out.busy.max(busy);
+        self.after_step(cpu, out);
     }
 
-    /// A running `cpu`'s busy phase ends: the guest halts.
-    fn burst_end(&mut self, cpu: CpuId) {
-        let mut actions = mem::take(&mut self.actions);
-        self.wl.on_burst_end(cpu, self.now, &mut actions);
-        let busy = self.apply(cpu, &mut actions);
-        self.actions = actions;
-        self.cpus[cpu as usize].busy_until = None;
-        self.settle(cpu, busy);
-    }
-
-    /// `cpu` halts (the VMM's halt loop): sleep until `vcpu_halt`'s time, unless that has passed or
-    /// work is waiting, in which case it runs again at once without a wakeup.
-    fn halt(&mut self, cpu: CpuId) {
-        loop {
-            if self.cpus[cpu as usize].inbox.is_empty() {
-                self.cpus[cpu as usize].running = false;
-                let wake_at = self.svc.vcpu_halt(cpu);
+    /// A running `cpu`'s phase ends: a busy one runs the workload's end of burst, then both halt
+    /// unless the workload made it busy again.
+    fn phase_end(&mut self, cpu: CpuId) {
+        if matches!(self.cpus[cpu as usize].phase, Phase::Busy { .. }) {
+            let mut actions = mem::take(&mut self.actions);
+            self.wl.on_burst_end(cpu, self.now, &mut actions);
+            let busy = self.apply(cpu, &mut actions);
+            self.actions = actions;
+            if let Some(until) = busy {
+                self.set_phase(cpu, Phase::Busy { until });
+                self.program(cpu);
                 self.deliver_kicks(cpu);
-                if wake_at > self.now {
-                    let at = if wake_at == KTIME_MAX {
-                        KTIME_MAX
-                    } else {
-                        wake_at + self.cfg.wake_latency_ns
-                    };
-                    self.set_look(cpu, at);
-                    return;
-                }
-            }
-            if self.run_after_halt(cpu, false) {
                 return;
             }
         }
+        self.halt(cpu);
+    }
+
+    /// `cpu` halts (the VMM's halt path): sleep until `vcpu_halt`'s time, unless that has passed or
+    /// work is waiting, in which case it runs again at once without a wakeup.
+    fn halt(&mut self, cpu: CpuId) {
+        let v = &mut self.cpus[cpu as usize];
+        v.in_guest = false;
+        // Kicks taken while running are answered by this halt: `vcpu_halt` computes afresh.
+        v.kicked = 0;
+        if v.inbox.is_empty() {
+            self.set_phase(cpu, Phase::Halted);
+            let wake_at = self.svc.vcpu_halt(cpu);
+            self.deliver_kicks(cpu);
+            if wake_at > self.now {
+                let at = if wake_at == KTIME_MAX {
+                    KTIME_MAX
+                } else {
+                    wake_at + self.cfg.wake_latency_ns
+                };
+                self.set_look(cpu, at);
+                return;
+            }
+        }
+        self.run_after_halt(cpu, false);
     }
 
     /// A halted `cpu`'s sleep ended (its time, or a kick): a wakeup.
     fn wake(&mut self, cpu: CpuId) {
-        if !self.run_after_halt(cpu, true) {
-            self.halt(cpu);
-        }
+        self.run_after_halt(cpu, true);
     }
 
-    /// `vcpu_run` + `expire` + callbacks after a halt; counts the wakeup if it `slept`. True if the
-    /// workload made the vCPU busy (it is running and programmed), false if it must halt again.
-    fn run_after_halt(&mut self, cpu: CpuId, slept: bool) -> bool {
+    /// `vcpu_run` + `expire` + callbacks after a halt; counts the wakeup if it `slept`.
+    fn run_after_halt(&mut self, cpu: CpuId, slept: bool) {
         let reasons = mem::take(&mut self.cpus[cpu as usize].kicked);
         self.svc.vcpu_run(cpu);
-        self.cpus[cpu as usize].running = true;
-        let ((own_pinned, own_movable, remote), busy) = self.expire(cpu, true);
+        // Running from here on, for a time `after_step` decides (`KTIME_MAX`: not decided yet).
+        self.set_phase(cpu, Phase::Awake { until: KTIME_MAX });
+        self.set_look(cpu, KTIME_MAX);
+        self.cpus[cpu as usize].in_guest = false;
+        let mut out = self.expire(cpu, true);
         let handed_work = !self.cpus[cpu as usize].inbox.is_empty();
-        let busy2 = if handed_work {
-            self.with_push_idle(cpu, |e| e.deliver_inbox(cpu))
-        } else {
-            None
-        };
+        if handed_work {
+            if self.policy == Policy::Push {
+                self.svc.set_push_idle(cpu, true);
+            }
+            let (ran, busy) = self.deliver_inbox(cpu);
+            out.ran += ran;
+            out.busy = out.busy.max(busy);
+        }
         if slept {
-            let cause = if own_pinned > 0 {
+            let cause = if out.own_pinned > 0 {
                 WakeupCause::OwnPinnedTimer
-            } else if own_movable > 0 {
+            } else if out.own_movable > 0 {
                 WakeupCause::OwnMovableTimer
-            } else if remote > 0 {
+            } else if out.remote > 0 {
                 WakeupCause::RemoteMovableTimer
             } else if handed_work || reasons & KICK_DELIVERY != 0 {
                 WakeupCause::Interrupt
@@ -568,40 +648,22 @@ impl<'a> Engine<'a> {
             };
             self.wakeups[cause_index(cause)] += 1;
         }
-        match busy.max(busy2) {
-            Some(until) => {
-                self.settle(cpu, Some(until));
-                true
-            }
-            None => false,
-        }
+        self.after_step(cpu, out);
     }
 
-    /// Under push, a vCPU woken from a halt counts as idle while it runs what it was woken for.
-    fn with_push_idle<T>(&mut self, cpu: CpuId, f: impl FnOnce(&mut Self) -> T) -> T {
-        let push = self.policy == Policy::Push;
-        if push {
-            self.svc.set_push_idle(cpu, true);
-        }
-        let r = f(self);
-        if push {
-            self.svc.set_push_idle(cpu, false);
-        }
-        r
-    }
-
-    /// `expire` on `cpu` and run the callbacks. Returns (own pinned, own movable, other vCPUs')
-    /// expiries as the VMM counts them for wakeup causes, and a busy phase a callback started.
-    fn expire(&mut self, cpu: CpuId, from_halt: bool) -> ((u32, u32, u32), Option<u64>) {
+    /// `expire` on `cpu` and run the callbacks: what it found (counted as the VMM counts them for
+    /// wakeup causes: by the base they were queued on), how many callbacks ran, and the busy phase
+    /// they asked for.
+    fn expire(&mut self, cpu: CpuId, from_halt: bool) -> StepOutcome {
         let mut expired = mem::take(&mut self.expired);
         expired.clear();
         self.svc.expire(cpu, &mut expired);
-        let mut found = (0, 0, 0);
+        let mut out = StepOutcome::default();
         for e in &expired {
             match (e.owner == cpu, e.kind) {
-                (true, TimerKind::Pinned) => found.0 += 1,
-                (true, TimerKind::Movable) => found.1 += 1,
-                (false, _) => found.2 += 1,
+                (true, TimerKind::Pinned) => out.own_pinned += 1,
+                (true, TimerKind::Movable) => out.own_movable += 1,
+                (false, _) => out.remote += 1,
             }
             // Every returned timer must be pending with that deadline.
             match self.armings[e.id as usize] {
@@ -611,19 +673,24 @@ impl<'a> Engine<'a> {
                 _ => self.timers.bogus += 1,
             }
         }
-        let busy = if expired.is_empty() {
-            None
+        (out.ran, out.busy) = if expired.is_empty() {
+            (0, None)
         } else if from_halt {
-            self.with_push_idle(cpu, |s| s.run_callbacks(cpu, &expired))
+            if self.policy == Policy::Push {
+                self.svc.set_push_idle(cpu, true);
+            }
+            self.run_callbacks(cpu, &expired)
         } else {
             self.run_callbacks(cpu, &expired)
         };
         self.expired = expired;
-        (found, busy)
+        out
     }
 
-    fn run_callbacks(&mut self, cpu: CpuId, expired: &[Expired]) -> Option<u64> {
+    /// Runs the callbacks of `expired` on `cpu`: (callbacks run, busy phase asked for).
+    fn run_callbacks(&mut self, cpu: CpuId, expired: &[Expired]) -> (u64, Option<u64>) {
         let mut busy = None;
+        let mut ran = 0;
         let mut actions = mem::take(&mut self.actions);
         for e in expired {
             let Arming::Delivered { deadline, armed_by } = self.armings[e.id as usize] else {
@@ -634,6 +701,7 @@ impl<'a> Engine<'a> {
             }
             self.armings[e.id as usize] = Arming::Idle;
             self.timers.fired += 1;
+            ran += 1;
             if self.now < deadline {
                 self.timers.early += 1;
                 self.lateness.record(0);
@@ -653,22 +721,24 @@ impl<'a> Engine<'a> {
             busy = busy.max(self.apply(cpu, &mut actions));
         }
         self.actions = actions;
-        busy
+        (ran, busy)
     }
 
-    /// Runs the work other vCPUs handed to `cpu`.
-    fn deliver_inbox(&mut self, cpu: CpuId) -> Option<u64> {
+    /// Runs the work other vCPUs handed to `cpu`: (messages run, busy phase asked for).
+    fn deliver_inbox(&mut self, cpu: CpuId) -> (u64, Option<u64>) {
         let mut busy = None;
+        let mut ran = 0;
         let mut actions = Vec::new();
         while !self.cpus[cpu as usize].inbox.is_empty() {
             let msgs = mem::take(&mut self.cpus[cpu as usize].inbox);
             for msg in msgs {
+                ran += 1;
                 actions.clear();
                 self.wl.on_message(cpu, msg, self.now, &mut actions);
                 busy = busy.max(self.apply(cpu, &mut actions));
             }
         }
-        busy
+        (ran, busy)
     }
 
     /// Applies a workload's actions on `cpu`; returns the busy phase they asked for.
@@ -754,7 +824,7 @@ impl<'a> Engine<'a> {
         }
         v.kicked |= reason;
         let at = self.now
-            + if v.running {
+            + if v.running() {
                 self.cfg.exit_cost_ns
             } else {
                 self.cfg.wake_latency_ns

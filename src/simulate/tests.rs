@@ -23,7 +23,7 @@ fn assert_correct(r: &PolicyReport) {
 #[test]
 fn every_workload_and_policy_is_correct_with_invariants_checked_at_every_event() {
     for w in WorkloadKind::ALL {
-        for vcpus in [1, 3, 17] {
+        for vcpus in [1, 3, 17, 70] {
             let mut c = cfg(vcpus, w, 200);
             c.check_every = 1;
             for p in [Policy::Local, Policy::Push, Policy::Pull] {
@@ -50,13 +50,31 @@ fn one_busy_under_pull_never_wakes_an_idle_vcpu_for_a_movable_timer() {
 
 #[test]
 fn all_idle_under_pull_wakes_one_vcpu_per_distinct_expiry() {
+    // With no wake latency and no exit cost every expiry happens at its deadline, so each distinct
+    // deadline is one expiry instant: pull wakes exactly one vCPU for each.
+    let mut c = cfg(64, WorkloadKind::AllIdle, 300);
+    c.wake_latency_ns = 0;
+    c.exit_cost_ns = 0;
+    let pull = run(&c, Policy::Pull);
+    assert_correct(&pull);
+    assert_eq!(pull.timers.lateness_ns.max, 0, "{pull:#?}");
+    assert_eq!(pull.wakeups, pull.movable_wakeups, "{pull:#?}");
+    assert_eq!(pull.wakeups, pull.timers.expiry_instants, "{pull:#?}");
+    // The deadlines are all distinct, so local wakes as often (each owner for its own).
+    let local = run(&c, Policy::Local);
+    assert_correct(&local);
+    assert_eq!(local.wakeups, pull.wakeups, "{local:#?}");
+
+    // With the default costs a woken vCPU wakes late and stays up a little, and expires what fell
+    // due meanwhile, whoever owns it: still at most one wakeup per expiry instant, each for a
+    // timer, and far fewer than local's.
     let c = cfg(64, WorkloadKind::AllIdle, 300);
     let pull = run(&c, Policy::Pull);
     assert_correct(&pull);
     assert_eq!(pull.wakeups, pull.movable_wakeups, "{pull:#?}");
-    assert_eq!(pull.wakeups, pull.timers.expiry_instants, "{pull:#?}");
+    assert!(pull.wakeups <= pull.timers.expiry_instants, "{pull:#?}");
     let local = run(&c, Policy::Local);
-    assert!(local.wakeups > pull.wakeups, "{local:#?}");
+    assert!(local.wakeups > 2 * pull.wakeups, "{local:#?}");
 }
 
 #[test]
@@ -88,11 +106,16 @@ fn ping_pong_wakes_the_owner_after_every_remote_expiry() {
     let c = cfg(16, WorkloadKind::PingPong, 300);
     let pull = run(&c, Policy::Pull);
     assert_correct(&pull);
-    let interrupts = pull.wakeup_causes["interrupt"];
-    assert!(pull.timers.remote_expiries > 0, "{pull:#?}");
-    // Each remote expiry of an idle owner's timer hands it work: one interrupt wakeup each (the
-    // busy vCPU 0 expires its own timer locally).
-    assert!(interrupts + 5 >= pull.timers.remote_expiries, "{pull:#?}");
+    let remote = pull.timers.remote_expiries;
+    assert!(remote > 1_000, "{pull:#?}");
+    // Each remote expiry of an idle owner's timer hands it work and wakes it (the woken owner may
+    // expire others' timers on the way, which then counts as a remote-timer wakeup), give or take
+    // the wakeups still on their way at the end.
+    assert!(pull.wakeups.abs_diff(remote) <= 16, "{pull:#?}");
+    // So pull saves nothing here: about as many wakeups as local.
+    let local = run(&c, Policy::Local);
+    assert_correct(&local);
+    assert!(pull.wakeups * 10 >= local.wakeups * 9, "{local:#?}");
 }
 
 #[test]

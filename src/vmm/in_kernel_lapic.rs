@@ -84,6 +84,8 @@ fn run_vcpu(shared: Arc<Shared>, index: u32, mut vcpu: Vcpu) -> VcpuStats {
     if let Err(outcome) = run_loop(&shared, index, &mut vcpu, &mut stats) {
         shared.end(outcome);
     }
+    // Where each vCPU stopped: what a guest that hung (`--timeout-ms`) was doing.
+    log::debug!("vCPU {index} at the end: {}", vcpu.describe_state());
     shared.kicks.register(index, None);
     let kernel = ThreadCounters::of_this_thread().since(&kernel_at_start);
     stats.kernel_voluntary_switches = kernel.voluntary_switches;

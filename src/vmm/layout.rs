@@ -108,6 +108,28 @@ impl Layout {
         mem.write_obj(REPORT_PORT, info.unchecked_add(0x24c))?;
         Ok(())
     }
+
+    /// Places `payload` at `free_base` (boot info `payload_base` at 0x250, `payload_len` at 0x258)
+    /// and moves the boot info's `free_base` past it; call after `write_boot_structures`. `Err` (one
+    /// line) if it does not fit beside the guest's free memory.
+    pub fn write_payload(&self, mem: &GuestMemoryMmap, payload: &[u8]) -> Result<(), String> {
+        let len = payload.len() as u64;
+        let free = (self.free_base + len).div_ceil(PAGE) * PAGE;
+        if free + MIN_FREE > self.mem_size {
+            return Err(format!(
+                "a payload of {len} bytes needs {} MiB of guest memory",
+                (free + MIN_FREE).div_ceil(1 << 20)
+            ));
+        }
+        let info = GuestAddress(BOOT_INFO);
+        let w = || -> Result<(), vm_memory::GuestMemoryError> {
+            mem.write_slice(payload, GuestAddress(self.free_base))?;
+            mem.write_obj(self.free_base, info.unchecked_add(0x250))?;
+            mem.write_obj(len, info.unchecked_add(0x258))?;
+            mem.write_obj(free, info.unchecked_add(0x30))
+        };
+        w().map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -315,6 +315,13 @@ fn build_machine(
     layout
         .write_boot_structures(kvm.memory(), cfg.max_timers, &cfg.guest_args(), tsc_khz)
         .map_err(|e| VmmError::Load(e.to_string()))?;
+    if let Some(path) = &cfg.payload {
+        let bytes = std::fs::read(path)
+            .map_err(|e| VmmError::Load(format!("payload {}: {e}", path.display())))?;
+        layout
+            .write_payload(kvm.memory(), &bytes)
+            .map_err(|e| VmmError::Load(format!("payload {}: {e}", path.display())))?;
+    }
     install_kick_handler()?;
     Ok(Machine { kvm, vcpus })
 }

@@ -31,6 +31,10 @@ pub struct BootInfo {
     /// Where the guest's timer report goes under `policy=kvm-lapic` (runtime::soft_timers).
     pub report_port: u16,
     pub reserved2: u16,
+    /// A file quietvm placed in guest memory for the workload (the config's `payload`, e.g. the
+    /// `replay` workload's trace); 0 and 0 if none.
+    pub payload_base: u64,
+    pub payload_len: u64,
 }
 
 /// Offsets used by the assembly (checked against the struct below).
@@ -52,6 +56,8 @@ const _: () = {
     assert!(offset_of!(BootInfo, args) == 0x48);
     assert!(offset_of!(BootInfo, tsc_khz) == 0x248);
     assert!(offset_of!(BootInfo, report_port) == 0x24c);
+    assert!(offset_of!(BootInfo, payload_base) == 0x250);
+    assert!(offset_of!(BootInfo, payload_len) == 0x258);
 };
 
 static BOOT: AtomicPtr<BootInfo> = AtomicPtr::new(BOOT_INFO_ADDR as *mut BootInfo);
@@ -65,6 +71,18 @@ pub fn info() -> &'static BootInfo {
     // SAFETY: quietvm placed the boot info there before start and never changes it; the page is
     // mapped and user-accessible (docs/boot.md).
     unsafe { &*BOOT.load(Ordering::Relaxed) }
+}
+
+/// The payload quietvm placed in guest memory, if any.
+pub fn payload() -> Option<&'static [u8]> {
+    let info = info();
+    let (base, len) = (info.payload_base, info.payload_len);
+    if base == 0 || len == 0 || base.checked_add(len)? > info.mem_size {
+        return None;
+    }
+    // SAFETY: quietvm wrote `len` bytes at `base`, inside guest memory (checked above), before start,
+    // below `free_base` so that nothing else is placed there; it is identity-mapped and never changed.
+    Some(unsafe { core::slice::from_raw_parts(base as usize as *const u8, len as usize) })
 }
 
 /// The launch arguments, as given (ASCII).

@@ -5,7 +5,7 @@
 //! a signal handler saving errno, so code it interrupts may be anywhere in a command sequence: callers
 //! need not mask the doorbell around commands.
 
-use super::{boot, percpu};
+use super::{boot, lapic, percpu, soft_timers};
 use crate::arch;
 use core::mem::offset_of;
 use core::ptr::{addr_of, addr_of_mut};
@@ -103,7 +103,9 @@ fn page() -> *mut Page {
     (info.device_pages + 4096 * u64::from(percpu::index())) as *mut Page
 }
 
-/// Issues `cmd` with the given inputs. Each command is one exit to quietvm.
+/// Issues `cmd` with the given inputs. Each command is one exit to quietvm; under `policy=kvm-lapic`
+/// the software device (`soft_timers`) carries it out instead and writes its results to the same page,
+/// so that the rest of the runtime (the doorbell handler's page save, `expired`) is the same.
 pub fn raw(cmd: u32, id: u32, flags: u32, deadline: u64) -> Reply {
     let page = page();
     // SAFETY: this vCPU's own device page (mapped, user-accessible); volatile because quietvm writes
@@ -112,7 +114,20 @@ pub fn raw(cmd: u32, id: u32, flags: u32, deadline: u64) -> Reply {
         addr_of_mut!((*page).id).write_volatile(id);
         addr_of_mut!((*page).flags).write_volatile(flags);
         addr_of_mut!((*page).deadline).write_volatile(deadline);
-        arch::outl(boot::info().timer_port, cmd);
+        if lapic::active() {
+            let (reply, expired) = soft_timers::command(percpu::index(), cmd, id, flags, deadline);
+            addr_of_mut!((*page).status).write_volatile(reply.status);
+            addr_of_mut!((*page).value).write_volatile(reply.value);
+            addr_of_mut!((*page).now).write_volatile(reply.now);
+            if let Some(e) = expired {
+                addr_of_mut!((*page).exp_id).write_volatile(e.id);
+                addr_of_mut!((*page).exp_owner).write_volatile(e.owner);
+                addr_of_mut!((*page).exp_deadline).write_volatile(e.deadline);
+                addr_of_mut!((*page).exp_fired_at).write_volatile(e.fired_at);
+            }
+        } else {
+            arch::outl(boot::info().timer_port, cmd);
+        }
         Reply {
             status: addr_of!((*page).status).read_volatile(),
             value: addr_of!((*page).value).read_volatile(),
@@ -164,8 +179,13 @@ pub fn ack(id: u32) -> Reply {
     raw(command::ACK, id, 0, 0)
 }
 
-/// A 32-bit `in` of the command port: the status of this vCPU's last command.
+/// A 32-bit `in` of the command port: the status of this vCPU's last command (under
+/// `policy=kvm-lapic`, the status the software device left in the page).
 pub fn last_status() -> u32 {
+    if lapic::active() {
+        // SAFETY: as in `raw`.
+        return unsafe { addr_of!((*page()).status).read_volatile() };
+    }
     arch::inl(boot::info().timer_port)
 }
 

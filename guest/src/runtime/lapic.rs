@@ -8,7 +8,7 @@
 
 use super::boot;
 use crate::arch;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The LAPIC timer's vector, also sent as an IPI when another vCPU must look at its timers. Its stub
 /// EOIs and then runs the doorbell upcall (arch/ring0.s).
@@ -35,6 +35,8 @@ const LVT_TSC_DEADLINE: u64 = 0b10 << 17;
 const ICR_ASSERT: u64 = 1 << 14;
 
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// The TSC at guest time 0 (vCPU 0's, at its `init`; 0 until then).
+static TSC_BASE: AtomicU64 = AtomicU64::new(0);
 
 /// Whether the launch arguments ask for this backend (quietvm always passes `policy=`).
 pub fn wanted() -> bool {
@@ -47,10 +49,17 @@ pub fn active() -> bool {
     ACTIVE.load(Ordering::Relaxed)
 }
 
-/// Puts this vCPU's LAPIC in x2APIC mode with its TSC-deadline timer on `TIMER_VECTOR`, disarmed.
+/// Puts this vCPU's LAPIC in x2APIC mode with its TSC-deadline timer on `TIMER_VECTOR`, disarmed, and
+/// starts the guest clock (vCPU 0; the others wait for it, so that no vCPU reads the clock before).
 /// Needs the IDT (arch::idt) and a nonzero `tsc_khz`.
 pub fn init(cpu: u32) {
     ACTIVE.store(true, Ordering::Relaxed);
+    if cpu == 0 {
+        TSC_BASE.store(arch::rdtsc().max(1), Ordering::Release);
+    }
+    while TSC_BASE.load(Ordering::Acquire) == 0 {
+        arch::pause();
+    }
     let bsp = if cpu == 0 { APIC_BASE_BSP } else { 0 };
     arch::wrmsr(
         msr::APIC_BASE,
@@ -67,17 +76,19 @@ fn tsc_khz() -> u128 {
     u128::from(boot::info().tsc_khz)
 }
 
-/// The guest clock in ns: the TSC, which KVM starts at 0 when it creates the vCPUs and keeps in step
-/// across them.
+/// The guest clock in ns since vCPU 0 started it: the TSC, which KVM keeps in step across vCPUs (where
+/// it starts depends on the host: near 0 on hardware KVM, the host's own TSC on nested PVM).
 #[inline]
 pub fn now() -> u64 {
-    (u128::from(arch::rdtsc()) * 1_000_000 / tsc_khz()) as u64
+    let ticks = arch::rdtsc().saturating_sub(TSC_BASE.load(Ordering::Relaxed));
+    (u128::from(ticks) * 1_000_000 / tsc_khz()) as u64
 }
 
 /// The first TSC value at which `now()` reads at least `ns`: `now()` rounds down, so a deadline
 /// rounded up never fires before its time.
 pub fn tsc_at(ns: u64) -> u64 {
-    (u128::from(ns) * tsc_khz()).div_ceil(1_000_000) as u64
+    let ticks = (u128::from(ns) * tsc_khz()).div_ceil(1_000_000) as u64;
+    TSC_BASE.load(Ordering::Relaxed).saturating_add(ticks)
 }
 
 /// Programs this vCPU's TSC-deadline timer to fire at guest time `ns`, or disarms it (`None`). A

@@ -1,5 +1,6 @@
 //! The ring-3 runtime every workload builds on: boot info, console, the timer device client, the
-//! doorbell handler, per-vCPU data, locks, memory, time and randomness.
+//! doorbell handler, per-vCPU data, locks, memory, time and randomness; and for `policy=kvm-lapic`
+//! the timer device in software on top of the vCPU's own LAPIC timer (`soft_timers`, `lapic`).
 
 // First: its print!/println! macros are used by the modules below.
 #[macro_use]
@@ -10,9 +11,11 @@ pub mod boot;
 pub mod device;
 pub mod doorbell;
 pub mod irq;
+pub mod lapic;
 pub mod mem;
 pub mod percpu;
 pub mod rand;
+pub mod soft_timers;
 pub mod sync;
 pub mod time;
 pub mod vm;

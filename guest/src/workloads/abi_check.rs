@@ -2,14 +2,15 @@
 //! NOW, INVALID (ids, flags), PAST, UNKNOWN_COMMAND, BAD_ACCESS (8- and 16-bit writes, read back with the
 //! 32-bit `in`), BAD_ACK (POP/ACK naming a callback not running), DEADLOCK (CANCEL_SYNC from a timer's
 //! own callback), re-arm and cancel values, the `exp_*` fields, and with 2+ vCPUs RUNNING (CANCEL_SYNC
-//! while another vCPU runs the callback) and a re-arm taking a timer over from another vCPU's queue.
+//! while another vCPU runs the callback), a re-arm held back until that callback ends, and a re-arm
+//! taking a timer over from another vCPU's queue.
 
 use super::Env;
 use crate::arch;
 use crate::runtime::device::{self, command, status, Expired, Reply, MOVABLE, NONE, PINNED};
 use crate::runtime::doorbell;
 use crate::runtime::time::{self, MS};
-use crate::runtime::{boot, irq, percpu, vm};
+use crate::runtime::{boot, irq, lapic, percpu, vm};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Timer ids used: T fires on vCPU 0 and runs the in-callback checks; U runs a long callback on vCPU 1;
@@ -23,7 +24,12 @@ static T_DEADLINE: AtomicU64 = AtomicU64::new(0);
 static T_DONE: AtomicBool = AtomicBool::new(false);
 static U_RUNNING: AtomicBool = AtomicBool::new(false);
 static U_RELEASE: AtomicBool = AtomicBool::new(false);
-/// vCPU 1's progress: 1 = U armed, 2 = W armed.
+/// When U's callback ends by itself (0: only when released).
+static U_RELEASE_AT: AtomicU64 = AtomicU64::new(0);
+/// U's callbacks so far, and the vCPU the last one ran on + 1.
+static U_FIRES: AtomicU32 = AtomicU32::new(0);
+static U_FIRED_ON: AtomicU32 = AtomicU32::new(0);
+/// vCPU 1's progress: 1 = U (about to be) armed, 2 = W armed.
 static STEP: AtomicU32 = AtomicU32::new(0);
 /// vCPU W fired on + 1, and its exp_owner + 1.
 static W_FIRED_ON: AtomicU32 = AtomicU32::new(0);
@@ -160,18 +166,21 @@ fn vcpu0(env: &Env) -> ! {
         device::last_status() == status::UNKNOWN_COMMAND,
         device::last_status(),
     );
-    arch::outw(boot::info().timer_port, command::NOW as u16);
-    check(
-        "16-bit out: BAD_ACCESS",
-        device::last_status() == status::BAD_ACCESS,
-        device::last_status(),
-    );
-    arch::outb(boot::info().timer_port, command::NOW as u8);
-    check(
-        "8-bit out: BAD_ACCESS",
-        device::last_status() == status::BAD_ACCESS,
-        device::last_status(),
-    );
+    // Access sizes are a property of the port, which the software device under kvm-lapic does not use.
+    if !lapic::active() {
+        arch::outw(boot::info().timer_port, command::NOW as u16);
+        check(
+            "16-bit out: BAD_ACCESS",
+            device::last_status() == status::BAD_ACCESS,
+            device::last_status(),
+        );
+        arch::outb(boot::info().timer_port, command::NOW as u8);
+        check(
+            "8-bit out: BAD_ACCESS",
+            device::last_status() == status::BAD_ACCESS,
+            device::last_status(),
+        );
+    }
     expect(
         "NOW after BAD_ACCESS",
         device::raw(command::NOW, NONE, 0, 0),
@@ -294,7 +303,46 @@ fn vcpu0(env: &Env) -> ! {
                 status::OK,
                 Some(0),
             );
+            // Serialization: re-armed here while its callback runs on vCPU 1, U is held until that
+            // callback ends, then fires on vCPU 0, its new owner (PINNED).
+            let fires = U_FIRES.load(Ordering::Acquire);
+            let due = time::now() + MS;
+            expect(
+                "ARM U while vCPU 1 runs its callback: value 0",
+                device::arm(U, PINNED, due),
+                status::OK,
+                Some(0),
+            );
+            time::sleep_until(due + 3 * MS);
+            check(
+                "U's re-arming is held while its callback runs",
+                U_FIRES.load(Ordering::Acquire) == fires,
+                U_FIRES.load(Ordering::Acquire),
+            );
+            // vCPU 1 ends the callback by itself in 3 ms, while this vCPU halts: only the end of the
+            // callback can wake it for U. Then the held arming runs here (two more callbacks).
+            let release_at = time::now() + 3 * MS;
+            U_RELEASE_AT.store(release_at, Ordering::Release);
+            let fired = time::wait_until(Some(release_at + 2_000 * MS), || {
+                U_FIRES.load(Ordering::Acquire) >= fires + 2
+            });
+            let waited = time::now() - release_at;
             U_RELEASE.store(true, Ordering::Release);
+            check(
+                "U's held re-arming fired once its callback ended",
+                fired,
+                (),
+            );
+            check(
+                "U's held re-arming fired within 500 ms of the callback's end",
+                waited < 500 * MS,
+                waited,
+            );
+            check(
+                "U's held re-arming fired on vCPU 0",
+                U_FIRED_ON.load(Ordering::Relaxed) == 1,
+                U_FIRED_ON.load(Ordering::Relaxed),
+            );
             let limit = time::now() + 1_000 * MS;
             let mut reply = device::cancel_sync(U);
             while reply.status == status::RUNNING && reply.now < limit {
@@ -343,8 +391,10 @@ fn vcpu0(env: &Env) -> ! {
 }
 
 fn vcpu1() -> ! {
-    device::arm(U, PINNED, time::now() + MS);
+    // Before the ARM: U's callback may start before the ARM returns here (a preempted vCPU thread) and
+    // holds this vCPU until vCPU 0, which waits for step 1, releases it.
     STEP.store(1, Ordering::Release);
+    device::arm(U, PINNED, time::now() + MS);
     // U's callback runs here; vCPU 0 releases it (remotely, hence polling).
     let limit = time::now() + 5_000 * MS;
     time::poll_until(limit, MS, || {
@@ -359,12 +409,18 @@ pub fn on_timer(expired: &Expired) {
     match expired.id {
         T => t_callback(expired),
         U => {
-            // Holds the callback (masked, as all callbacks) until vCPU 0 has seen RUNNING.
+            // Holds the callback (masked, as all callbacks) until vCPU 0 releases it or the time it set.
             U_RUNNING.store(true, Ordering::Release);
-            while !U_RELEASE.load(Ordering::Acquire) {
+            loop {
+                let at = U_RELEASE_AT.load(Ordering::Acquire);
+                if U_RELEASE.load(Ordering::Acquire) || (at != 0 && time::now() >= at) {
+                    break;
+                }
                 arch::pause();
             }
             U_RUNNING.store(false, Ordering::Release);
+            U_FIRED_ON.store(percpu::index() + 1, Ordering::Relaxed);
+            U_FIRES.fetch_add(1, Ordering::Release);
         }
         W => {
             W_OWNER.store(expired.owner + 1, Ordering::Relaxed);

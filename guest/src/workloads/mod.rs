@@ -13,6 +13,7 @@ mod never_ack;
 mod periodic;
 mod ping_pong;
 mod rearm_heavy;
+mod replay;
 mod timers;
 mod triple_fault;
 
@@ -67,7 +68,7 @@ struct Workload {
     on_timer: fn(&Expired),
 }
 
-static WORKLOADS: [Workload; 11] = [
+static WORKLOADS: [Workload; 12] = [
     Workload {
         name: "hello",
         run: hello::run,
@@ -122,6 +123,11 @@ static WORKLOADS: [Workload; 11] = [
         name: "never-ack",
         run: never_ack::run,
         on_timer: never_ack::on_timer,
+    },
+    Workload {
+        name: "replay",
+        run: replay::run,
+        on_timer: replay::on_timer,
     },
 ];
 

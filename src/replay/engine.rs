@@ -1,0 +1,622 @@
+//! The replay: a trace's timeline through the real [`TimerService`] under one policy, on virtual
+//! time ([`FakeClock`]).
+//!
+//! The trace fixes *when each CPU runs*: every CPU is running outside its idle spans and runs at
+//! least from each idle exit the trace shows. Inside an idle span the CPU is halted
+//! (`vcpu_halt`), and the policy decides whether it must wake before the trace's own exit: at the
+//! time `vcpu_halt` returned (plus the wake latency), or when the service asks for a kick. Such a
+//! *policy-made* wakeup runs `vcpu_run` + `expire` and halts again at once (the trace says the
+//! CPU is idle); so does the trace's own exit, after which the CPU runs on, as a running vCPU does
+//! in the VMM: `expire` at each `next_event` (plus the exit cost). The trace's `timer_start` and
+//! `timer_cancel` are replayed at their time on the CPU that traced them (a timer is queued on the
+//! wheel `cpu=` names, usually that CPU): callbacks are not re-run, what they armed is replayed as
+//! the kernel recorded it.
+//!
+//! **Deferrable timers** do not go to the service: as in the kernel (where they live in a per-CPU
+//! `BASE_DEF` wheel that is not part of the hierarchy and not looked at when the tick stops) each
+//! one stays on its own CPU, fires on time while that CPU runs, never wakes it when idle, and is
+//! expired by that CPU at its next wakeup of any kind. They are counted apart and never count as
+//! missed.
+//!
+//! **Wakeups counted** are idle CPUs' wakeups for timers: a policy-made wakeup that expired at least
+//! one non-deferrable timer, or a trace exit at which the CPU found such timers due (it would have
+//! had to wake for them anyway: the kernel's own timer wakeups are among the trace's exits). Each
+//! has one cause, by the base of what it expired: an own pinned timer, else an own movable one,
+//! else other CPUs' timers (as migrator or last idle CPU). Policy-made wakeups that expired
+//! nothing (a kick, a stale wake time) are counted as `other_wakeups`.
+//!
+//! Checked on every expiry: a timer fires with the deadline it was armed with and not before it,
+//! not after a cancel or a re-arm, and a pinned one only on the CPU whose wheel it was queued on;
+//! at the end no non-deferrable arming is still pending more than [`MISS_GRACE_NS`] plus the wake
+//! latency and exit cost after its deadline, the `arm`/`cancel` results agree with the record, and
+//! `TimerService::check_invariants` holds.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+use std::mem;
+
+use serde::Serialize;
+use tmigr::clock::FakeClock;
+use tmigr::service::{
+    CpuId, Expired, Policy, ServiceConfig, TimerId, TimerKind, TimerService, KTIME_MAX,
+};
+
+use super::timeline::{Op, OpKind, Timeline};
+use crate::simulate::report::{Lateness, LatenessHistogram};
+use crate::simulate::MISS_GRACE_NS;
+
+/// Costs of the replayed machine (as `quietvm simulate`'s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Costs {
+    /// From a halted CPU's wake time (or kick) to its `vcpu_run`.
+    pub wake_latency_ns: u64,
+    /// From a running CPU's `next_event` (or kick) to its `expire`.
+    pub exit_cost_ns: u64,
+}
+
+/// Correctness checks (all must be 0 / "ok").
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Checks {
+    /// Fired before their deadline.
+    pub early: u64,
+    /// Still pending at the end although due long before it.
+    pub missed: u64,
+    /// Pinned timers expired on a CPU other than the one whose wheel they were queued on.
+    pub pinned_off_cpu: u64,
+    /// Expiries of a timer not pending with that deadline.
+    pub bogus: u64,
+    /// `arm`/`cancel` results that disagree with the record.
+    pub api_mismatches: u64,
+    /// `TimerService::check_invariants` at the end.
+    pub invariants: String,
+}
+
+impl Checks {
+    /// What failed, one phrase each.
+    pub fn failures(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        for (n, v) in [
+            ("early", self.early),
+            ("missed", self.missed),
+            ("pinned off their CPU", self.pinned_off_cpu),
+            ("bogus", self.bogus),
+            ("api mismatches", self.api_mismatches),
+        ] {
+            if v != 0 {
+                f.push(format!("{v} {n}"));
+            }
+        }
+        if self.invariants != "ok" {
+            f.push(format!("invariants: {}", self.invariants));
+        }
+        f
+    }
+}
+
+/// What one policy did with the trace.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PolicyFigures {
+    pub policy: String,
+    /// Idle CPUs' wakeups for timers (policy-made or at a trace exit, see the module docs).
+    pub timer_wakeups: u64,
+    pub timer_wakeups_own_pinned: u64,
+    pub timer_wakeups_own_movable: u64,
+    pub timer_wakeups_remote: u64,
+    /// ... of which the policy made (the trace shows the CPU asleep on).
+    pub timer_wakeups_policy_made: u64,
+    /// Policy-made wakeups that expired no timer (kicks, stale wake times).
+    pub other_wakeups: u64,
+    /// Non-deferrable timers fired.
+    pub expired: u64,
+    /// ... by a CPU other than the one whose wheel they were queued on.
+    pub remote_expiries: u64,
+    /// ... (and deferrable ones) on a CPU other than the one that armed them.
+    pub expired_off_arming_cpu: u64,
+    pub lateness_ns: Lateness,
+    pub deferrable_expired: u64,
+    /// Deferrable timers still waiting at the end for their idle CPU to wake.
+    pub deferrable_pending_at_end: u64,
+    pub deferrable_lateness_ns: Lateness,
+    /// Armings replaced before they fired, and cancelled.
+    pub replaced: u64,
+    pub cancelled: u64,
+    /// Service counters.
+    pub svc_halts: u64,
+    pub svc_kicks: u64,
+    pub svc_push_remote_placements: u64,
+    /// Hierarchy: idle CPUs' timers handled by a migrator (the kernel's
+    /// `tmigr_handle_remote_cpu` that expired something), and back-offs.
+    pub remote_cpu_handled: u64,
+    pub remote_backoffs: u64,
+    pub checks: Checks,
+    /// Steps the replay took.
+    pub steps: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arming {
+    Idle,
+    Pending {
+        deadline: u64,
+        armed_by: CpuId,
+        base: CpuId,
+        kind: TimerKind,
+    },
+    Deferred {
+        deadline: u64,
+        armed_by: CpuId,
+        base: CpuId,
+    },
+}
+
+#[derive(Default)]
+struct CpuState {
+    /// Halted in the service (only ever inside a trace idle span).
+    halted: bool,
+    /// When its pending look runs (`KTIME_MAX`: none).
+    look_at: u64,
+    look_gen: u32,
+    /// Deferrable timers queued on it: (deadline, id).
+    deferred: BTreeSet<(u64, TimerId)>,
+}
+
+/// What an `expire` found, by the base of the timers.
+#[derive(Default, Clone, Copy)]
+struct Found {
+    own_pinned: u32,
+    own_movable: u32,
+    remote: u32,
+}
+
+impl Found {
+    fn any(&self) -> bool {
+        self.own_pinned + self.own_movable + self.remote > 0
+    }
+}
+
+struct Engine<'a> {
+    tl: &'a Timeline,
+    costs: Costs,
+    policy: Policy,
+    svc: TimerService<FakeClock>,
+    now: u64,
+    seq: u64,
+    heap: BinaryHeap<Reverse<(u64, u64, CpuId, u32)>>,
+    cpus: Vec<CpuState>,
+    armings: Vec<Arming>,
+    expired: Vec<Expired>,
+    kick_buf: Vec<CpuId>,
+    fig: PolicyFigures,
+    late: LatenessHistogram,
+    def_late: LatenessHistogram,
+}
+
+/// Replays `tl` under `policy`.
+pub fn replay(tl: &Timeline, policy: Policy, costs: Costs) -> Result<PolicyFigures, String> {
+    let mut e = Engine::new(tl, policy, costs);
+    e.run()?;
+    Ok(e.finish())
+}
+
+impl<'a> Engine<'a> {
+    fn new(tl: &'a Timeline, policy: Policy, costs: Costs) -> Self {
+        let svc = TimerService::new(
+            ServiceConfig {
+                policy,
+                max_timers: tl.timers.max(1),
+                ..ServiceConfig::default()
+            },
+            FakeClock::new(0),
+            tl.cpus,
+        );
+        Engine {
+            tl,
+            costs,
+            policy,
+            svc,
+            now: 0,
+            seq: 0,
+            heap: BinaryHeap::new(),
+            cpus: (0..tl.cpus)
+                .map(|_| CpuState {
+                    look_at: KTIME_MAX,
+                    ..CpuState::default()
+                })
+                .collect(),
+            armings: vec![Arming::Idle; tl.timers as usize],
+            expired: Vec::new(),
+            kick_buf: Vec::new(),
+            fig: PolicyFigures {
+                policy: policy.to_string(),
+                ..PolicyFigures::default()
+            },
+            late: LatenessHistogram::new(),
+            def_late: LatenessHistogram::new(),
+        }
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        for c in 0..self.tl.cpus {
+            if self.tl.initially_idle[c as usize] {
+                self.halt(c)?;
+            } else {
+                self.program(c);
+            }
+        }
+        self.deliver_kicks(CpuId::MAX);
+        let tl: &'a Timeline = self.tl;
+        let ops = &tl.ops;
+        let mut i = 0;
+        let mut same_time = 0u64;
+        loop {
+            let op_t = ops.get(i).map_or(KTIME_MAX, |o| o.t);
+            let look = self.heap.peek().map(|Reverse(l)| *l);
+            let t = match look {
+                Some((lt, ..)) if lt <= op_t && lt <= tl.end => lt,
+                _ if op_t != KTIME_MAX => op_t,
+                _ => break,
+            };
+            if t == self.now {
+                same_time += 1;
+                if same_time > 1_000_000 {
+                    return Err(format!(
+                        "{}: no progress at t={t} ns (a bug in the service or the replay)",
+                        self.policy
+                    ));
+                }
+            } else {
+                same_time = 0;
+            }
+            self.now = t;
+            self.svc.clock().set(t);
+            self.fig.steps += 1;
+            match look {
+                Some((lt, _, cpu, gen)) if lt == t && lt <= op_t => {
+                    self.heap.pop();
+                    if gen == self.cpus[cpu as usize].look_gen {
+                        self.look(cpu)?;
+                    }
+                }
+                _ => {
+                    let op = ops[i];
+                    i += 1;
+                    self.op(op)?;
+                }
+            }
+        }
+        self.now = tl.end;
+        self.svc.clock().set(tl.end);
+        Ok(())
+    }
+
+    fn set_look(&mut self, cpu: CpuId, at: u64) {
+        let s = &mut self.cpus[cpu as usize];
+        s.look_gen = s.look_gen.wrapping_add(1);
+        s.look_at = at;
+        let gen = s.look_gen;
+        if at != KTIME_MAX {
+            self.seq += 1;
+            self.heap.push(Reverse((at, self.seq, cpu, gen)));
+        }
+    }
+
+    fn op(&mut self, op: Op) -> Result<(), String> {
+        let c = op.cpu;
+        match op.kind {
+            OpKind::IdleEnter => {
+                if self.policy == Policy::Push {
+                    self.svc.set_push_idle(c, false);
+                }
+                if !self.cpus[c as usize].halted {
+                    self.halt(c)?;
+                }
+            }
+            OpKind::IdleExit { early } => {
+                if self.cpus[c as usize].halted {
+                    self.cpus[c as usize].halted = false;
+                    self.svc.vcpu_run(c);
+                    let found = self.expire(c);
+                    if found.any() {
+                        self.count_timer_wakeup(found, false);
+                    }
+                }
+                // An interrupt in idle: the kernel's old push placement saw the idle task.
+                if early && self.policy == Policy::Push {
+                    self.svc.set_push_idle(c, true);
+                }
+                self.program(c);
+                self.deliver_kicks(c);
+            }
+            OpKind::IdleExitLate => {
+                if self.policy == Policy::Push {
+                    self.svc.set_push_idle(c, false);
+                }
+            }
+            OpKind::Arm {
+                id,
+                base,
+                deadline,
+                kind,
+                deferrable,
+            } => {
+                self.arm(c, id, base, deadline, kind, deferrable);
+                self.deliver_kicks(c);
+            }
+            OpKind::Cancel { id } => {
+                self.cancel(id);
+                self.deliver_kicks(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// A look came: a running CPU exits, a halted one wakes (policy-made).
+    fn look(&mut self, c: CpuId) -> Result<(), String> {
+        self.cpus[c as usize].look_at = KTIME_MAX;
+        if self.cpus[c as usize].halted {
+            self.cpus[c as usize].halted = false;
+            self.svc.vcpu_run(c);
+            let found = self.expire(c);
+            if found.any() {
+                self.count_timer_wakeup(found, true);
+            } else {
+                self.fig.other_wakeups += 1;
+            }
+            self.deliver_kicks(c);
+            // The trace says it is idle: halt again at once.
+            self.halt(c)
+        } else {
+            self.expire(c);
+            self.deliver_kicks(c);
+            self.program(c);
+            Ok(())
+        }
+    }
+
+    fn count_timer_wakeup(&mut self, f: Found, policy_made: bool) {
+        self.fig.timer_wakeups += 1;
+        self.fig.timer_wakeups_policy_made += policy_made as u64;
+        if f.own_pinned > 0 {
+            self.fig.timer_wakeups_own_pinned += 1;
+        } else if f.own_movable > 0 {
+            self.fig.timer_wakeups_own_movable += 1;
+        } else {
+            self.fig.timer_wakeups_remote += 1;
+        }
+    }
+
+    /// `c` halts; if its wake time has passed already it runs again at once (no wakeup counted,
+    /// the VMM's rule) and halts again.
+    fn halt(&mut self, c: CpuId) -> Result<(), String> {
+        for _ in 0..64 {
+            let wake = self.svc.vcpu_halt(c);
+            self.cpus[c as usize].halted = true;
+            self.deliver_kicks(c);
+            if wake > self.now {
+                let at = if wake == KTIME_MAX {
+                    KTIME_MAX
+                } else {
+                    wake.saturating_add(self.costs.wake_latency_ns)
+                };
+                self.set_look(c, at);
+                return Ok(());
+            }
+            self.cpus[c as usize].halted = false;
+            self.svc.vcpu_run(c);
+            self.expire(c);
+            self.deliver_kicks(c);
+        }
+        Err(format!(
+            "{}: CPU {c} cannot halt at t={} ns: its wake time stays in the past",
+            self.policy, self.now
+        ))
+    }
+
+    /// A running `c` enters the "guest" until its next event (or deferrable timer).
+    fn program(&mut self, c: CpuId) {
+        let mut t = self.svc.next_event(c);
+        if let Some(&(d, _)) = self.cpus[c as usize].deferred.first() {
+            t = t.min(d);
+        }
+        let at = if t == KTIME_MAX {
+            KTIME_MAX
+        } else {
+            t.max(self.now).saturating_add(self.costs.exit_cost_ns)
+        };
+        self.set_look(c, at);
+    }
+
+    /// `expire` on running `c`, plus its due deferrable timers; checks and counts each expiry.
+    fn expire(&mut self, c: CpuId) -> Found {
+        let mut buf = mem::take(&mut self.expired);
+        buf.clear();
+        self.svc.expire(c, &mut buf);
+        let mut found = Found::default();
+        for e in &buf {
+            match (e.owner == c, e.kind) {
+                (true, TimerKind::Pinned) => found.own_pinned += 1,
+                (true, TimerKind::Movable) => found.own_movable += 1,
+                (false, _) => found.remote += 1,
+            }
+            let Arming::Pending {
+                deadline,
+                armed_by,
+                base,
+                kind,
+            } = self.armings[e.id as usize]
+            else {
+                self.fig.checks.bogus += 1;
+                continue;
+            };
+            if deadline != e.deadline {
+                self.fig.checks.bogus += 1;
+                continue;
+            }
+            self.armings[e.id as usize] = Arming::Idle;
+            self.fig.expired += 1;
+            if self.now < deadline {
+                self.fig.checks.early += 1;
+            }
+            self.late.record(self.now.saturating_sub(deadline));
+            if e.owner != c {
+                self.fig.remote_expiries += 1;
+            }
+            if armed_by != c {
+                self.fig.expired_off_arming_cpu += 1;
+            }
+            if kind == TimerKind::Pinned && base != c {
+                self.fig.checks.pinned_off_cpu += 1;
+            }
+        }
+        self.expired = buf;
+        // Deferrable timers due on this CPU.
+        while let Some(&(d, id)) = self.cpus[c as usize].deferred.first() {
+            if d > self.now {
+                break;
+            }
+            self.cpus[c as usize].deferred.pop_first();
+            if let Arming::Deferred { armed_by, .. } = self.armings[id as usize] {
+                self.armings[id as usize] = Arming::Idle;
+                self.fig.deferrable_expired += 1;
+                self.def_late.record(self.now - d);
+                if armed_by != c {
+                    self.fig.expired_off_arming_cpu += 1;
+                }
+            }
+        }
+        found
+    }
+
+    /// Withdraws `id`'s pending arming, if any; true if there was one.
+    fn withdraw(&mut self, id: TimerId) -> bool {
+        match self.armings[id as usize] {
+            Arming::Idle => {
+                if self.svc.cancel(id) {
+                    self.fig.checks.api_mismatches += 1;
+                }
+                false
+            }
+            Arming::Pending { .. } => {
+                if !self.svc.cancel(id) {
+                    self.fig.checks.api_mismatches += 1;
+                }
+                true
+            }
+            Arming::Deferred { deadline, base, .. } => {
+                self.cpus[base as usize].deferred.remove(&(deadline, id));
+                true
+            }
+        }
+    }
+
+    fn arm(
+        &mut self,
+        actor: CpuId,
+        id: TimerId,
+        base: CpuId,
+        deadline: u64,
+        kind: TimerKind,
+        deferrable: bool,
+    ) {
+        // The kernel fires a timer armed in the past at its next tick; the service wants a
+        // deadline in the future.
+        let deadline = deadline.max(self.now + 1);
+        let prev = self.armings[id as usize];
+        let was_pending = !matches!(prev, Arming::Idle);
+        if was_pending {
+            self.fig.replaced += 1;
+        }
+        if deferrable {
+            self.withdraw(id);
+            self.cpus[base as usize].deferred.insert((deadline, id));
+            self.armings[id as usize] = Arming::Deferred {
+                deadline,
+                armed_by: actor,
+                base,
+            };
+            if !self.cpus[base as usize].halted {
+                self.program(base);
+            }
+            return;
+        }
+        if let Arming::Deferred {
+            deadline: d,
+            base: b,
+            ..
+        } = prev
+        {
+            self.cpus[b as usize].deferred.remove(&(d, id));
+        }
+        let was = self.svc.arm(base, id, deadline, kind);
+        if was != matches!(prev, Arming::Pending { .. }) {
+            self.fig.checks.api_mismatches += 1;
+        }
+        self.armings[id as usize] = Arming::Pending {
+            deadline,
+            armed_by: actor,
+            base,
+            kind,
+        };
+        // The arming CPU re-reads its next event (as the VMM does after a timer command).
+        if !self.cpus[actor as usize].halted {
+            self.program(actor);
+        }
+    }
+
+    fn cancel(&mut self, id: TimerId) {
+        if self.withdraw(id) {
+            self.fig.cancelled += 1;
+        }
+        self.armings[id as usize] = Arming::Idle;
+    }
+
+    /// Delivers the service's kicks, except to `actor` (it re-reads its own time).
+    fn deliver_kicks(&mut self, actor: CpuId) {
+        let mut buf = mem::take(&mut self.kick_buf);
+        buf.clear();
+        self.svc.take_kicks(&mut buf);
+        for &k in &buf {
+            if k == actor {
+                continue;
+            }
+            let s = &self.cpus[k as usize];
+            let at = self.now
+                + if s.halted {
+                    self.costs.wake_latency_ns
+                } else {
+                    self.costs.exit_cost_ns
+                };
+            if at < s.look_at {
+                self.set_look(k, at);
+            }
+        }
+        self.kick_buf = buf;
+    }
+
+    fn finish(mut self) -> PolicyFigures {
+        let grace = MISS_GRACE_NS + self.costs.wake_latency_ns + self.costs.exit_cost_ns;
+        let end = self.tl.end;
+        for a in &self.armings {
+            match *a {
+                Arming::Pending { deadline, .. } if deadline.saturating_add(grace) < end => {
+                    self.fig.checks.missed += 1;
+                }
+                Arming::Deferred { .. } => self.fig.deferrable_pending_at_end += 1,
+                _ => {}
+            }
+        }
+        self.fig.lateness_ns = self.late.lateness();
+        self.fig.deferrable_lateness_ns = self.def_late.lateness();
+        self.fig.checks.invariants = match self.svc.check_invariants() {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e,
+        };
+        let s = self.svc.stats();
+        self.fig.svc_halts = s.halts;
+        self.fig.svc_kicks = s.kicks;
+        self.fig.svc_push_remote_placements = s.push_remote_placements;
+        self.fig.remote_cpu_handled = s.hierarchy.remote_cpu_handled;
+        self.fig.remote_backoffs = s.hierarchy.remote_backoffs;
+        self.fig
+    }
+}
