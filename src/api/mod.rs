@@ -70,9 +70,29 @@ pub trait VmControl {
 /// Why a live policy switch is refused (docs/api.md).
 pub const SET_POLICY_REFUSAL: &str = "set-policy is refused: switching the placement policy of a running VM would have to move every queued timer and the hierarchy's events between schemes atomically with respect to all vCPUs; restart the VM with --policy instead";
 
+/// Parses a request line strictly: a JSON object with a known `op` and exactly that op's fields.
+/// (serde's `deny_unknown_fields` does not reach the unit variants of an internally tagged enum.)
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let object = value.as_object().ok_or("a request is a JSON object")?;
+    let op = object
+        .get("op")
+        .and_then(Value::as_str)
+        .ok_or("missing \"op\"")?;
+    let allowed: &[&str] = match op {
+        "vcpu-offline" | "vcpu-online" => &["op", "vcpu"],
+        "set-policy" => &["op", "policy"],
+        _ => &["op"],
+    };
+    if let Some(extra) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(format!("unknown field `{extra}` for {op}"));
+    }
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
 /// Answers one request line.
 pub fn handle_line(vm: &dyn VmControl, line: &str) -> Response {
-    let request: Request = match serde_json::from_str(line) {
+    let request = match parse_request(line) {
         Ok(r) => r,
         Err(e) => return Response::err(format!("bad request: {e}")),
     };

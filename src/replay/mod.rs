@@ -220,14 +220,14 @@ impl ReplayReport {
         for p in &self.policies {
             let _ = write!(s, "{:>14}", p.policy);
         }
-        let _ = writeln!(s, "{:>14}", "kernel");
+        let _ = writeln!(s, " {:>13}", "kernel");
         let k = &self.kernel;
         let row = |s: &mut String, name: &str, f: &dyn Fn(&PolicyFigures) -> String, kv: String| {
             let _ = write!(s, "{name:<44}");
             for p in &self.policies {
                 let _ = write!(s, "{:>14}", f(p));
             }
-            let _ = writeln!(s, "{kv:>12}");
+            let _ = writeln!(s, " {kv:>13}");
         };
         row(
             &mut s,

@@ -9,8 +9,9 @@
 //! # Structure
 //! One lock over every timer's slot and every vCPU's queue (an unsorted intrusive list: a vCPU has
 //! a handful of timers). Each vCPU programs its own LAPIC TSC-deadline timer (`lapic`) for the first
-//! deadline of its queue, after the queue changed on it and when its doorbell handler has `POP`ped
-//! the queue empty. The LAPIC interrupt takes the doorbell's path to the handler (arch/ring0.s).
+//! deadline of its queue: outside callbacks when that deadline changed, and whenever its doorbell
+//! handler has `POP`ped the queue empty. The LAPIC interrupt takes the doorbell's path to the handler
+//! (arch/ring0.s).
 //! A vCPU cannot program another's LAPIC: a remote cancel leaves the owner's deadline as it is (its
 //! handler finds nothing due and re-programs), and the end of a callback whose timer is due on another
 //! vCPU sends that vCPU an IPI.
