@@ -64,6 +64,7 @@ pub const BUILTIN_WORKLOADS: &[&str] = &[
     "abi-check",
     "triple-fault",
     "never-ack",
+    "hotplug",
     "replay",
 ];
 
@@ -73,6 +74,9 @@ pub const BUILTIN_WORKLOADS: &[&str] = &[
 pub struct VmConfig {
     /// Number of vCPUs.
     pub vcpus: u32,
+    /// vCPUs online at boot (0..K); the others start parked until `vcpu-online` (docs/api.md).
+    /// `None`: all of them.
+    pub vcpus_online: Option<u32>,
     /// Guest memory in MiB.
     pub memory_mib: u64,
     /// Guest workload, passed to the guest as `workload=...`.
@@ -101,6 +105,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
             vcpus: 1,
+            vcpus_online: None,
             memory_mib: 64,
             workload: "hello".into(),
             duration_ms: 1000,
@@ -132,6 +137,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("--vcpus must be at least 1")]
     NoVcpus,
+    #[error("--vcpus-online {0} must be between 1 and --vcpus {1}")]
+    BadVcpusOnline(u32, u32),
     #[error("--vcpus {0} is more than quietvm supports (at most {1})")]
     TooManyVcpus(u32, u32),
     #[error("unknown workload `{0}`; the built-in guest knows: {list}", list = BUILTIN_WORKLOADS.join(", "))]
@@ -170,6 +177,7 @@ impl VmConfig {
         #[serde(deny_unknown_fields, rename_all = "kebab-case")]
         struct Partial {
             vcpus: Option<u32>,
+            vcpus_online: Option<u32>,
             memory_mib: Option<u64>,
             workload: Option<String>,
             duration_ms: Option<u64>,
@@ -189,6 +197,7 @@ impl VmConfig {
         };
         Ok(VmConfig {
             vcpus: p.vcpus.unwrap_or(d.vcpus),
+            vcpus_online: p.vcpus_online,
             memory_mib: p.memory_mib.unwrap_or(d.memory_mib),
             workload: p.workload.unwrap_or(d.workload),
             duration_ms: p.duration_ms.unwrap_or(d.duration_ms),
@@ -210,6 +219,11 @@ impl VmConfig {
         if self.vcpus > MAX_VCPUS {
             return Err(ConfigError::TooManyVcpus(self.vcpus, MAX_VCPUS));
         }
+        if let Some(k) = self.vcpus_online {
+            if k == 0 || k > self.vcpus {
+                return Err(ConfigError::BadVcpusOnline(k, self.vcpus));
+            }
+        }
         if self.guest.is_none() && !BUILTIN_WORKLOADS.contains(&self.workload.as_str()) {
             return Err(ConfigError::UnknownWorkload(self.workload.clone()));
         }
@@ -230,6 +244,11 @@ impl VmConfig {
             return Err(ConfigError::BadMemory);
         }
         Ok(())
+    }
+
+    /// vCPUs online at boot.
+    pub fn vcpus_online(&self) -> u32 {
+        self.vcpus_online.unwrap_or(self.vcpus).min(self.vcpus)
     }
 
     /// The guest's `args` string (docs/boot.md).

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use quietvm::config::VmConfig;
 use quietvm::config::VmPolicy;
-use quietvm::vmm::{run_vm, EXIT_VMM_ERROR};
+use quietvm::vmm::{run_vm, RunOptions, EXIT_VMM_ERROR};
 
 /// A small KVM VMM whose idle vCPUs stay asleep.
 ///
@@ -50,6 +50,9 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long)]
     vcpus: Option<u32>,
+    /// Start only vCPUs 0..K; the others wait parked for `quietvm ctl SOCK vcpu-online N`.
+    #[arg(long, value_name = "K")]
+    vcpus_online: Option<u32>,
     /// Guest memory in MiB.
     #[arg(long)]
     memory_mib: Option<u64>,
@@ -82,6 +85,24 @@ struct RunArgs {
     /// Do not print the statistics table at exit.
     #[arg(long)]
     quiet: bool,
+    /// Serve the control API on this Unix socket (docs/api.md; `quietvm ctl`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Append one JSON line of counters to this file every --metrics-period-s seconds.
+    #[arg(long, value_name = "PATH")]
+    metrics: Option<PathBuf>,
+    /// How often --metrics gets a line.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_period)]
+    metrics_period_s: f64,
+}
+
+fn parse_period(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.01..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a period between 0.01 and 3600 seconds"
+        )),
+    }
 }
 
 fn parse_policy(s: &str) -> Result<VmPolicy, String> {
@@ -96,6 +117,9 @@ impl RunArgs {
         };
         if let Some(v) = self.vcpus {
             cfg.vcpus = v;
+        }
+        if let Some(v) = self.vcpus_online {
+            cfg.vcpus_online = Some(v);
         }
         if let Some(v) = self.memory_mib {
             cfg.memory_mib = v;
@@ -163,7 +187,12 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let stats = match run_vm(&cfg) {
+    let opts = RunOptions {
+        api_sock: args.api_sock.clone(),
+        metrics: args.metrics.clone(),
+        metrics_period: std::time::Duration::from_secs_f64(args.metrics_period_s),
+    };
+    let stats = match run_vm(&cfg, &opts) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -185,6 +214,9 @@ fn run(args: RunArgs) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if !matches!(cli.command, Command::Run(_)) {
+        quietvm::kvm::sys::default_sigpipe();
+    }
     match cli.command {
         Command::Run(args) => run(args),
         Command::Compare(args) => quietvm::compare::main(args),

@@ -12,7 +12,7 @@
 //! behind a lock, taken with the doorbell masked around the command and its recording, and by the callback.
 
 use crate::runtime::arena::{self, Zeroable};
-use crate::runtime::device::{self, status, Expired, Reply, MOVABLE, PINNED};
+use crate::runtime::device::{self, status, Expired, Reply, PINNED};
 use crate::runtime::sync::{Published, SpinLock};
 use crate::runtime::{boot, percpu};
 use core::fmt;
@@ -24,6 +24,9 @@ struct Arming {
     deadline: u64,
     owner: u32,
     flags: u32,
+    /// The owner's `offline_count` when it armed: a pinned timer may fire on another vCPU only if the
+    /// owner has gone offline since (quietvm hands a leaving vCPU's timers over).
+    owner_offlines: u64,
 }
 
 impl Arming {
@@ -86,9 +89,6 @@ pub struct Totals {
 pub struct Book {
     slots: &'static [Slot],
     counters: &'static [Counters],
-    /// `policy=push`: quietvm reports a MOVABLE timer's push target as its `exp_owner` ("the vCPU on
-    /// whose queue it was armed"), not the vCPU that armed it; then only its range is checked.
-    movable_owner_is_queue: bool,
 }
 
 static BOOK: Published<Book> = Published::new();
@@ -158,12 +158,7 @@ pub fn create_book() -> &'static Book {
     let info = boot::info();
     let slots = arena::alloc::<Slot>(info.max_timers as usize);
     let counters = arena::alloc::<Counters>(info.vcpus as usize);
-    let movable_owner_is_queue = boot::arg("policy") == Some("push");
-    let book = arena::leak(Book {
-        slots,
-        counters,
-        movable_owner_is_queue,
-    });
+    let book = arena::leak(Book { slots, counters });
     BOOK.publish(book);
     book
 }
@@ -219,6 +214,7 @@ impl Book {
                     deadline,
                     owner: cpu,
                     flags,
+                    owner_offlines: percpu::of(cpu).offline_count.load(Ordering::SeqCst),
                 };
             }
             status::PAST => {
@@ -351,8 +347,7 @@ impl Book {
                         arming.deadline
                     );
                 }
-                let owner_may_differ = arming.flags == MOVABLE && self.movable_owner_is_queue;
-                if arming.owner != expired.owner && !owner_may_differ {
+                if arming.owner != expired.owner {
                     fail!(
                         "timer {} fired with owner {}, but was armed by vCPU {}",
                         id,
@@ -360,7 +355,11 @@ impl Book {
                         arming.owner
                     );
                 }
-                if arming.flags == PINNED && cpu != arming.owner {
+                let owner_went_offline = percpu::of(arming.owner)
+                    .offline_count
+                    .load(Ordering::SeqCst)
+                    != arming.owner_offlines;
+                if arming.flags == PINNED && cpu != arming.owner && !owner_went_offline {
                     fail!(
                         "pinned timer {} of vCPU {} fired on vCPU {}",
                         id,

@@ -515,11 +515,14 @@ impl<C: Clock> TimerDevice<C> {
         }
     }
 
-    /// `cpu` is back online: the guest is told through `control` and its doorbell.
-    pub fn bring_online(&self, cpu: CpuId) {
+    /// `cpu` is back online; a guest that was running is told through `control` and its doorbell
+    /// (`tell_guest`), one that has not started yet (`--vcpus-online`) is not.
+    pub fn bring_online(&self, cpu: CpuId, tell_guest: bool) {
         let mut st = self.lock();
         st.vcpus[cpu as usize].online = true;
-        self.set_control(&mut st, cpu, abi::CONTROL_ONLINE);
+        if tell_guest {
+            self.set_control(&mut st, cpu, abi::CONTROL_ONLINE);
+        }
     }
 
     /// `cpu` was woken from a halt with work to do: until it empties its queue it counts as idle for

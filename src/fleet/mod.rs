@@ -44,6 +44,10 @@ pub struct FleetArgs {
     /// which prints at once: the start-up figure then measures boot to the first guest output).
     #[arg(long)]
     pub workload: Option<String>,
+    /// Extra KEY=VALUE words for every VM's guest (repeatable), after its config's: e.g.
+    /// `--arg period_min_us=10000 --arg period_max_us=100000` for sparser timers.
+    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    pub args: Vec<String>,
     /// Run every VM's workload for this long instead of its config's duration.
     #[arg(long)]
     pub duration_ms: Option<u64>,
@@ -113,8 +117,7 @@ enum Event {
 /// How a VM that ran ended.
 struct Finished {
     pid: u32,
-    first_output: Option<Instant>,
-    stdout_bytes: u64,
+    console: Console,
     exit: std::io::Result<ChildExit>,
     reaped_at: Instant,
     memory: Option<MemSample>,
@@ -373,6 +376,7 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
             .collect(),
         policy: args.policy.map(|p| p.to_string()),
         workload: args.workload.clone(),
+        args: args.args.clone(),
         duration_ms: args.duration_ms,
         timeout_ms: args.timeout_ms,
         interval_ms: args.interval_ms,
@@ -404,6 +408,9 @@ fn command(args: &FleetArgs, exe: &Path, i: usize, files: &VmFiles) -> Command {
     }
     if let Some(w) = &args.workload {
         cmd.args(["--workload", w]);
+    }
+    for a in &args.args {
+        cmd.args(["--arg", a]);
     }
     if let Some(d) = args.duration_ms {
         cmd.args(["--duration-ms", &d.to_string()]);
@@ -473,9 +480,9 @@ impl VmLaunch {
             let mut all = registry.lock().unwrap_or_else(|e| e.into_inner());
             all.push(Arc::clone(&watch));
         }
-        let (first_output, stdout_bytes) = match stdout {
+        let console = match stdout {
             Some(out) => read_console(out, &watch),
-            None => (None, 0),
+            None => Console::default(),
         };
         watch.exiting.store(true, Ordering::Release);
         let exit = wait_child(pid);
@@ -483,8 +490,7 @@ impl VmLaunch {
         let (memory, memory_samples) = watch.samples();
         Ok(Finished {
             pid,
-            first_output,
-            stdout_bytes,
+            console,
             exit,
             reaped_at,
             memory,
@@ -499,9 +505,11 @@ fn record_end(rec: &mut VmRecord, spawned_at: Instant, f: Finished) -> bool {
     rec.memory = f.memory;
     rec.memory_samples = f.memory_samples;
     rec.startup_ns = f
-        .first_output
+        .console
+        .first
         .map(|t| t.duration_since(spawned_at).as_nanos() as u64);
-    rec.stdout_bytes = f.stdout_bytes;
+    rec.stdout_bytes = f.console.bytes;
+    rec.last_output_line = f.console.last_line;
     rec.run_ns = f.reaped_at.duration_since(spawned_at).as_nanos() as u64;
     match f.exit {
         Ok(exit) => {
@@ -519,21 +527,38 @@ fn record_end(rec: &mut VmRecord, spawned_at: Instant, f: Finished) -> bool {
     }
 }
 
-/// Reads a VM's console to its end: when its first byte came, and how many bytes came. Samples the
-/// VM's memory each time output comes (at most every 10 ms): the built-in guest's timer workloads
-/// print their result just before the VM ends, so that sample sees all the guest memory it touched.
-fn read_console(mut out: impl Read, watch: &Watch) -> (Option<Instant>, u64) {
+/// What a VM wrote to its console.
+#[derive(Default)]
+struct Console {
+    /// When its first byte came.
+    first: Option<Instant>,
+    bytes: u64,
+    /// Its last line that is not empty (at most [`TAIL`] bytes of it).
+    last_line: Option<String>,
+}
+
+/// How much of the console's end is kept, for the last line.
+const TAIL: usize = 1024;
+
+/// Reads a VM's console to its end. Samples the VM's memory each time output comes (at most every
+/// 10 ms): the built-in guest's timer workloads print their result just before the VM ends, so that
+/// sample sees all the guest memory it touched.
+fn read_console(mut out: impl Read, watch: &Watch) -> Console {
     let mut last_sample: Option<Instant> = None;
-    let mut first = None;
-    let mut bytes = 0u64;
+    let mut c = Console::default();
+    let mut tail: Vec<u8> = Vec::with_capacity(2 * TAIL);
     let mut buf = [0u8; 4096];
     loop {
         match out.read(&mut buf) {
             Ok(0) => break,
             Ok(k) => {
                 let now = Instant::now();
-                first.get_or_insert(now);
-                bytes += k as u64;
+                c.first.get_or_insert(now);
+                c.bytes += k as u64;
+                tail.extend_from_slice(&buf[..k]);
+                if tail.len() > TAIL {
+                    tail.drain(..tail.len() - TAIL);
+                }
                 if last_sample.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(10)) {
                     watch.sample();
                     last_sample = Some(Instant::now());
@@ -543,7 +568,13 @@ fn read_console(mut out: impl Read, watch: &Watch) -> (Option<Instant>, u64) {
             Err(_) => break,
         }
     }
-    (first, bytes)
+    c.last_line = String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_owned);
+    c
 }
 
 /// Reads a finished VM's statistics and error line, removes its files, and decides whether it
@@ -568,7 +599,14 @@ fn collect(rec: &mut VmRecord, files: &VmFiles) {
     if !rec.ok && rec.error.is_none() {
         rec.error = Some(match (rec.exit_code, rec.signal, &stats) {
             (Some(0), _, Err(e)) => e.clone(),
-            (Some(c), _, _) => stderr_line.unwrap_or_else(|| format!("exited with code {c}")),
+            (Some(c), _, _) => {
+                let line = stderr_line.unwrap_or_else(|| format!("exited with code {c}"));
+                // The guest says why its checks failed, or where it crashed, on its console.
+                match (&rec.last_output_line, c) {
+                    (Some(guest), 1..=100) => format!("{line}; guest's last line: {guest}"),
+                    _ => line,
+                }
+            }
             (None, Some(sig), _) => match stderr_line {
                 Some(l) => format!("ended by signal {sig}; last message: {l}"),
                 None => format!("ended by signal {sig}"),

@@ -33,6 +33,8 @@ pub struct VmRecord {
     pub startup_ns: Option<u64>,
     /// Bytes it wrote to standard output (the guest console).
     pub stdout_bytes: u64,
+    /// The last line of its console that is not empty (the built-in guest's result line).
+    pub last_output_line: Option<String>,
     /// From just before its spawn to its reaping, in ns.
     pub run_ns: u64,
     /// `run_ns` minus its statistics' `wall_ns` (the vCPU threads' run): the time the process spent
@@ -78,6 +80,7 @@ impl VmRecord {
             error: None,
             startup_ns: None,
             stdout_bytes: 0,
+            last_output_line: None,
             run_ns: 0,
             outside_run_ns: None,
             max_rss_kib: None,
@@ -258,6 +261,8 @@ pub struct FleetReport {
     /// The overrides given to every VM (`null`: each config's own).
     pub policy: Option<String>,
     pub workload: Option<String>,
+    /// Extra guest args given to every VM.
+    pub args: Vec<String>,
     pub duration_ms: Option<u64>,
     pub timeout_ms: Option<u64>,
     pub interval_ms: u64,

@@ -51,9 +51,16 @@ fn kick_sigset() -> libc::sigset_t {
     }
 }
 
-/// Blocks the kick signal in the calling thread (every vCPU thread does this first).
+/// Blocks the kick signal in the calling thread (every vCPU thread does this first), and SIGTERM and
+/// SIGINT too: those belong to the VMM thread's event loop, and a vCPU thread must not be interrupted
+/// in its halt sleep by them (it would sleep twice for one counted wakeup).
 pub fn block_kick_in_this_thread() -> Result<(), KvmError> {
-    let set = kick_sigset();
+    let mut set = kick_sigset();
+    // SAFETY: `set` is an initialised signal set and both signals are valid.
+    unsafe {
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
     // SAFETY: `set` is a valid, initialised signal set; the old mask is not requested.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {

@@ -137,3 +137,11 @@ pub fn wait_child(pid: u32) -> std::io::Result<ChildExit> {
         system_ns: ns(ru.ru_stime),
     })
 }
+
+/// Restores SIGPIPE's default action (the Rust runtime ignores it), so a reporting command whose
+/// output pipe closes (`quietvm ctl ... | head`) ends quietly, as Unix tools do, instead of failing
+/// on the write. Not for `run`: a closed console must never take a VM down.
+pub fn default_sigpipe() {
+    // SAFETY: signal() with SIG_DFL installs no handler code; SIGPIPE is a valid signal.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}

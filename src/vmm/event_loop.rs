@@ -133,7 +133,9 @@ impl EventLoop {
             target: Arc::clone(&target),
         }));
         let signals = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("event loop: {e}"))?;
-        let for_handler = signals.try_clone().map_err(|e| format!("event loop: {e}"))?;
+        let for_handler = signals
+            .try_clone()
+            .map_err(|e| format!("event loop: {e}"))?;
         crate::kvm::sys::route_termination_signals(for_handler.as_raw_fd())
             .map_err(|e| format!("cannot install the SIGTERM/SIGINT handler: {e}"))?;
         // The handler may write to it until the process ends.
@@ -144,7 +146,9 @@ impl EventLoop {
         }));
         if let Some(t) = opts.timeout {
             let mut timer = TimerFd::new().map_err(|e| format!("event loop: {e}"))?;
-            timer.reset(t, None).map_err(|e| format!("event loop: {e}"))?;
+            timer
+                .reset(t, None)
+                .map_err(|e| format!("event loop: {e}"))?;
             manager.add_subscriber(Box::new(TimeoutWatcher {
                 timer,
                 target: Arc::clone(&target),

@@ -33,9 +33,21 @@ pub(super) struct LapicVm {
 
 type Shared = VmShared<LapicVm>;
 
+impl super::control::ModeParts for LapicVm {
+    /// The guest keeps its own timer figures and reports them only at its end.
+    fn live_timers(&self, _now: u64) -> TimerStats {
+        TimerStats::default()
+    }
+
+    fn hotplug(&self) -> Option<&dyn super::control::HotplugDevice> {
+        None
+    }
+}
+
 /// Runs the VM with the in-kernel irqchip to its end and returns its statistics.
 pub(super) fn run_vm(
     cfg: &VmConfig,
+    opts: &super::RunOptions,
     image: &GuestImage,
     layout: &Layout,
 ) -> Result<VmStats, VmmError> {
@@ -44,8 +56,13 @@ pub(super) fn run_vm(
         memory: machine.kvm.memory().clone(),
         report_page: AtomicU32::new(0),
     };
-    let shared = Arc::new(VmShared::new(lapic, cfg.vcpus, monotonic_ns()));
-    let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg.timeout_ms, run_vcpu)?;
+    if cfg.vcpus_online() != cfg.vcpus {
+        return Err(VmmError::Setup(
+            "--vcpus-online: vCPU hotplug needs quietvm's timer device, not kvm-lapic".into(),
+        ));
+    }
+    let shared = Arc::new(VmShared::new(lapic, cfg.vcpus, cfg.vcpus, monotonic_ns())?);
+    let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, run_vcpu)?;
 
     let page = shared.device.report_page.load(Ordering::Acquire);
     let timers = match GuestReport::read(&shared.device.memory, page, cfg.vcpus) {
@@ -81,6 +98,7 @@ fn run_vcpu(shared: Arc<Shared>, index: u32, mut vcpu: Vcpu) -> VcpuStats {
     }
     wait_for_all_vcpu_threads(&shared);
     let kernel_at_start = ThreadCounters::of_this_thread();
+    shared.start_counting(index, kernel_at_start);
     if let Err(outcome) = run_loop(&shared, index, &mut vcpu, &mut stats) {
         shared.end(outcome);
     }
@@ -102,6 +120,7 @@ fn run_vcpu(shared: Arc<Shared>, index: u32, mut vcpu: Vcpu) -> VcpuStats {
         Ok(values) => stats.halts = values[0].unwrap_or(0),
         Err(e) => log::debug!("vCPU {index}: no halt count: {e}"),
     }
+    shared.publish(&stats);
     stats
 }
 

@@ -12,6 +12,8 @@ pub const KICK_DELIVERY: u32 = 1;
 pub const KICK_HIERARCHY: u32 = 2;
 /// The VM is ending.
 pub const KICK_STOP: u32 = 4;
+/// Pause, resume or hotplug: the thread re-reads its control state.
+pub const KICK_CONTROL: u32 = 8;
 
 struct Slot {
     reasons: AtomicU32,

@@ -1,5 +1,7 @@
 //! The VM: build it from a [`VmConfig`], run one thread per vCPU, wait for its end, report statistics.
 
+mod control;
+pub mod event_loop;
 mod guest_image;
 mod in_kernel_lapic;
 mod kicks;
@@ -7,8 +9,9 @@ pub mod layout;
 mod vcpu_thread;
 
 use std::io::Cursor;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use linux_loader::loader::{elf::Elf, KernelLoader};
@@ -16,6 +19,7 @@ use thiserror::Error;
 use tmigr::clock::Clock;
 use tmigr::service::{ServiceConfig, TimerService};
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{ConfigError, VmConfig, VmPolicy};
 use crate::devices::serial::SerialConsole;
@@ -26,7 +30,10 @@ use crate::kvm::sys::{monotonic_ns, set_minimal_timer_slack};
 use crate::kvm::vcpu::{BootState, Exit, Vcpu};
 use crate::kvm::vm::KvmVm;
 use crate::kvm::KvmError;
-use crate::stats::{Lateness, TimerStats, VcpuStats, VmStats};
+use crate::stats::{Lateness, ThreadCounters, TimerStats, VcpuStats, VmStats};
+use crate::sync::NoSleepMutex;
+use control::{ModeParts, VmHandle};
+use event_loop::{EventLoop, LoopOptions};
 pub use guest_image::{GuestImage, ImageError};
 use kicks::{VcpuKicks, KICK_STOP};
 use layout::Layout;
@@ -54,6 +61,8 @@ pub enum VmmError {
     Load(String),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// How a VM ended.
@@ -67,6 +76,8 @@ pub enum Outcome {
     Timeout(u64),
     /// quietvm failed while running the VM.
     VmmError(String),
+    /// Ended in order on request: the API's `shutdown`, SIGTERM or SIGINT (the guest did not finish).
+    Shutdown(String),
 }
 
 impl Outcome {
@@ -76,6 +87,7 @@ impl Outcome {
             Outcome::GuestExit(v) => (*v).min(99) as i32,
             Outcome::GuestCrash(_) | Outcome::Timeout(_) => EXIT_GUEST_CRASH,
             Outcome::VmmError(_) => EXIT_VMM_ERROR,
+            Outcome::Shutdown(_) => 0,
         }
     }
 
@@ -87,6 +99,7 @@ impl Outcome {
             Outcome::GuestCrash(why) => format!("guest crashed: {why}"),
             Outcome::Timeout(ms) => format!("guest did not end within --timeout-ms {ms}"),
             Outcome::VmmError(why) => format!("quietvm error: {why}"),
+            Outcome::Shutdown(by) => format!("shut down by {by} before the guest finished"),
         }
     }
 }
@@ -115,12 +128,42 @@ pub(crate) struct VmShared<D> {
     pub(crate) all_started: AtomicBool,
     stop: AtomicBool,
     outcome: Mutex<Option<(Outcome, u64)>>,
-    ended: Condvar,
+    /// Written when the VM ends, to wake the event loop.
+    pub(crate) end_event: EventFd,
+    /// Each vCPU's figures as its thread last published them, for the live `stats` request.
+    pub(crate) live: Vec<NoSleepMutex<VcpuLive>>,
+    /// Each vCPU's pause and hotplug state.
+    pub(crate) control: Vec<VcpuControl>,
+    /// The API paused the VM: every vCPU thread parks.
+    pub(crate) paused: AtomicBool,
+}
+
+/// A vCPU's figures, live.
+#[derive(Default)]
+pub(crate) struct VcpuLive {
+    pub(crate) stats: VcpuStats,
+    /// The thread's kernel counters when it started running its vCPU (`None` before).
+    pub(crate) kernel_at_start: Option<ThreadCounters>,
+}
+
+/// A vCPU's pause and hotplug state, shared between its thread and the API.
+pub(crate) struct VcpuControl {
+    /// The vCPU runs guest code (false while offline).
+    pub(crate) online: AtomicBool,
+    /// What the API wants: false from an offline request on, true again from `vcpu-online`.
+    pub(crate) wanted_online: AtomicBool,
+    /// The thread is parked (paused or offline), not in the guest.
+    pub(crate) parked: AtomicBool,
 }
 
 impl<D> VmShared<D> {
-    fn new(device: D, vcpus: u32, clock_start_mono: u64) -> Self {
-        VmShared {
+    fn new(
+        device: D,
+        vcpus: u32,
+        vcpus_online: u32,
+        clock_start_mono: u64,
+    ) -> Result<Self, VmmError> {
+        Ok(VmShared {
             device,
             serial: SerialConsole::new(std::io::stdout()),
             kicks: VcpuKicks::new(vcpus),
@@ -128,8 +171,61 @@ impl<D> VmShared<D> {
             all_started: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
-            ended: Condvar::new(),
-        }
+            end_event: EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?,
+            live: (0..vcpus)
+                .map(|i| {
+                    NoSleepMutex::new(VcpuLive {
+                        stats: VcpuStats::new(i),
+                        kernel_at_start: None,
+                    })
+                })
+                .collect(),
+            control: (0..vcpus)
+                .map(|i| VcpuControl {
+                    online: AtomicBool::new(i < vcpus_online),
+                    wanted_online: AtomicBool::new(i < vcpus_online),
+                    parked: AtomicBool::new(false),
+                })
+                .collect(),
+            paused: AtomicBool::new(false),
+        })
+    }
+
+    /// Publishes vCPU `index`'s figures for the live `stats` request.
+    pub(crate) fn publish(&self, stats: &VcpuStats) {
+        self.live[stats.index as usize]
+            .lock()
+            .stats
+            .clone_from(stats);
+    }
+
+    /// Every vCPU's figures now, with the kernel's counters read now for threads still running.
+    pub(crate) fn live_vcpu_stats(&self) -> Vec<VcpuStats> {
+        self.live
+            .iter()
+            .map(|slot| {
+                let live = slot.lock();
+                let mut s = live.stats.clone();
+                if let Some(start) = &live.kernel_at_start {
+                    if let Some(now) = ThreadCounters::read(std::process::id(), s.tid) {
+                        let d = now.since(start);
+                        s.kernel_voluntary_switches = d.voluntary_switches;
+                        s.kernel_cpu_ns = d.cpu_ns;
+                        s.kernel_timeslices = d.timeslices;
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// Records where vCPU `index`'s thread started counting.
+    pub(crate) fn start_counting(&self, index: u32, at: ThreadCounters) {
+        self.live[index as usize].lock().kernel_at_start = Some(at);
+    }
+
+    pub(crate) fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
     }
 
     pub(crate) fn stopping(&self) -> bool {
@@ -152,8 +248,8 @@ impl<D> VmShared<D> {
             *slot = Some((outcome, now));
         }
         self.stop.store(true, Ordering::Release);
-        self.ended.notify_all();
         drop(slot);
+        let _ = self.end_event.write(1);
         self.kicks.kick_all(KICK_STOP);
     }
 
@@ -335,14 +431,35 @@ struct Ended {
     ended_at: u64,
 }
 
-/// Runs `body(shared, index, vcpu)` on one thread per vCPU, waits for the VM's end (or `timeout_ms`),
-/// and joins the threads.
-fn run_vcpu_threads<D: Send + Sync + 'static>(
+/// How quietvm runs a VM beyond its config: the control API and the metrics file (docs/api.md).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub api_sock: Option<PathBuf>,
+    pub metrics: Option<PathBuf>,
+    /// How often `--metrics` gets a line.
+    pub metrics_period: Duration,
+}
+
+/// Runs `body(shared, index, vcpu)` on one thread per vCPU, serves the VMM's event loop until the VM
+/// ends (its end, signals, `--timeout-ms`, `--metrics`, the API), and joins the threads.
+fn run_vcpu_threads<D: ModeParts>(
     shared: &Arc<VmShared<D>>,
     vcpus: Vec<Vcpu>,
-    timeout_ms: u64,
+    cfg: &VmConfig,
+    opts: &RunOptions,
     body: fn(Arc<VmShared<D>>, u32, Vcpu) -> VcpuStats,
 ) -> Result<Ended, VmmError> {
+    // Set up (and refuse bad options) before any vCPU runs.
+    let handle = Arc::new(VmHandle::new(Arc::clone(shared), cfg.clone()));
+    let mut event_loop = EventLoop::new(
+        handle,
+        &LoopOptions {
+            api_sock: opts.api_sock.clone(),
+            metrics: opts.metrics.clone().map(|p| (p, opts.metrics_period)),
+            timeout: (cfg.timeout_ms > 0).then(|| Duration::from_millis(cfg.timeout_ms)),
+        },
+    )
+    .map_err(VmmError::Setup)?;
     let started = Instant::now();
     let mut threads = Vec::with_capacity(vcpus.len());
     for (i, vcpu) in vcpus.into_iter().enumerate() {
@@ -366,7 +483,7 @@ fn run_vcpu_threads<D: Send + Sync + 'static>(
     }
 
     shared.all_started.store(true, Ordering::Release);
-    wait_for_end(shared, timeout_ms);
+    event_loop.run();
     let mut vcpu_stats: Vec<VcpuStats> = Vec::with_capacity(threads.len());
     for (i, t) in threads.into_iter().enumerate() {
         match t.join() {
@@ -412,8 +529,42 @@ fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
     }
 }
 
+/// The statistics' timer figures from the device's counters.
+fn timer_stats(mut counters: crate::devices::timer::DeviceCounters) -> TimerStats {
+    TimerStats {
+        armed: counters.armed,
+        fired: counters.fired,
+        cancelled: counters.cancelled,
+        early: counters.early,
+        missed: counters.missed,
+        remote_expiries: counters.remote_expiries,
+        serialized: counters.serialized,
+        lateness_ns: Lateness::from_samples(&mut counters.lateness),
+    }
+}
+
+impl ModeParts for TimerDevice<GuestClock> {
+    fn live_timers(&self, now: u64) -> TimerStats {
+        timer_stats(self.counters(now))
+    }
+
+    fn hotplug(&self) -> Option<&dyn control::HotplugDevice> {
+        Some(self)
+    }
+}
+
+impl control::HotplugDevice for TimerDevice<GuestClock> {
+    fn request_offline(&self, cpu: u32) {
+        TimerDevice::request_offline(self, cpu)
+    }
+
+    fn withdraw_offline(&self, cpu: u32) -> bool {
+        TimerDevice::withdraw_offline(self, cpu)
+    }
+}
+
 /// Runs one VM to its end and returns its statistics. `Err` means the VM could not be run at all.
-pub fn run_vm(cfg: &VmConfig) -> Result<VmStats, VmmError> {
+pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
     cfg.validate()?;
     let image = match &cfg.guest {
         Some(path) => GuestImage::from_file(path)?,
@@ -436,7 +587,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<VmStats, VmmError> {
 
     let policy = match cfg.policy {
         VmPolicy::Userspace(p) => p,
-        VmPolicy::KvmLapic => return in_kernel_lapic::run_vm(cfg, &image, &layout),
+        VmPolicy::KvmLapic => return in_kernel_lapic::run_vm(cfg, opts, &image, &layout),
     };
     let machine = build_machine(cfg, &image, &layout, false)?;
     let clock = GuestClock {
@@ -459,46 +610,19 @@ pub fn run_vm(cfg: &VmConfig) -> Result<VmStats, VmmError> {
         cfg.vcpus,
         cfg.max_timers,
     );
-    let shared = Arc::new(VmShared::new(device, cfg.vcpus, clock.start_mono));
-    let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg.timeout_ms, VcpuThread::run)?;
+    let shared = Arc::new(VmShared::new(
+        device,
+        cfg.vcpus,
+        cfg.vcpus_online(),
+        clock.start_mono,
+    )?);
+    let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, VcpuThread::run)?;
 
-    let mut counters = shared.device.counters(ended.ended_at);
+    let counters = shared.device.counters(ended.ended_at);
     for v in &mut ended.vcpus {
         v.timers_fired = counters.fired_per_vcpu[v.index as usize];
         v.remote_expiries = counters.remote_per_vcpu[v.index as usize];
     }
-    let timers = TimerStats {
-        armed: counters.armed,
-        fired: counters.fired,
-        cancelled: counters.cancelled,
-        early: counters.early,
-        missed: counters.missed,
-        remote_expiries: counters.remote_expiries,
-        serialized: counters.serialized,
-        lateness_ns: Lateness::from_samples(&mut counters.lateness),
-    };
+    let timers = timer_stats(counters);
     Ok(vm_stats(cfg, ended, timers))
-}
-
-fn wait_for_end<D>(shared: &VmShared<D>, timeout_ms: u64) {
-    let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
-    let mut slot = shared.outcome.lock().unwrap_or_else(|e| e.into_inner());
-    while slot.is_none() {
-        match deadline {
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    drop(slot);
-                    shared.end(Outcome::Timeout(timeout_ms));
-                    return;
-                }
-                slot = shared
-                    .ended
-                    .wait_timeout(slot, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-            None => slot = shared.ended.wait(slot).unwrap_or_else(|e| e.into_inner()),
-        }
-    }
 }

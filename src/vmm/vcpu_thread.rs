@@ -15,12 +15,13 @@
 //! interrupts are off), quietvm asks for the window exit and also kicks itself shortly after, and tries
 //! again at that exit.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tmigr::clock::Clock;
 use tmigr::service::{Expired, KTIME_MAX};
 
-use super::kicks::{KICK_DELIVERY, KICK_HIERARCHY, KICK_STOP};
+use super::kicks::{KICK_CONTROL, KICK_DELIVERY, KICK_HIERARCHY, KICK_STOP};
 use super::{
     crash_outcome, enter_vcpu_thread, exit_stat_name, wait_for_all_vcpu_threads, GuestClock,
     Outcome, VmShared,
@@ -50,7 +51,12 @@ pub(super) struct VcpuThread {
     /// The guest has issued its first timer command or `HLT`, so it can take the doorbell
     /// (docs/timer-abi.md, "Taking part"). Until then the vCPU is idle to the timer service.
     joined_timers: bool,
+    /// Exits since the figures were last published for the live `stats` request.
+    unpublished_exits: u32,
 }
+
+/// Live statistics are published at every halt and at least every this many exits.
+const PUBLISH_EVERY_EXITS: u32 = 64;
 
 impl VcpuThread {
     /// Runs vCPU `index` on the calling thread until the VM ends. Returns its statistics.
@@ -69,6 +75,7 @@ impl VcpuThread {
         };
         wait_for_all_vcpu_threads(&shared);
         let kernel_at_start = ThreadCounters::of_this_thread();
+        shared.start_counting(index, kernel_at_start);
         let mut thread = VcpuThread {
             shared,
             index,
@@ -79,12 +86,19 @@ impl VcpuThread {
             effects: Effects::default(),
             doorbell_retry_at: KTIME_MAX,
             joined_timers: false,
+            unpublished_exits: 0,
         };
         // Until the guest can take its doorbell it must not become a migrator and be handed other
         // vCPUs' timers: on hosts where ring 3 always runs with interrupts on, an early doorbell would
         // arrive before the guest's IDT exists.
         thread.shared.device.service().vcpu_halt(index);
         thread.apply_service_kicks();
+        if !thread.shared.control[index as usize]
+            .online
+            .load(Ordering::Acquire)
+        {
+            thread.start_parked();
+        }
         if let Err(outcome) = thread.run_loop() {
             thread.shared.end(outcome);
         }
@@ -93,6 +107,7 @@ impl VcpuThread {
         thread.stats.kernel_voluntary_switches = kernel.voluntary_switches;
         thread.stats.kernel_cpu_ns = kernel.cpu_ns;
         thread.stats.kernel_timeslices = kernel.timeslices;
+        thread.shared.publish(&thread.stats);
         thread.stats
     }
 
@@ -106,6 +121,10 @@ impl VcpuThread {
                 return Ok(());
             }
             self.shared.kicks.take(self.index);
+            if self.shared.paused() {
+                self.park_while(|s| s.paused());
+                continue;
+            }
             if self.joined_timers {
                 self.expire_due();
                 self.offer_doorbell()?;
@@ -120,6 +139,11 @@ impl VcpuThread {
             };
             log::trace!("vCPU {}: exit {exit:?}", self.index);
             self.stats.count_exit(exit_stat_name(&exit));
+            self.unpublished_exits += 1;
+            if self.unpublished_exits >= PUBLISH_EVERY_EXITS {
+                self.unpublished_exits = 0;
+                self.shared.publish(&self.stats);
+            }
             match exit {
                 Exit::IoOut { port, size, value } => self.io_out(port, size, value),
                 Exit::IoIn { .. } => {}
@@ -225,6 +249,9 @@ impl VcpuThread {
                     .device
                     .command(self.index, size, value, &mut self.effects);
                 self.apply_effects();
+                if std::mem::take(&mut self.effects.go_offline) {
+                    self.go_offline();
+                }
             }
             _ => {
                 log::debug!(
@@ -235,12 +262,92 @@ impl VcpuThread {
         }
     }
 
+    /// Parks the thread (out of the guest, no deadline) while `still(shared)` holds and the VM runs.
+    /// Every real sleep is a host wakeup with cause `control`.
+    fn park_while(&mut self, still: impl Fn(&Shared) -> bool) {
+        let control = &self.shared.control[self.index as usize];
+        self.timer.arm_at(0);
+        self.shared.publish(&self.stats);
+        control.parked.store(true, Ordering::Release);
+        while still(&self.shared) && !self.shared.stopping() {
+            if self.shared.kicks.take(self.index) != 0 {
+                continue;
+            }
+            if sleep_until_kicked() {
+                self.stats.count_wakeup(WakeupCause::Control);
+            }
+        }
+        control.parked.store(false, Ordering::Release);
+    }
+
+    /// The guest acknowledged an offline request (`OFFLINE_ACK`): leave the timer service (its timers
+    /// go to another vCPU; if it was the last active one with movable events pending, another is made
+    /// active), hand over its delivery queue, and park until `vcpu-online`. The `out` completes when
+    /// it is back.
+    fn go_offline(&mut self) {
+        let index = self.index;
+        let service = self.shared.device.service();
+        // The recipient the service names (the last-active hand-off) is also in its kick list.
+        let _forced_active = service.vcpu_offline(index);
+        self.shared.device.take_offline(index, 0, &mut self.effects);
+        self.apply_service_kicks();
+        self.shared.control[index as usize]
+            .online
+            .store(false, Ordering::Release);
+        self.park_while(|s| {
+            !s.control[index as usize]
+                .wanted_online
+                .load(Ordering::Acquire)
+        });
+        if self.shared.stopping() {
+            return;
+        }
+        self.come_online(true);
+    }
+
+    /// Rejoins the timer service (the hierarchy grows if needed) and, if the guest was running, tells
+    /// it through `control` and its doorbell.
+    fn come_online(&mut self, tell_guest: bool) {
+        let index = self.index;
+        let service = self.shared.device.service();
+        service.vcpu_online(index);
+        if !self.joined_timers {
+            // Idle to the service until the guest can take its doorbell (see `run`).
+            service.vcpu_halt(index);
+        }
+        self.apply_service_kicks();
+        self.shared.device.bring_online(index, tell_guest);
+        self.shared.control[index as usize]
+            .online
+            .store(true, Ordering::Release);
+    }
+
+    /// `--vcpus-online`: this vCPU starts parked, before its first instruction, until `vcpu-online`.
+    fn start_parked(&mut self) {
+        let index = self.index;
+        self.shared.device.service().vcpu_offline(index);
+        self.shared.device.take_offline(index, 0, &mut self.effects);
+        self.apply_service_kicks();
+        self.park_while(|s| {
+            !s.control[index as usize]
+                .wanted_online
+                .load(Ordering::Acquire)
+        });
+        if !self.shared.stopping() {
+            self.come_online(false);
+        }
+    }
+
     /// The guest halted: sleep until something is due for this vCPU, then return to the guest.
     fn halt(&mut self) {
         let shared = Arc::clone(&self.shared);
         let service = shared.device.service();
         loop {
-            if self.shared.stopping() || self.shared.device.doorbell_due(self.index) {
+            if self.shared.stopping()
+                || self.shared.paused()
+                || self.shared.device.doorbell_due(self.index)
+            {
+                self.shared.publish(&self.stats);
                 return;
             }
             let wake_at = service.vcpu_halt(self.index);
@@ -259,7 +366,7 @@ impl VcpuThread {
             let (own_pinned, own_movable, remote) = self.expire_due();
             let has_work = self.shared.device.doorbell_due(self.index);
             if slept {
-                let cause = if reasons & KICK_STOP != 0 || self.shared.stopping() {
+                let cause = if reasons & (KICK_STOP | KICK_CONTROL) != 0 || self.shared.stopping() {
                     WakeupCause::Control
                 } else if own_pinned > 0 {
                     WakeupCause::OwnPinnedTimer

@@ -22,7 +22,20 @@ pub mod command {
     pub const CANCEL_SYNC: u32 = 4;
     pub const POP: u32 = 5;
     pub const ACK: u32 = 6;
+    /// The guest agrees to an offline request; returns when the vCPU is back online.
+    pub const OFFLINE_ACK: u32 = 7;
 }
+
+/// The `control` word at offset 0x40 of the device page (docs/api.md, vCPU hotplug).
+pub mod control {
+    pub const NONE: u32 = 0;
+    pub const OFFLINE_REQUESTED: u32 = 1;
+    pub const ONLINE: u32 = 2;
+}
+
+/// Offset of `control`: outside [`Page`] on purpose, so the doorbell handler's save/restore of the page
+/// never writes back a stale value over one quietvm wrote meanwhile.
+const CONTROL_OFFSET: u64 = 0x40;
 
 pub mod status {
     pub const OK: u32 = 0;
@@ -177,6 +190,23 @@ pub fn pop(prev: u32) -> (Reply, Option<Expired>) {
 
 pub fn ack(id: u32) -> Reply {
     raw(command::ACK, id, 0, 0)
+}
+
+/// What quietvm last wrote to this vCPU's `control` word (always `NONE` under kvm-lapic).
+pub fn control() -> u32 {
+    if lapic::active() {
+        return control::NONE;
+    }
+    let info = boot::info();
+    let at = info.device_pages + 4096 * u64::from(percpu::index()) + CONTROL_OFFSET;
+    // SAFETY: inside this vCPU's own device page (mapped, user-accessible); volatile because quietvm
+    // writes it behind the compiler's back.
+    unsafe { (at as *const u32).read_volatile() }
+}
+
+/// `OFFLINE_ACK`: this vCPU leaves; the call returns once it is back online.
+pub fn offline_ack() -> Reply {
+    raw(command::OFFLINE_ACK, NONE, 0, 0)
 }
 
 /// A 32-bit `in` of the command port: the status of this vCPU's last command (under

@@ -29,6 +29,9 @@ pub fn handle() {
             break;
         }
     }
+    if device::control() == device::control::OFFLINE_REQUESTED {
+        cpu.offline_requested.store(true, Ordering::SeqCst);
+    }
     device::restore_page(saved);
 }
 

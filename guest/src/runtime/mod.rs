@@ -10,6 +10,7 @@ pub mod arena;
 pub mod boot;
 pub mod device;
 pub mod doorbell;
+pub mod hotplug;
 pub mod irq;
 pub mod lapic;
 pub mod mem;

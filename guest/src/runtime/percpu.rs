@@ -19,6 +19,12 @@ pub struct PerCpu {
     /// Doorbell upcalls taken, and timers popped.
     pub upcalls: AtomicU64,
     pub popped: AtomicU64,
+    /// quietvm asked this vCPU to go offline (seen by the doorbell handler in `control`); the next
+    /// halt acknowledges it (`hotplug`).
+    pub offline_requested: AtomicBool,
+    /// Times this vCPU went offline: a pinned timer of it may fire elsewhere only if this grew since
+    /// the timer was armed (quietvm hands a leaving vCPU's timers to another one).
+    pub offline_count: AtomicU64,
 }
 
 /// Offsets of the two flags for the assembly.

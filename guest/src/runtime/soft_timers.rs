@@ -199,6 +199,8 @@ pub fn command(cpu: u32, cmd: u32, id: u32, flags: u32, deadline: u64) -> (Reply
                     ..Done::status(s, 0)
                 }
             }
+            // Under kvm-lapic nobody asks a vCPU to go offline: as quietvm without a request.
+            command::OFFLINE_ACK => Done::status(status::INVALID, 0),
             _ => Done::status(status::UNKNOWN_COMMAND, 0),
         };
         // A cancel that took the first deadline off this vCPU's queue: re-program (so an idle vCPU

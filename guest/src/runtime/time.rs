@@ -60,6 +60,7 @@ pub fn wait_until(deadline: Option<u64>, done: impl Fn() -> bool) -> bool {
             irq::unmask();
             break false;
         }
+        super::hotplug::go_offline_if_asked();
         arch::unmask_and_halt();
     };
     if deadline.is_some() && !pc.sleep_fired.load(Ordering::Relaxed) {

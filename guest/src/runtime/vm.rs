@@ -38,6 +38,7 @@ pub fn usage_error(message: core::fmt::Arguments) -> ! {
 /// Stops this vCPU for good, leaving the others running.
 pub fn halt_forever() -> ! {
     loop {
+        super::hotplug::go_offline_if_asked();
         crate::arch::unmask_and_halt();
     }
 }

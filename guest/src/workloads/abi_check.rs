@@ -153,7 +153,9 @@ fn vcpu0(env: &Env) -> ! {
     );
 
     // Unknown commands and access sizes.
-    for cmd in [0, 7, 0x100, 0xdead_beef] {
+    // OFFLINE_ACK with no offline request pending is refused and changes nothing.
+    expect("OFFLINE_ACK without a request", device::offline_ack(), status::INVALID, Some(0));
+    for cmd in [0, 8, 0x100, 0xdead_beef] {
         expect(
             "unknown command",
             device::raw(cmd, T, PINNED, far()),
@@ -394,7 +396,9 @@ fn vcpu1() -> ! {
     // Before the ARM: U's callback may start before the ARM returns here (a preempted vCPU thread) and
     // holds this vCPU until vCPU 0, which waits for step 1, releases it.
     STEP.store(1, Ordering::Release);
-    device::arm(U, PINNED, time::now() + MS);
+    // PAST only if this vCPU's thread was held up for a millisecond between the two reads of the clock
+    // (a loaded host): arm again, or U would never run.
+    while device::arm(U, PINNED, time::now() + MS).status == status::PAST {}
     // U's callback runs here; vCPU 0 releases it (remotely, hence polling).
     let limit = time::now() + 5_000 * MS;
     time::poll_until(limit, MS, || {

@@ -4,6 +4,7 @@
 
 mod abi_check;
 mod all_idle;
+mod hotplug;
 mod busy;
 mod cancel_race;
 mod hello;
@@ -68,7 +69,7 @@ struct Workload {
     on_timer: fn(&Expired),
 }
 
-static WORKLOADS: [Workload; 12] = [
+static WORKLOADS: [Workload; 13] = [
     Workload {
         name: "hello",
         run: hello::run,
@@ -123,6 +124,11 @@ static WORKLOADS: [Workload; 12] = [
         name: "never-ack",
         run: never_ack::run,
         on_timer: never_ack::on_timer,
+    },
+    Workload {
+        name: "hotplug",
+        run: hotplug::run,
+        on_timer: periodic::on_timer,
     },
     Workload {
         name: "replay",
