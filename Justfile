@@ -19,4 +19,6 @@ guest:
 # Formatting and lints, as CI checks them.
 lint:
     cargo fmt --all --check
+    cd guest && cargo fmt --check
     cargo clippy --workspace --all-targets -- -D warnings
+    cd guest && CARGO_TARGET_DIR=../target/guest-clippy cargo clippy --release --target x86_64-unknown-linux-gnu -- -D warnings

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{quietvm, raw};
+use common::{raw, raw_with_env};
 
 fn assert_clean_error(r: &common::Run, code: i32, needle: &str) {
     r.expect_code(code);
@@ -20,33 +20,19 @@ fn assert_clean_error(r: &common::Run, code: i32, needle: &str) {
 
 #[test]
 fn missing_kvm_device() {
-    let out = quietvm()
-        .args(["run", "--workload", "hello"])
-        .env("QUIETVM_KVM_DEVICE", "/nonexistent/kvm")
-        .output()
-        .unwrap();
-    let r = common::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-        stats: None,
-    };
+    let r = raw_with_env(
+        &["run", "--workload", "hello"],
+        &[("QUIETVM_KVM_DEVICE", "/nonexistent/kvm")],
+    );
     assert_clean_error(&r, 101, "cannot open /nonexistent/kvm");
 }
 
 #[test]
 fn a_device_that_is_not_kvm() {
-    let out = quietvm()
-        .args(["run", "--workload", "hello"])
-        .env("QUIETVM_KVM_DEVICE", "/dev/null")
-        .output()
-        .unwrap();
-    let r = common::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-        stats: None,
-    };
+    let r = raw_with_env(
+        &["run", "--workload", "hello"],
+        &[("QUIETVM_KVM_DEVICE", "/dev/null")],
+    );
     assert_clean_error(&r, 101, "not a usable KVM device");
 }
 

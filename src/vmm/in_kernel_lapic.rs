@@ -14,15 +14,15 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::Layout;
 use super::{
-    build_machine, crash_outcome, enter_vcpu_thread, exit_stat_name, run_vcpu_threads, vm_stats,
-    wait_for_all_vcpu_threads, GuestImage, Outcome, VmShared, VmmError,
+    begin_vcpu_run, build_machine, crash_outcome, end_vcpu_run, enter_vcpu_thread, exit_stat_name,
+    run_vcpu_threads, vm_stats, GuestImage, Outcome, VmShared, VmmError,
 };
 use crate::config::VmConfig;
 use crate::devices::{REPORT_PORT, TIMER_PORT};
 use crate::kvm::kick::drain_kicks;
 use crate::kvm::sys::{gettid, monotonic_ns};
 use crate::kvm::vcpu::{Exit, Vcpu};
-use crate::stats::{Lateness, ThreadCounters, TimerStats, VcpuStats, VmStats, WakeupCause};
+use crate::stats::{Lateness, TimerStats, VcpuStats, VmStats, WakeupCause};
 
 /// What a kvm-lapic VM's threads share besides the console and the kicks.
 pub(super) struct LapicVm {
@@ -96,19 +96,13 @@ fn run_vcpu(shared: Arc<Shared>, index: u32, mut vcpu: Vcpu) -> VcpuStats {
         shared.kicks.register(index, None);
         return stats;
     }
-    wait_for_all_vcpu_threads(&shared);
-    let kernel_at_start = ThreadCounters::of_this_thread();
-    shared.start_counting(index, kernel_at_start);
+    let kernel_at_start = begin_vcpu_run(&shared, index);
     if let Err(outcome) = run_loop(&shared, index, &mut vcpu, &mut stats) {
         shared.end(outcome);
     }
     // Where each vCPU stopped: what a guest that hung (`--timeout-ms`) was doing.
     log::debug!("vCPU {index} at the end: {}", vcpu.describe_state());
-    shared.kicks.register(index, None);
-    let kernel = ThreadCounters::of_this_thread().since(&kernel_at_start);
-    stats.kernel_voluntary_switches = kernel.voluntary_switches;
-    stats.kernel_cpu_ns = kernel.cpu_ns;
-    stats.kernel_timeslices = kernel.timeslices;
+    let kernel = end_vcpu_run(&shared, &mut stats, &kernel_at_start);
     // quietvm never sees these halts: every sleep of the thread is the kernel's, nearly all of them in
     // the guest's HLT (the rest, such as the final stop, are a few at most).
     stats.host_wakeups = kernel.voluntary_switches;

@@ -304,13 +304,31 @@ pub(crate) fn enter_vcpu_thread<D>(
     Ok(())
 }
 
-/// Waits until every vCPU thread exists (or the VM is ending) before the first entry into the guest:
-/// spawning a thread maps its stack under `mmap_lock`, which would stall, and may put to sleep, vCPUs
-/// faulting in guest memory meanwhile.
-pub(crate) fn wait_for_all_vcpu_threads<D>(shared: &VmShared<D>) {
+/// Waits until every vCPU thread exists (or the VM is ending) before the first entry into the guest
+/// (spawning a thread maps its stack under `mmap_lock`, which would stall, and may put to sleep, vCPUs
+/// faulting in guest memory meanwhile), then starts counting the thread's kernel figures from here.
+pub(crate) fn begin_vcpu_run<D>(shared: &VmShared<D>, index: u32) -> ThreadCounters {
     while !shared.all_started.load(Ordering::Acquire) && !shared.stopping() {
         std::thread::yield_now();
     }
+    let at_start = ThreadCounters::of_this_thread();
+    shared.start_counting(index, at_start);
+    at_start
+}
+
+/// The end of a vCPU thread's run: no more kicks to it, and its kernel figures since
+/// [`begin_vcpu_run`] go into its statistics (also returned).
+pub(crate) fn end_vcpu_run<D>(
+    shared: &VmShared<D>,
+    stats: &mut VcpuStats,
+    at_start: &ThreadCounters,
+) -> ThreadCounters {
+    shared.kicks.register(stats.index, None);
+    let kernel = ThreadCounters::of_this_thread().since(at_start);
+    stats.kernel_voluntary_switches = kernel.voluntary_switches;
+    stats.kernel_cpu_ns = kernel.cpu_ns;
+    stats.kernel_timeslices = kernel.timeslices;
+    kernel
 }
 
 /// The outcome of an exit that means the guest crashed, the same in every mode; `None` for the exits a

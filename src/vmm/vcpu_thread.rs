@@ -23,7 +23,7 @@ use tmigr::service::{Expired, KTIME_MAX};
 
 use super::kicks::{KICK_CONTROL, KICK_DELIVERY, KICK_HIERARCHY, KICK_STOP};
 use super::{
-    crash_outcome, enter_vcpu_thread, exit_stat_name, wait_for_all_vcpu_threads, GuestClock,
+    begin_vcpu_run, crash_outcome, end_vcpu_run, enter_vcpu_thread, exit_stat_name, GuestClock,
     Outcome, VmShared,
 };
 use crate::devices::timer::{Effects, TimerDevice};
@@ -31,7 +31,7 @@ use crate::devices::{DOORBELL_VECTOR, TIMER_PORT};
 use crate::kvm::kick::{drain_kicks, sleep_until_kicked, DeadlineTimer};
 use crate::kvm::sys::gettid;
 use crate::kvm::vcpu::{Exit, Vcpu};
-use crate::stats::{ThreadCounters, VcpuStats, WakeupCause};
+use crate::stats::{VcpuStats, WakeupCause};
 
 /// How soon to retry a doorbell the guest could not take (interrupts off).
 const DOORBELL_RETRY_NS: u64 = 200_000;
@@ -73,9 +73,7 @@ impl VcpuThread {
                 return stats;
             }
         };
-        wait_for_all_vcpu_threads(&shared);
-        let kernel_at_start = ThreadCounters::of_this_thread();
-        shared.start_counting(index, kernel_at_start);
+        let kernel_at_start = begin_vcpu_run(&shared, index);
         let mut thread = VcpuThread {
             shared,
             index,
@@ -102,11 +100,7 @@ impl VcpuThread {
         if let Err(outcome) = thread.run_loop() {
             thread.shared.end(outcome);
         }
-        thread.shared.kicks.register(index, None);
-        let kernel = ThreadCounters::of_this_thread().since(&kernel_at_start);
-        thread.stats.kernel_voluntary_switches = kernel.voluntary_switches;
-        thread.stats.kernel_cpu_ns = kernel.cpu_ns;
-        thread.stats.kernel_timeslices = kernel.timeslices;
+        end_vcpu_run(&thread.shared, &mut thread.stats, &kernel_at_start);
         thread.shared.publish(&thread.stats);
         thread.stats
     }

@@ -76,7 +76,17 @@ pub fn run(args: &[&str]) -> Run {
 
 /// Runs `quietvm ARGS` as given (no stats file).
 pub fn raw(args: &[&str]) -> Run {
-    finish(quietvm().args(args).output().expect("spawn quietvm"), None)
+    raw_with_env(args, &[])
+}
+
+/// Runs `quietvm ARGS` with extra environment variables (no stats file).
+pub fn raw_with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = quietvm();
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    finish(cmd.output().expect("spawn quietvm"), None)
 }
 
 fn finish(out: Output, stats: Option<Value>) -> Run {

@@ -30,7 +30,7 @@ pub mod command {
 pub mod control {
     pub const NONE: u32 = 0;
     pub const OFFLINE_REQUESTED: u32 = 1;
-    pub const ONLINE: u32 = 2;
+    // 2 ("back online") needs no action: the vCPU simply continues after its OFFLINE_ACK.
 }
 
 /// Offset of `control`: outside [`Page`] on purpose, so the doorbell handler's save/restore of the page

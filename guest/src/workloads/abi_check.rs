@@ -154,7 +154,12 @@ fn vcpu0(env: &Env) -> ! {
 
     // Unknown commands and access sizes.
     // OFFLINE_ACK with no offline request pending is refused and changes nothing.
-    expect("OFFLINE_ACK without a request", device::offline_ack(), status::INVALID, Some(0));
+    expect(
+        "OFFLINE_ACK without a request",
+        device::offline_ack(),
+        status::INVALID,
+        Some(0),
+    );
     for cmd in [0, 8, 0x100, 0xdead_beef] {
         expect(
             "unknown command",

@@ -6,29 +6,18 @@
 use super::{periodic, Env};
 use crate::checks;
 use crate::runtime::device::MOVABLE;
-use crate::runtime::rand::Rng;
-use crate::runtime::time::{self, MS};
+use crate::runtime::time;
 use crate::runtime::{boot, vm};
 
 pub fn run(env: &Env) -> ! {
     let per_cpu = boot::arg_u64("timers", 2) as u32;
-    let all = env.ids(per_cpu * env.vcpus);
-    if env.cpu == 0 {
-        let book = checks::create_book();
-        periodic::create(
-            book,
-            all.start,
-            all.len() as u32,
-            &mut Rng::new(env.seed, 0),
-            MS,
-            10 * MS,
-            |_| MOVABLE,
-        );
-    }
-    let set = periodic::set();
-    for id in env.ids_of(per_cpu, env.cpu) {
-        set.start(id);
-    }
+    run_halting(env, per_cpu, |_| MOVABLE)
+}
+
+/// Every vCPU starts `per_cpu` periodic timers and halts between callbacks; vCPU 0 ends the run after
+/// `duration_ms` and checks them. Shared with `hotplug`.
+pub fn run_halting(env: &Env, per_cpu: u32, flags_of: impl Fn(u32) -> u32) -> ! {
+    let set = periodic::start_per_cpu(env, per_cpu, flags_of);
     if env.cpu != 0 {
         vm::halt_forever();
     }

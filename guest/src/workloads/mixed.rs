@@ -12,24 +12,7 @@ use crate::runtime::{boot, vm};
 
 pub fn run(env: &Env) -> ! {
     let per_cpu = 2 * boot::arg_u64("timers", 2) as u32;
-    let all = env.ids(per_cpu * env.vcpus);
-    if env.cpu == 0 {
-        let book = checks::create_book();
-        let flags = |i: u32| if i & 1 == 0 { PINNED } else { MOVABLE };
-        periodic::create(
-            book,
-            all.start,
-            all.len() as u32,
-            &mut Rng::new(env.seed, 0),
-            MS,
-            10 * MS,
-            flags,
-        );
-    }
-    let set = periodic::set();
-    for id in env.ids_of(per_cpu, env.cpu) {
-        set.start(id);
-    }
+    let set = periodic::start_per_cpu(env, per_cpu, |i| if i & 1 == 0 { PINNED } else { MOVABLE });
     let end = env.start + env.duration;
     let mut units = 0u64;
     if env.cpu & 1 == 0 {

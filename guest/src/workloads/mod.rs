@@ -4,10 +4,10 @@
 
 mod abi_check;
 mod all_idle;
-mod hotplug;
 mod busy;
 mod cancel_race;
 mod hello;
+mod hotplug;
 mod idle_movable;
 mod mixed;
 mod never_ack;

@@ -9,8 +9,8 @@
 //! cancelled was late, not lost by quietvm: its periods up to T count as lost too.
 
 use crate::checks::Book;
-use crate::runtime::boot;
 use crate::runtime::arena::{self, Zeroable};
+use crate::runtime::boot;
 use crate::runtime::device::{status, Expired};
 use crate::runtime::rand::Rng;
 use crate::runtime::sync::Published;
@@ -41,6 +41,33 @@ pub struct PeriodicSet {
 }
 
 static SET: Published<PeriodicSet> = Published::new();
+
+/// The common start of the periodic workloads: vCPU 0 creates the book and a set of `per_cpu` timers
+/// for every vCPU (periods 1-10 ms, flags `flags_of(i)`), and every vCPU starts its own share.
+pub fn start_per_cpu(
+    env: &super::Env,
+    per_cpu: u32,
+    flags_of: impl Fn(u32) -> u32,
+) -> &'static PeriodicSet {
+    let all = env.ids(per_cpu * env.vcpus);
+    if env.cpu == 0 {
+        let book = crate::checks::create_book();
+        create(
+            book,
+            all.start,
+            all.len() as u32,
+            &mut Rng::new(env.seed, 0),
+            time::MS,
+            10 * time::MS,
+            flags_of,
+        );
+    }
+    let set = set();
+    for id in env.ids_of(per_cpu, env.cpu) {
+        set.start(id);
+    }
+    set
+}
 
 /// Creates the set (one vCPU; the others call `set()`): timers `first_id ..` with `flags_of(i)` and
 /// periods drawn from `min_period .. max_period` ns, which the args `period_min_us` / `period_max_us`
@@ -160,7 +187,8 @@ impl PeriodicSet {
                 let due = t.armed_for.load(Ordering::Relaxed);
                 if was_pending && due <= stop {
                     let period = t.period.load(Ordering::Relaxed);
-                    t.lost.fetch_add((stop - due) / period + 1, Ordering::Relaxed);
+                    t.lost
+                        .fetch_add((stop - due) / period + 1, Ordering::Relaxed);
                 }
             }
         }
