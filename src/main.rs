@@ -214,7 +214,9 @@ fn run(args: RunArgs) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    if !matches!(cli.command, Command::Run(_)) {
+    if matches!(cli.command, Command::Run(_)) {
+        quietvm::kvm::sys::quiet_allocator();
+    } else {
         quietvm::kvm::sys::default_sigpipe();
     }
     match cli.command {

@@ -51,14 +51,8 @@ fn wakeups_chart(cmp: &Comparison, area: &Area) -> Result<(), Box<dyn std::error
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(n.max(1))
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            cmp.summary
-                .get(i)
-                .map(|s| s.policy.clone())
-                .unwrap_or_default()
-        })
+        // Each bar carries its policy's name and value; numeric x labels would mean nothing here.
+        .x_labels(0)
         .y_desc("wakeups / s")
         .draw()?;
     for (i, s) in cmp.summary.iter().enumerate() {
@@ -77,8 +71,8 @@ fn wakeups_chart(cmp: &Comparison, area: &Area) -> Result<(), Box<dyn std::error
             BLACK.stroke_width(2),
         )))?;
         chart.draw_series(std::iter::once(Text::new(
-            format!("{:.0}", s.host_wakeups_per_s.median),
-            (x + 0.35, s.host_wakeups_per_s.max + top * 0.03),
+            format!("{}: {:.0}", s.policy, s.host_wakeups_per_s.median),
+            (x + 0.2, s.host_wakeups_per_s.max + top * 0.06),
             ("sans-serif", 14),
         )))?;
     }

@@ -145,3 +145,16 @@ pub fn default_sigpipe() {
     // SAFETY: signal() with SIG_DFL installs no handler code; SIGPIPE is a valid signal.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
+
+/// Keeps glibc's allocator from mapping, growing or trimming heaps in small steps. Each `mmap`,
+/// `mprotect` or `munmap` takes the process's `mmap_lock` for writing, and KVM faulting guest memory in
+/// for another vCPU waits for it: a sleep the kernel counts, on a thread that was not halted. With a
+/// 1 MiB top pad, no trimming and no small mmaps, the vCPU threads' heaps settle after start-up.
+pub fn quiet_allocator() {
+    // SAFETY: mallopt only sets allocator parameters; the values are in range for each parameter.
+    unsafe {
+        libc::mallopt(libc::M_TOP_PAD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+    }
+}

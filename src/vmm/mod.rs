@@ -10,7 +10,7 @@ mod vcpu_thread;
 
 use std::io::Cursor;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -124,8 +124,8 @@ pub(crate) struct VmShared<D> {
     pub(crate) kicks: VcpuKicks,
     /// `CLOCK_MONOTONIC` at guest time 0.
     pub(crate) clock_start_mono: u64,
-    /// Every vCPU thread has been spawned: a thread waits for this before it first enters the guest.
-    pub(crate) all_started: AtomicBool,
+    /// vCPU threads that have reached the start line (see [`begin_vcpu_run`]).
+    arrived: AtomicU32,
     stop: AtomicBool,
     outcome: Mutex<Option<(Outcome, u64)>>,
     /// Written when the VM ends, to wake the event loop.
@@ -136,6 +136,8 @@ pub(crate) struct VmShared<D> {
     pub(crate) control: Vec<VcpuControl>,
     /// The API paused the VM: every vCPU thread parks.
     pub(crate) paused: AtomicBool,
+    /// vCPU threads that have taken their final kernel sample (see [`end_vcpu_run`]).
+    finished: AtomicU32,
 }
 
 /// A vCPU's figures, live.
@@ -168,7 +170,7 @@ impl<D> VmShared<D> {
             serial: SerialConsole::new(std::io::stdout()),
             kicks: VcpuKicks::new(vcpus),
             clock_start_mono,
-            all_started: AtomicBool::new(false),
+            arrived: AtomicU32::new(0),
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
             end_event: EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?,
@@ -188,6 +190,7 @@ impl<D> VmShared<D> {
                 })
                 .collect(),
             paused: AtomicBool::new(false),
+            finished: AtomicU32::new(0),
         })
     }
 
@@ -308,7 +311,12 @@ pub(crate) fn enter_vcpu_thread<D>(
 /// (spawning a thread maps its stack under `mmap_lock`, which would stall, and may put to sleep, vCPUs
 /// faulting in guest memory meanwhile), then starts counting the thread's kernel figures from here.
 pub(crate) fn begin_vcpu_run<D>(shared: &VmShared<D>, index: u32) -> ThreadCounters {
-    while !shared.all_started.load(Ordering::Acquire) && !shared.stopping() {
+    // Counted by the threads themselves, not by their spawner: a thread's own start-up (its signal
+    // stack, its allocator arena) maps memory too, after `spawn` has returned.
+    shared.arrived.fetch_add(1, Ordering::AcqRel);
+    while (shared.arrived.load(Ordering::Acquire) as usize) < shared.live.len()
+        && !shared.stopping()
+    {
         std::thread::yield_now();
     }
     let at_start = ThreadCounters::of_this_thread();
@@ -328,6 +336,17 @@ pub(crate) fn end_vcpu_run<D>(
     stats.kernel_voluntary_switches = kernel.voluntary_switches;
     stats.kernel_cpu_ns = kernel.cpu_ns;
     stats.kernel_timeslices = kernel.timeslices;
+    // A thread that ends unmaps memory (its kvm_run, its signal stack, its stack), taking mmap_lock for
+    // writing; a vCPU thread still before its final sample that faults guest memory meanwhile would
+    // sleep on it, and the kernel would count a sleep that was no halt. So no thread leaves before all
+    // have taken their sample (bounded, in case one never gets here).
+    shared.finished.fetch_add(1, Ordering::AcqRel);
+    let give_up = Instant::now() + Duration::from_secs(2);
+    while (shared.finished.load(Ordering::Acquire) as usize) < shared.live.len()
+        && Instant::now() < give_up
+    {
+        std::thread::yield_now();
+    }
     kernel
 }
 
@@ -500,7 +519,6 @@ fn run_vcpu_threads<D: ModeParts>(
         }
     }
 
-    shared.all_started.store(true, Ordering::Release);
     event_loop.run();
     let mut vcpu_stats: Vec<VcpuStats> = Vec::with_capacity(threads.len());
     for (i, t) in threads.into_iter().enumerate() {
