@@ -300,11 +300,7 @@ fn trace_host_rejects_bad_arguments() {
 /// The guest's `replay` workload re-enacts a committed trace on real KVM under each policy, with
 /// every per-arming check of the guest passing.
 #[test]
-fn the_guest_replays_a_trace_on_kvm_under_every_policy() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: no /dev/kvm");
-        return;
-    }
+fn the_guest_replays_a_trace_on_kvm_under_every_policy_and_under_compare() {
     let dir = tempfile::tempdir().unwrap();
     let compact = dir.path().join("idle.qvrp");
     let (out, _) = replay(
@@ -346,6 +342,30 @@ fn the_guest_replays_a_trace_on_kvm_under_every_policy() {
             "{policy}: {stdout}"
         );
     }
+    // `quietvm compare` takes it like any workload, the kernel cross-check included.
+    let out = bin()
+        .arg("compare")
+        .arg(&config)
+        .args([
+            "--policies",
+            "local,pull",
+            "--repeat",
+            "1",
+            "--duration-ms",
+            "800",
+        ])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "compare: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("workload replay") && stdout.contains("pull saves"),
+        "{stdout}"
+    );
     // Without a payload the workload says what is missing.
     let out = bin()
         .args(["run", "--workload", "replay", "--vcpus", "2", "--quiet"])

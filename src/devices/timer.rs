@@ -226,8 +226,11 @@ impl<C: Clock> TimerDevice<C> {
 
     /// A guest `out` to the command port from `cpu`.
     pub fn command(&self, cpu: CpuId, size: u8, cmd: u32, effects: &mut Effects) {
-        let now = self.service.clock().now_ns();
         let mut st = self.lock();
+        // Read under the lock: waiting for it can take milliseconds on an oversubscribed host, while
+        // another vCPU expires timers at a later time; a time read before the wait would make a timer
+        // handed over now look as if it fired before its deadline.
+        let now = self.service.clock().now_ns();
         let (status, value) = if size != 4 {
             (abi::BAD_ACCESS, 0)
         } else {
