@@ -635,6 +635,7 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
             max_timers: cfg.max_timers,
             group_size: 8,
             nodes: None,
+            max_cpus: Some(cfg.vcpus),
         },
         clock,
         cfg.vcpus,

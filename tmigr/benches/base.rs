@@ -67,6 +67,7 @@ fn bench_service(pending: u32, iters: u32) -> f64 {
             max_timers: pending + 1,
             group_size: 8,
             nodes: None,
+            max_cpus: None,
         },
         FakeClock::new(0),
         8,

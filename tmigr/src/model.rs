@@ -243,6 +243,7 @@ impl Sim {
                 max_timers: cfg.max_timers,
                 group_size: cfg.group_size,
                 nodes: cfg.nodes.clone(),
+                max_cpus: None,
             },
             clock.clone(),
             cfg.initially_online,

@@ -120,6 +120,11 @@ pub struct ServiceConfig {
     /// Node of each vCPU (`nodes[cpu]`); groups below the crossnode level
     /// hold one node's vCPUs. `None`: one node.
     pub nodes: Option<Vec<u32>>,
+    /// The most vCPUs that will ever be online (ids `0..max_cpus`): per-vCPU
+    /// state and the group arena are sized for it up front. `None`:
+    /// [`DEFAULT_MAX_CPUS`]. A VMM that knows its vCPU count passes it, so a
+    /// small VM does not carry state for a thousand vCPUs.
+    pub max_cpus: Option<u32>,
 }
 
 impl Default for ServiceConfig {
@@ -129,6 +134,7 @@ impl Default for ServiceConfig {
             max_timers: 1024,
             group_size: 8,
             nodes: None,
+            max_cpus: None,
         }
     }
 }
@@ -234,7 +240,9 @@ impl<C: Clock> RemoteExpiry for Remote<'_, C> {
 impl<C: Clock> TimerService<C> {
     /// A service with vCPUs `0..cpus_online` online and running.
     pub fn new(cfg: ServiceConfig, clock: C, cpus_online: u32) -> Self {
-        let max_cpus = DEFAULT_MAX_CPUS
+        let max_cpus = cfg
+            .max_cpus
+            .unwrap_or(DEFAULT_MAX_CPUS)
             .max(cpus_online)
             .max(cfg.nodes.as_ref().map_or(0, |n| n.len() as u32));
         let hier = Hierarchy::new(HierConfig {

@@ -153,6 +153,7 @@ fn stress(policy: Policy, millis: u64) {
                 max_timers: CPUS * IDS_PER_CPU,
                 group_size: 2,
                 nodes: None,
+                max_cpus: None,
             },
             MonotonicClock::new(),
             CPUS,

@@ -32,6 +32,7 @@ fn svc(n: u32, gs: usize) -> (Arc<Svc>, Arc<FakeClock>) {
             max_timers: 64,
             group_size: gs,
             nodes: None,
+            max_cpus: None,
         },
         clock.clone(),
         n,
