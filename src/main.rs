@@ -203,9 +203,8 @@ fn run(args: RunArgs) -> ExitCode {
         eprint!("{}", stats.table());
     }
     if let Some(path) = &args.stats_json {
-        let json = serde_json::to_string_pretty(&stats).unwrap_or_default();
-        if let Err(e) = std::fs::write(path, json + "\n") {
-            return fail(format!("cannot write {}: {e}", path.display()));
+        if let Err(e) = quietvm::stats::write_json(path, &stats) {
+            return fail(e);
         }
     }
     ExitCode::from(stats.exit_code as u8)

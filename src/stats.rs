@@ -250,6 +250,13 @@ impl VmStats {
     }
 }
 
+/// Writes `value` as pretty JSON (with a final newline) to `path`; the error is one line for the user.
+pub fn write_json<T: Serialize>(path: &std::path::Path, value: &T) -> Result<(), String> {
+    let json = serde_json::to_string_pretty(value)
+        .map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
+    std::fs::write(path, json + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// A thread's own counters, as the kernel keeps them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ThreadCounters {

@@ -84,9 +84,8 @@ pub fn main(args: CompareArgs) -> ExitCode {
                 );
             }
             if let Some(path) = &args.json {
-                let json = serde_json::to_string_pretty(&cmp).unwrap_or_default();
-                if let Err(e) = std::fs::write(path, json + "\n") {
-                    eprintln!("quietvm: error: cannot write {}: {e}", path.display());
+                if let Err(e) = crate::stats::write_json(path, &cmp) {
+                    eprintln!("quietvm: error: {e}");
                     ok = false;
                 }
             }

@@ -83,9 +83,8 @@ pub fn main(args: FleetArgs) -> ExitCode {
                 );
             }
             if let Some(path) = &args.json {
-                let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-                if let Err(e) = std::fs::write(path, json + "\n") {
-                    eprintln!("quietvm: error: cannot write {}: {e}", path.display());
+                if let Err(e) = crate::stats::write_json(path, &report) {
+                    eprintln!("quietvm: error: {e}");
                     ok = false;
                 }
             }

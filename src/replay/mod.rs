@@ -399,12 +399,8 @@ pub fn main(args: ReplayArgs) -> ExitCode {
     };
     print!("{}", report.table());
     if let Some(path) = &args.json {
-        let json = match serde_json::to_string_pretty(&report) {
-            Ok(j) => j,
-            Err(e) => return usage(cmd, format!("cannot encode the report: {e}")),
-        };
-        if let Err(e) = std::fs::write(path, json + "\n") {
-            return usage(cmd, format!("cannot write {}: {e}", path.display()));
+        if let Err(e) = crate::stats::write_json(path, &report) {
+            return usage(cmd, e);
         }
     }
     if report
