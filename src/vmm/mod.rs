@@ -207,11 +207,15 @@ impl<D> VmShared<D> {
         self.live
             .iter()
             .map(|slot| {
-                let live = slot.lock();
-                let mut s = live.stats.clone();
-                if let Some(start) = &live.kernel_at_start {
+                // Copy under the lock, read /proc outside it: the vCPU's thread takes this lock to
+                // publish, and a /proc read is far slower than the copy.
+                let (mut s, start) = {
+                    let live = slot.lock();
+                    (live.stats.clone(), live.kernel_at_start)
+                };
+                if let Some(start) = start {
                     if let Some(now) = ThreadCounters::read(std::process::id(), s.tid) {
-                        let d = now.since(start);
+                        let d = now.since(&start);
                         s.kernel_voluntary_switches = d.voluntary_switches;
                         s.kernel_cpu_ns = d.cpu_ns;
                         s.kernel_timeslices = d.timeslices;
