@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use quietvm::config::VmConfig;
-use quietvm::config::VmPolicy;
-use quietvm::vmm::{run_vm, RunOptions, EXIT_VMM_ERROR};
+use quietvm_vmm::config::VmConfig;
+use quietvm_vmm::config::VmPolicy;
+use quietvm_vmm::exit_code;
+use quietvm_vmm::vm::{run_vm, RunOptions};
 
 /// A small KVM VMM whose idle vCPUs stay asleep.
 ///
@@ -29,18 +30,18 @@ enum Command {
     Run(RunArgs),
     /// Run the same VM under several policies (interleaved rounds) and compare host wakeups, exits,
     /// lateness and CPU time, cross-checked against the kernel's per-thread counters.
-    Compare(quietvm::compare::CompareArgs),
+    Compare(quietvm_measure::compare::CompareArgs),
     /// Simulate the timer policies on virtual time (no KVM): wakeups, remote expiries, lateness.
-    Simulate(quietvm::simulate::SimulateArgs),
+    Simulate(quietvm_measure::simulate::SimulateArgs),
     /// Send one request to a running VMM's API socket (docs/api.md).
-    Ctl(quietvm::api::client::CtlArgs),
+    Ctl(quietvm_vmm::api::client::CtlArgs),
     /// Run many VMs at once, one `quietvm run` process each, and report host wakeups, VMM CPU,
     /// memory per VM and start-up time.
-    Fleet(quietvm::fleet::FleetArgs),
+    Fleet(quietvm_measure::fleet::FleetArgs),
     /// Replay a Linux timer trace under each policy, beside the kernel's own decisions.
-    Replay(quietvm::replay::ReplayArgs),
+    Replay(quietvm_measure::replay::ReplayArgs),
     /// Record this machine's timer activity (tracefs, root) for `quietvm replay`.
-    TraceHost(quietvm::replay::TraceHostArgs),
+    TraceHost(quietvm_measure::replay::TraceHostArgs),
 }
 
 #[derive(Args, Debug)]
@@ -179,7 +180,7 @@ impl log::Log for StderrLogger {
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("quietvm: error: {msg}");
-    ExitCode::from(EXIT_VMM_ERROR as u8)
+    ExitCode::from(exit_code::VMM_ERROR as u8)
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -203,7 +204,7 @@ fn run(args: RunArgs) -> ExitCode {
         eprint!("{}", stats.table());
     }
     if let Some(path) = &args.stats_json {
-        if let Err(e) = quietvm::stats::write_json(path, &stats) {
+        if let Err(e) = quietvm_vmm::stats::write_json(path, &stats) {
             return fail(e);
         }
     }
@@ -214,17 +215,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     if matches!(cli.command, Command::Run(_)) {
-        quietvm::kvm::sys::quiet_allocator();
+        quietvm_vmm::sys::os::quiet_allocator();
     } else {
-        quietvm::kvm::sys::default_sigpipe();
+        quietvm_vmm::sys::os::default_sigpipe();
     }
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Compare(args) => quietvm::compare::main(args),
-        Command::Simulate(args) => quietvm::simulate::main(args),
-        Command::Ctl(args) => quietvm::api::client::main(args),
-        Command::Fleet(args) => quietvm::fleet::main(args),
-        Command::Replay(args) => quietvm::replay::main(args),
-        Command::TraceHost(args) => quietvm::replay::trace_host_main(args),
+        Command::Compare(args) => quietvm_measure::compare::main(args),
+        Command::Simulate(args) => quietvm_measure::simulate::main(args),
+        Command::Ctl(args) => quietvm_vmm::api::client::main(args),
+        Command::Fleet(args) => quietvm_measure::fleet::main(args),
+        Command::Replay(args) => quietvm_measure::replay::main(args),
+        Command::TraceHost(args) => quietvm_measure::replay::trace_host_main(args),
     }
 }

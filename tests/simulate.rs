@@ -1,12 +1,12 @@
 //! `quietvm simulate` end to end (no KVM): the command line as clap parses it, the run, the JSON.
 //!
-//! Most drive `quietvm::simulate::main` with clap-parsed arguments (no process per case); the last
+//! Most drive `quietvm_measure::simulate::main` with clap-parsed arguments (no process per case); the last
 //! one runs the `quietvm simulate` binary itself, as the done condition states it.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use quietvm::simulate::{self, SimulateArgs};
+use quietvm_measure::simulate::{self, SimulateArgs};
 use serde_json::Value;
 
 #[derive(Parser)]

@@ -1,0 +1,187 @@
+//! `quietvm compare`: the same VM and workload once per policy, interleaved over K rounds
+//! (A B C A B C ...), with every wakeup count cross-checked against the kernel's own per-thread
+//! counters. See docs/compare.md for the output and its JSON schema.
+
+mod external;
+mod plot;
+mod summary;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use clap::Args;
+use serde::Serialize;
+
+use quietvm_vmm::config::{VmConfig, VmPolicy};
+use quietvm_vmm::stats::VmStats;
+pub use summary::{CrossCheck, PolicySummary, Spread};
+
+/// Run the same VM under several policies and compare host wakeups, lateness and CPU time.
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// The VM config to run (see configs/). Not needed with --external.
+    #[arg(required_unless_present = "external")]
+    pub config: Option<PathBuf>,
+    /// Policies to compare, in the order each round runs them.
+    #[arg(long, value_delimiter = ',', default_value = "kvm-lapic,local,push,pull", value_parser = parse_policy)]
+    pub policies: Vec<VmPolicy>,
+    /// Rounds: each policy runs K times, interleaved.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: u32,
+    /// Override the config's workload duration.
+    #[arg(long)]
+    pub duration_ms: Option<u64>,
+    /// Write every figure as JSON (docs/compare.md).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an SVG of wakeups per second and of lateness per policy.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Instead of running VMs, sample another running VMM process from outside by the same kernel
+    /// counters (any VMM: quietvm, or one using KVM's in-kernel LAPIC timer).
+    #[arg(long, value_name = "PID", conflicts_with_all = ["repeat", "json", "plot"])]
+    pub external: Option<u32>,
+    /// With --external: how long to sample.
+    #[arg(long, default_value_t = 5.0, requires = "external")]
+    pub seconds: f64,
+}
+
+fn parse_policy(s: &str) -> Result<VmPolicy, String> {
+    s.parse()
+}
+
+/// One VM run of the comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub policy: String,
+    pub round: u32,
+    pub stats: VmStats,
+}
+
+/// Everything `compare` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub config: VmConfig,
+    pub repeat: u32,
+    pub runs: Vec<RunRecord>,
+    pub summary: Vec<PolicySummary>,
+    pub cross_check: CrossCheck,
+}
+
+/// `quietvm compare ...`
+pub fn main(args: CompareArgs) -> ExitCode {
+    if let Some(pid) = args.external {
+        return external::main(pid, args.seconds);
+    }
+    match run(&args) {
+        Ok(cmp) => {
+            print!("{}", summary::render(&cmp));
+            let mut ok = cmp.cross_check.flagged.is_empty();
+            if !ok {
+                eprintln!(
+                    "quietvm: {} vCPU(s) where quietvm's wakeup count and the kernel's differ by more than 5% (see the cross-check above)",
+                    cmp.cross_check.flagged.len()
+                );
+            }
+            if let Some(path) = &args.json {
+                if let Err(e) = quietvm_vmm::stats::write_json(path, &cmp) {
+                    eprintln!("quietvm: error: {e}");
+                    ok = false;
+                }
+            }
+            if let Some(path) = &args.plot {
+                if let Err(e) = plot::write_svg(&cmp, path) {
+                    eprintln!("quietvm: error: cannot write {}: {e}", path.display());
+                    ok = false;
+                }
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("quietvm: error: {e}");
+            ExitCode::from(quietvm_vmm::exit_code::VMM_ERROR as u8)
+        }
+    }
+}
+
+/// Runs every policy `repeat` times, interleaved, each VM in its own `quietvm run` process (as users
+/// run them, so each one's CPU time is its own process's).
+pub fn run(args: &CompareArgs) -> Result<Comparison, String> {
+    let config_path = args.config.as_deref().ok_or("a config is needed")?;
+    let mut config = VmConfig::from_file(config_path).map_err(|e| e.to_string())?;
+    if let Some(d) = args.duration_ms {
+        config.duration_ms = d;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    if args.repeat == 0 {
+        return Err("--repeat must be at least 1".into());
+    }
+    if args.policies.is_empty() {
+        return Err("--policies needs at least one policy".into());
+    }
+    let total = args.repeat as usize * args.policies.len();
+    let mut runs = Vec::with_capacity(total);
+    for round in 0..args.repeat {
+        for policy in &args.policies {
+            eprint!(
+                "\rquietvm compare: run {}/{total}: {policy}, round {}        ",
+                runs.len() + 1,
+                round + 1
+            );
+            let stats = run_one(config_path, &config, *policy)?;
+            runs.push(RunRecord {
+                policy: policy.to_string(),
+                round,
+                stats,
+            });
+        }
+    }
+    eprintln!("\rquietvm compare: {total} runs done{:30}", "");
+    let policies: Vec<String> = args.policies.iter().map(|p| p.to_string()).collect();
+    let summary = summary::summarize(&policies, &runs);
+    let cross_check = summary::cross_check(&runs);
+    Ok(Comparison {
+        config,
+        repeat: args.repeat,
+        runs,
+        summary,
+        cross_check,
+    })
+}
+
+fn run_one(config_path: &Path, config: &VmConfig, policy: VmPolicy) -> Result<VmStats, String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the quietvm binary: {e}"))?;
+    let json = std::env::temp_dir().join(format!(
+        "quietvm-compare-{}-{policy}.json",
+        std::process::id()
+    ));
+    let out = Command::new(exe)
+        .arg("run")
+        .arg(config_path)
+        .args(["--policy", &policy.to_string()])
+        .args(["--duration-ms", &config.duration_ms.to_string()])
+        .arg("--quiet")
+        .arg("--stats-json")
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot start quietvm run: {e}"))?;
+    let text = std::fs::read_to_string(&json);
+    let _ = std::fs::remove_file(&json);
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "the {policy} run failed (exit {}): {}",
+            out.status.code().unwrap_or(-1),
+            stderr.lines().last().unwrap_or("no message")
+        ));
+    }
+    let text = text.map_err(|e| format!("the {policy} run wrote no statistics: {e}"))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("the {policy} run's statistics do not parse: {e}"))
+}

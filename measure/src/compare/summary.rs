@@ -1,0 +1,340 @@
+//! Per-policy figures over K rounds, the savings against the baselines, and the cross-check of every
+//! wakeup count against the kernel's.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::{Comparison, RunRecord};
+use quietvm_vmm::stats::VmStats;
+
+/// A figure over the K rounds: its median and its range.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(mut values: Vec<f64>) -> Self {
+        if values.is_empty() {
+            return Spread::default();
+        }
+        values.sort_by(|a, b| a.total_cmp(b));
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Spread {
+            median,
+            min: values[0],
+            max: values[n - 1],
+        }
+    }
+
+    /// max - min.
+    pub fn range(&self) -> f64 {
+        self.max - self.min
+    }
+}
+
+/// One policy's figures over its rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicySummary {
+    pub policy: String,
+    pub rounds: usize,
+    /// Host wakeups of all vCPU threads while halted, per run.
+    pub host_wakeups: Spread,
+    pub host_wakeups_per_s: Spread,
+    /// Host wakeups per timer fired.
+    pub wakeups_per_timer: Spread,
+    /// The kernel's voluntary context switches of the vCPU threads, per run.
+    pub kernel_voluntary_switches: Spread,
+    pub timers_fired: Spread,
+    /// Summed over all rounds (each must be 0).
+    pub timers_missed: u64,
+    pub timers_early: u64,
+    pub remote_expiries: Spread,
+    pub lateness_p50_ns: Spread,
+    pub lateness_p99_ns: Spread,
+    pub lateness_max_ns: Spread,
+    /// CPU time of the VMM process, from the kernel (getrusage), per run.
+    pub cpu_user_ms: Spread,
+    pub cpu_system_ms: Spread,
+    /// Median VM exits per run, by reason.
+    pub exits: BTreeMap<String, f64>,
+    /// 1 - (this policy's wakeups / local's), per round; absent if local was not run.
+    pub savings_vs_local: Option<Spread>,
+    /// The same against kvm-lapic.
+    pub savings_vs_kvm_lapic: Option<Spread>,
+    /// Lateness histogram summed over the rounds (`[upper_bound_ns, count]`, as in the stats).
+    pub lateness_histogram: Vec<[u64; 2]>,
+}
+
+/// One vCPU whose counts disagree.
+#[derive(Debug, Clone, Serialize)]
+pub struct Disagreement {
+    pub policy: String,
+    pub round: u32,
+    pub vcpu: u32,
+    pub quietvm: u64,
+    pub kernel: u64,
+}
+
+/// quietvm's own wakeup counts against the kernel's voluntary context switches, per vCPU and run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrossCheck {
+    /// vCPU runs compared (kvm-lapic runs are kernel-only and not counted).
+    pub checked: usize,
+    /// Those differing by more than 5% (and by more than 2, so that 0 against 1 is not flagged).
+    pub flagged: Vec<Disagreement>,
+}
+
+fn halted_wakeups(s: &VmStats) -> u64 {
+    s.vcpus.iter().map(|v| v.host_wakeups).sum()
+}
+
+/// Figures per policy, in the order given.
+pub fn summarize(policies: &[String], runs: &[RunRecord]) -> Vec<PolicySummary> {
+    let by_round = |policy: &str| -> BTreeMap<u32, &VmStats> {
+        runs.iter()
+            .filter(|r| r.policy == policy)
+            .map(|r| (r.round, &r.stats))
+            .collect()
+    };
+    let savings_against = |mine: &BTreeMap<u32, &VmStats>, base: &str| -> Option<Spread> {
+        let base = by_round(base);
+        if base.is_empty() {
+            return None;
+        }
+        let v: Vec<f64> = mine
+            .iter()
+            .filter_map(|(round, s)| {
+                let b = halted_wakeups(base.get(round)?) as f64;
+                (b > 0.0).then(|| 1.0 - halted_wakeups(s) as f64 / b)
+            })
+            .collect();
+        (!v.is_empty()).then(|| Spread::of(v))
+    };
+    policies
+        .iter()
+        .map(|policy| {
+            let mine = by_round(policy);
+            let all: Vec<&VmStats> = mine.values().copied().collect();
+            let per = |f: &dyn Fn(&VmStats) -> f64| Spread::of(all.iter().map(|s| f(s)).collect());
+            let mut exit_kinds: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            for s in &all {
+                let mut per_run: BTreeMap<&str, u64> = BTreeMap::new();
+                for v in &s.vcpus {
+                    for (k, n) in &v.exits {
+                        *per_run.entry(k).or_default() += n;
+                    }
+                }
+                for (k, n) in per_run {
+                    exit_kinds.entry(k.to_owned()).or_default().push(n as f64);
+                }
+            }
+            let mut histogram: BTreeMap<u64, u64> = BTreeMap::new();
+            for s in &all {
+                for [bound, n] in &s.timers.lateness_ns.histogram {
+                    *histogram.entry(*bound).or_default() += n;
+                }
+            }
+            PolicySummary {
+                policy: policy.clone(),
+                rounds: all.len(),
+                host_wakeups: per(&|s| halted_wakeups(s) as f64),
+                host_wakeups_per_s: per(&|s| {
+                    halted_wakeups(s) as f64 / (s.wall_ns.max(1) as f64 / 1e9)
+                }),
+                wakeups_per_timer: per(&|s| {
+                    halted_wakeups(s) as f64 / s.timers.fired.max(1) as f64
+                }),
+                kernel_voluntary_switches: per(&|s| {
+                    s.vcpus
+                        .iter()
+                        .map(|v| v.kernel_voluntary_switches)
+                        .sum::<u64>() as f64
+                }),
+                timers_fired: per(&|s| s.timers.fired as f64),
+                timers_missed: all.iter().map(|s| s.timers.missed).sum(),
+                timers_early: all.iter().map(|s| s.timers.early).sum(),
+                remote_expiries: per(&|s| s.timers.remote_expiries as f64),
+                lateness_p50_ns: per(&|s| s.timers.lateness_ns.p50 as f64),
+                lateness_p99_ns: per(&|s| s.timers.lateness_ns.p99 as f64),
+                lateness_max_ns: per(&|s| s.timers.lateness_ns.max as f64),
+                cpu_user_ms: per(&|s| s.process_user_ns as f64 / 1e6),
+                cpu_system_ms: per(&|s| s.process_system_ns as f64 / 1e6),
+                exits: exit_kinds
+                    .into_iter()
+                    .map(|(k, v)| (k, Spread::of(v).median))
+                    .collect(),
+                savings_vs_local: (policy != "local")
+                    .then(|| savings_against(&mine, "local"))
+                    .flatten(),
+                savings_vs_kvm_lapic: (policy != "kvm-lapic")
+                    .then(|| savings_against(&mine, "kvm-lapic"))
+                    .flatten(),
+                lateness_histogram: histogram.into_iter().map(|(b, n)| [b, n]).collect(),
+            }
+        })
+        .collect()
+}
+
+/// Flags every vCPU whose quietvm count and kernel count differ by more than 5% (and more than 2).
+pub fn cross_check(runs: &[RunRecord]) -> CrossCheck {
+    let mut checked = 0;
+    let mut flagged = Vec::new();
+    for r in runs.iter().filter(|r| r.policy != "kvm-lapic") {
+        for v in &r.stats.vcpus {
+            checked += 1;
+            let (ours, kernel) = (v.host_wakeups, v.kernel_voluntary_switches);
+            if disagree(ours, kernel) {
+                flagged.push(Disagreement {
+                    policy: r.policy.clone(),
+                    round: r.round,
+                    vcpu: v.index,
+                    quietvm: ours,
+                    kernel,
+                });
+            }
+        }
+    }
+    CrossCheck { checked, flagged }
+}
+
+/// More than 5% apart, and more than 2 apart (thread start-up and the final stop can each add a
+/// switch that is not a halt).
+pub fn disagree(ours: u64, kernel: u64) -> bool {
+    let diff = ours.abs_diff(kernel);
+    diff > 2 && diff as f64 > 0.05 * ours.max(kernel) as f64
+}
+
+fn pct(s: &Spread) -> String {
+    format!("{:.1}%", s.median * 100.0)
+}
+
+fn spread_pct(s: &Spread) -> String {
+    format!("spread {:.1}%", s.range() * 100.0)
+}
+
+/// The table, the cross-check and the summary lines.
+pub fn render(cmp: &Comparison) -> String {
+    let mut out = String::new();
+    let c = &cmp.config;
+    let _ = writeln!(
+        out,
+        "quietvm compare: {} vCPUs, workload {}, {} ms, {} round(s) per policy (medians; [min-max])",
+        c.vcpus, c.workload, c.duration_ms, cmp.repeat
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:>16} {:>10} {:>9} {:>8} {:>6} {:>6} {:>8} {:>9} {:>9} {:>10} {:>9} {:>9}",
+        "policy",
+        "host wakeups",
+        "/s",
+        "/timer",
+        "fired",
+        "missed",
+        "early",
+        "remote",
+        "lat p50",
+        "lat p99",
+        "lat max",
+        "cpu user",
+        "cpu sys"
+    );
+    for s in &cmp.summary {
+        let _ = writeln!(
+            out,
+            "{:<10} {:>16} {:>10.0} {:>9.3} {:>8.0} {:>6} {:>6} {:>8.0} {:>7.0}us {:>7.0}us {:>8.0}us {:>7.0}ms {:>7.0}ms",
+            s.policy,
+            format!("{:.0} [{:.0}-{:.0}]", s.host_wakeups.median, s.host_wakeups.min, s.host_wakeups.max),
+            s.host_wakeups_per_s.median,
+            s.wakeups_per_timer.median,
+            s.timers_fired.median,
+            s.timers_missed,
+            s.timers_early,
+            s.remote_expiries.median,
+            s.lateness_p50_ns.median / 1e3,
+            s.lateness_p99_ns.median / 1e3,
+            s.lateness_max_ns.median / 1e3,
+            s.cpu_user_ms.median,
+            s.cpu_system_ms.median,
+        );
+    }
+    let _ = writeln!(out, "VM exits per run, by reason (medians):");
+    for s in &cmp.summary {
+        let exits: Vec<String> = s.exits.iter().map(|(k, n)| format!("{k} {n:.0}")).collect();
+        let _ = writeln!(out, "  {:<10} {}", s.policy, exits.join(", "));
+    }
+    let x = &cmp.cross_check;
+    if x.flagged.is_empty() {
+        let _ = writeln!(
+            out,
+            "kernel cross-check: {} vCPU runs, quietvm's wakeup counts agree with the kernel's voluntary context switches within 5%",
+            x.checked
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "kernel cross-check: {} of {} vCPU runs DISAGREE by more than 5%:",
+            x.flagged.len(),
+            x.checked
+        );
+        for d in &x.flagged {
+            let _ = writeln!(
+                out,
+                "  {} round {} vCPU {}: quietvm {} kernel {}",
+                d.policy,
+                d.round + 1,
+                d.vcpu,
+                d.quietvm,
+                d.kernel
+            );
+        }
+    }
+    for s in &cmp.summary {
+        for (base, v) in [
+            ("local", &s.savings_vs_local),
+            ("kvm-lapic", &s.savings_vs_kvm_lapic),
+        ] {
+            if let Some(v) = v {
+                let _ = writeln!(
+                    out,
+                    "{} saves {} of host wakeups vs {base} (K={}, {})",
+                    s.policy,
+                    pct(v),
+                    s.rounds,
+                    spread_pct(v)
+                );
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_takes_the_median_and_range() {
+        let s = Spread::of(vec![3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Spread::of(vec![1.0, 2.0, 3.0, 4.0]).median, 2.5);
+        assert_eq!(Spread::of(vec![]), Spread::default());
+    }
+
+    #[test]
+    fn disagreement_needs_5_percent_and_more_than_2() {
+        assert!(!disagree(0, 2));
+        assert!(!disagree(100, 104));
+        assert!(disagree(100, 106));
+        assert!(disagree(0, 3));
+    }
+}

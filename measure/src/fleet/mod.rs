@@ -1,0 +1,618 @@
+//! `quietvm fleet`: many small VMs on one host, one `quietvm run` process each (as users run them),
+//! all started as fast as possible, and what they cost together: host wakeups of their vCPU threads
+//! (quietvm's count and the kernel's), VMM CPU time, memory per VM and start-up time. See
+//! docs/fleet.md for the output and its JSON schema.
+
+mod procfs;
+mod report;
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+pub use procfs::MemSample;
+use quietvm_vmm::config::{VmConfig, VmPolicy};
+use quietvm_vmm::stats::VmStats;
+use quietvm_vmm::sys::os::{wait_child, ChildExit};
+pub use report::{Aggregate, Dist, FleetReport, VmRecord};
+
+/// The most VMs one `fleet` starts.
+pub const MAX_VMS: u32 = 10_000;
+/// The longest `--interval-ms` and `--sample-ms`.
+const MAX_PERIOD_MS: u64 = 3_600_000;
+
+/// Run many VMs at once, one `quietvm run` process each, and report what they cost together.
+#[derive(Args, Debug)]
+pub struct FleetArgs {
+    /// VM configs (see configs/): VM i runs the (i mod K)-th of the K configs given.
+    #[arg(required = true, value_name = "CONFIG")]
+    pub configs: Vec<PathBuf>,
+    /// How many VMs to run.
+    #[arg(long)]
+    pub vms: u32,
+    /// Run every VM with this policy (local, push, pull or kvm-lapic) instead of its config's.
+    #[arg(long, value_parser = parse_policy)]
+    pub policy: Option<VmPolicy>,
+    /// Run this workload of the built-in guest in every VM instead of its config's (e.g. `hello`,
+    /// which prints at once: the start-up figure then measures boot to the first guest output).
+    #[arg(long)]
+    pub workload: Option<String>,
+    /// Extra KEY=VALUE words for every VM's guest (repeatable), after its config's: e.g.
+    /// `--arg period_min_us=10000 --arg period_max_us=100000` for sparser timers.
+    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    pub args: Vec<String>,
+    /// Run every VM's workload for this long instead of its config's duration.
+    #[arg(long)]
+    pub duration_ms: Option<u64>,
+    /// End every VM as failed after this long instead of its config's timeout (0 = no limit).
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Start the VMs this many milliseconds apart (0: all at once, as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub interval_ms: u64,
+    /// Sample each running VM's memory from /proc/PID/smaps this often (0: never; then the VMM
+    /// overhead is not reported).
+    #[arg(long, default_value_t = 250)]
+    pub sample_ms: u64,
+    /// Write every per-VM figure and the aggregate as JSON (docs/fleet.md).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn parse_policy(s: &str) -> Result<VmPolicy, String> {
+    s.parse()
+}
+
+/// `quietvm fleet ...`: exits 0 if every VM succeeded, 1 if any failed, 101 if the fleet could not run.
+pub fn main(args: FleetArgs) -> ExitCode {
+    match run(&args) {
+        Ok(report) => {
+            print!("{}", report::render(&report));
+            let mut ok = report.aggregate.failed == 0;
+            if !ok {
+                eprintln!(
+                    "quietvm: {} of {} VMs failed (listed above)",
+                    report.aggregate.failed, report.aggregate.vms
+                );
+            }
+            if let Some(path) = &args.json {
+                if let Err(e) = quietvm_vmm::stats::write_json(path, &report) {
+                    eprintln!("quietvm: error: {e}");
+                    ok = false;
+                }
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("quietvm: error: {e}");
+            ExitCode::from(quietvm_vmm::exit_code::VMM_ERROR as u8)
+        }
+    }
+}
+
+/// What a VM's thread (which spawns the VM, reads its console and reaps it) tells the main thread.
+enum Event {
+    /// The VM's process exists.
+    Started { index: usize, pid: u32 },
+    /// The VM has ended and been reaped, or could not be started (`Err`, with why).
+    Ended {
+        index: usize,
+        spawned_at: Instant,
+        result: Result<Finished, String>,
+    },
+}
+
+/// How a VM that ran ended.
+struct Finished {
+    pid: u32,
+    console: Console,
+    exit: std::io::Result<ChildExit>,
+    reaped_at: Instant,
+    memory: Option<MemSample>,
+    memory_samples: u32,
+}
+
+/// A running VM's memory samples, shared by its reader thread (which samples whenever the VM writes
+/// to its console), the sampler thread (periodically) and the main thread (at the end).
+struct Watch {
+    pid: u32,
+    guest_kib: Option<u64>,
+    /// `--sample-ms` is not 0.
+    enabled: bool,
+    /// Set by the reader thread once the VM's standard output closed (it is exiting): no more samples.
+    exiting: AtomicBool,
+    sampled: Mutex<Sampled>,
+}
+
+#[derive(Default)]
+struct Sampled {
+    last: Option<MemSample>,
+    count: u32,
+}
+
+impl Watch {
+    fn sample(&self) {
+        if !self.enabled || self.exiting.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(s) = procfs::sample(self.pid, self.guest_kib) {
+            let mut sampled = self.sampled.lock().unwrap_or_else(|e| e.into_inner());
+            sampled.count += 1;
+            // Keep the last sample that found the guest mapping (guest memory only grows).
+            if s.guest_rss_kib.is_some() || sampled.last.is_none() {
+                sampled.last = Some(s);
+            }
+        }
+    }
+
+    fn samples(&self) -> (Option<MemSample>, u32) {
+        let s = self.sampled.lock().unwrap_or_else(|e| e.into_inner());
+        (s.last, s.count)
+    }
+}
+
+/// The thread that samples every running VM's memory every `every`, least-sampled first, until
+/// `stop`. Separate from the launching thread, whose `spawn`s wait for each child's `exec` and can
+/// take long on a loaded host.
+struct Sampler {
+    watches: Arc<Mutex<Vec<Arc<Watch>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(every: Duration) -> Self {
+        let watches: Arc<Mutex<Vec<Arc<Watch>>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (w, st) = (Arc::clone(&watches), Arc::clone(&stop));
+        let thread = (!every.is_zero())
+            .then(|| {
+                std::thread::Builder::new()
+                    .name("fleet-sampler".into())
+                    .stack_size(256 << 10)
+                    .spawn(move || loop {
+                        std::thread::park_timeout(every);
+                        if st.load(Ordering::Acquire) {
+                            return;
+                        }
+                        let mut now: Vec<(u32, Arc<Watch>)> = {
+                            let mut all = w.lock().unwrap_or_else(|e| e.into_inner());
+                            all.retain(|x| !x.exiting.load(Ordering::Acquire));
+                            all.iter().map(|x| (x.samples().1, Arc::clone(x))).collect()
+                        };
+                        now.sort_by_key(|(count, _)| *count);
+                        for (_, watch) in now {
+                            watch.sample();
+                        }
+                    })
+                    .ok()
+            })
+            .flatten();
+        Sampler {
+            watches,
+            stop,
+            thread,
+        }
+    }
+
+    /// Where VM threads register their VM (`None` when not sampling).
+    fn registry(&self) -> Option<Arc<Mutex<Vec<Arc<Watch>>>>> {
+        self.thread.as_ref().map(|_| Arc::clone(&self.watches))
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// The files one VM writes.
+struct VmFiles {
+    stats: PathBuf,
+    stderr: PathBuf,
+}
+
+/// Runs the fleet and measures it.
+pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
+    if !(1..=MAX_VMS).contains(&args.vms) {
+        return Err(format!("--vms must be between 1 and {MAX_VMS}"));
+    }
+    for (flag, v) in [
+        ("--interval-ms", args.interval_ms),
+        ("--sample-ms", args.sample_ms),
+    ] {
+        if v > MAX_PERIOD_MS {
+            return Err(format!("{flag} must be at most {MAX_PERIOD_MS} (one hour)"));
+        }
+    }
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the quietvm binary: {e}"))?;
+    let dir = std::env::temp_dir().join(format!("quietvm-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Guest memory size of each config, to find its mapping in smaps (unknown if it does not parse:
+    // that VM will fail and say why).
+    let guest_kib: Vec<Option<u64>> = args
+        .configs
+        .iter()
+        .map(|p| VmConfig::from_file(p).ok().map(|c| c.memory_mib * 1024))
+        .collect();
+    let n = args.vms as usize;
+    let mut records: Vec<VmRecord> = (0..n)
+        .map(|i| VmRecord::new(i as u32, config_of(args, i).display().to_string()))
+        .collect();
+    let files: Vec<VmFiles> = (0..n)
+        .map(|i| VmFiles {
+            stats: dir.join(format!("vm{i}.json")),
+            stderr: dir.join(format!("vm{i}.stderr")),
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel::<Event>();
+
+    let load_average_before = procfs::load_average();
+    let start = Instant::now();
+    let sampler = Sampler::start(Duration::from_millis(args.sample_ms));
+    let progress_every = Duration::from_millis(500);
+    let mut next_progress = start + progress_every;
+    let mut launched = 0usize;
+    let (mut starting, mut running, mut ended, mut failed) = (0usize, 0usize, 0usize, 0usize);
+    let mut last_reaped = start;
+    loop {
+        // Start every VM that is due: with --interval-ms 0, all of them now. Each VM's own thread
+        // spawns it (a spawn waits for the child's exec, which takes long on a busy host), so the
+        // spawns overlap.
+        while launched < n
+            && (args.interval_ms == 0
+                || Instant::now()
+                    >= start + Duration::from_millis(args.interval_ms) * launched as u32)
+        {
+            let i = launched;
+            launched += 1;
+            let vm = VmLaunch {
+                index: i,
+                command: command(args, &exe, i, &files[i]),
+                stderr: files[i].stderr.clone(),
+                guest_kib: guest_kib[i % guest_kib.len()],
+                registry: sampler.registry(),
+            };
+            let thread_tx = tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("fleet-vm{i}"))
+                .stack_size(128 << 10)
+                .spawn(move || vm.run(&thread_tx));
+            match spawned {
+                Ok(_) => starting += 1,
+                Err(e) => {
+                    records[i].error = Some(format!("cannot start a thread to run the VM: {e}"));
+                    ended += 1;
+                    failed += 1;
+                }
+            }
+        }
+        if launched == n && starting + running == 0 {
+            break;
+        }
+        let mut wake = next_progress;
+        if launched < n {
+            wake = wake.min(start + Duration::from_millis(args.interval_ms) * launched as u32);
+        }
+        let got = rx.recv_timeout(wake.saturating_duration_since(Instant::now()));
+        let mut batch: Vec<Event> = got.into_iter().collect();
+        batch.extend(rx.try_iter());
+        for event in batch {
+            match event {
+                Event::Started { index, pid } => {
+                    records[index].pid = Some(pid);
+                    starting -= 1;
+                    running += 1;
+                }
+                Event::Ended {
+                    index,
+                    spawned_at,
+                    result,
+                } => {
+                    let rec = &mut records[index];
+                    rec.launched_at_ns = spawned_at.duration_since(start).as_nanos() as u64;
+                    ended += 1;
+                    match result {
+                        Ok(f) => {
+                            running -= 1;
+                            last_reaped = last_reaped.max(f.reaped_at);
+                            if !record_end(rec, spawned_at, f) {
+                                failed += 1;
+                            }
+                        }
+                        Err(e) => {
+                            starting -= 1;
+                            rec.error = Some(e);
+                            failed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= next_progress {
+            progress(launched, n, starting + running, ended, failed);
+            next_progress = now + progress_every;
+        }
+    }
+    sampler.stop();
+    let wall_ns = last_reaped.duration_since(start).as_nanos() as u64;
+    let load_average_after = procfs::load_average();
+    eprintln!(
+        "\rquietvm fleet: all {n} VMs ended, {failed} failed, in {:.2} s{:30}",
+        wall_ns as f64 / 1e9,
+        ""
+    );
+
+    for (rec, f) in records.iter_mut().zip(&files) {
+        collect(rec, f);
+    }
+    let _ = std::fs::remove_dir(&dir);
+    let host_cpus = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    let (user, system) = quietvm_vmm::sys::os::process_cpu_ns();
+    Ok(FleetReport {
+        configs: args
+            .configs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        policy: args.policy.map(|p| p.to_string()),
+        workload: args.workload.clone(),
+        args: args.args.clone(),
+        duration_ms: args.duration_ms,
+        timeout_ms: args.timeout_ms,
+        interval_ms: args.interval_ms,
+        sample_ms: args.sample_ms,
+        load_average_before,
+        load_average_after,
+        fleet_cpu_ns: user + system,
+        aggregate: Aggregate::of(&records, wall_ns, host_cpus),
+        per_vm: records,
+    })
+}
+
+fn config_of(args: &FleetArgs, i: usize) -> &Path {
+    &args.configs[i % args.configs.len()]
+}
+
+fn progress(launched: usize, n: usize, in_flight: usize, ended: usize, failed: usize) {
+    eprint!(
+        "\rquietvm fleet: {launched}/{n} started, {in_flight} running, {ended} ended, {failed} failed    "
+    );
+}
+
+/// `quietvm run CONFIG --quiet --stats-json FILE` plus the overrides, for VM `i`.
+fn command(args: &FleetArgs, exe: &Path, i: usize, files: &VmFiles) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("run").arg(config_of(args, i));
+    if let Some(p) = args.policy {
+        cmd.args(["--policy", &p.to_string()]);
+    }
+    if let Some(w) = &args.workload {
+        cmd.args(["--workload", w]);
+    }
+    for a in &args.args {
+        cmd.args(["--arg", a]);
+    }
+    if let Some(d) = args.duration_ms {
+        cmd.args(["--duration-ms", &d.to_string()]);
+    }
+    if let Some(t) = args.timeout_ms {
+        cmd.args(["--timeout-ms", &t.to_string()]);
+    }
+    cmd.arg("--quiet")
+        .arg("--stats-json")
+        .arg(&files.stats)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    cmd
+}
+
+/// Everything a VM's thread needs.
+struct VmLaunch {
+    index: usize,
+    command: Command,
+    stderr: PathBuf,
+    guest_kib: Option<u64>,
+    registry: Option<Arc<Mutex<Vec<Arc<Watch>>>>>,
+}
+
+impl VmLaunch {
+    /// Spawns the VM, reads its console to the end, reaps it, and reports.
+    fn run(mut self, tx: &mpsc::Sender<Event>) {
+        let index = self.index;
+        let mut spawned_at = Instant::now();
+        let result = self.spawn_and_wait(&mut spawned_at, tx);
+        let _ = tx.send(Event::Ended {
+            index,
+            spawned_at,
+            result,
+        });
+    }
+
+    fn spawn_and_wait(
+        &mut self,
+        spawned_at: &mut Instant,
+        tx: &mpsc::Sender<Event>,
+    ) -> Result<Finished, String> {
+        let stderr = File::create(&self.stderr)
+            .map_err(|e| format!("cannot create {}: {e}", self.stderr.display()))?;
+        self.command.stderr(stderr);
+        *spawned_at = Instant::now();
+        let mut child = self
+            .command
+            .spawn()
+            .map_err(|e| format!("cannot start quietvm run: {e}"))?;
+        let pid = child.id();
+        let stdout = child.stdout.take();
+        // From here on this thread reaps the child with wait4: `child` must not wait or kill.
+        drop(child);
+        let _ = tx.send(Event::Started {
+            index: self.index,
+            pid,
+        });
+        let watch = Arc::new(Watch {
+            pid,
+            guest_kib: self.guest_kib,
+            enabled: self.registry.is_some(),
+            exiting: AtomicBool::new(false),
+            sampled: Mutex::default(),
+        });
+        if let Some(registry) = &self.registry {
+            let mut all = registry.lock().unwrap_or_else(|e| e.into_inner());
+            all.push(Arc::clone(&watch));
+        }
+        let console = match stdout {
+            Some(out) => read_console(out, &watch),
+            None => Console::default(),
+        };
+        watch.exiting.store(true, Ordering::Release);
+        let exit = wait_child(pid);
+        let reaped_at = Instant::now();
+        let (memory, memory_samples) = watch.samples();
+        Ok(Finished {
+            pid,
+            console,
+            exit,
+            reaped_at,
+            memory,
+            memory_samples,
+        })
+    }
+}
+
+/// Fills a VM's record from how it ended; `false` if it did not exit with code 0.
+fn record_end(rec: &mut VmRecord, spawned_at: Instant, f: Finished) -> bool {
+    rec.pid = Some(f.pid);
+    rec.memory = f.memory;
+    rec.memory_samples = f.memory_samples;
+    rec.startup_ns = f
+        .console
+        .first
+        .map(|t| t.duration_since(spawned_at).as_nanos() as u64);
+    rec.stdout_bytes = f.console.bytes;
+    rec.last_output_line = f.console.last_line;
+    rec.run_ns = f.reaped_at.duration_since(spawned_at).as_nanos() as u64;
+    match f.exit {
+        Ok(exit) => {
+            rec.exit_code = exit.code;
+            rec.signal = exit.signal;
+            rec.max_rss_kib = Some(exit.max_rss_kib);
+            rec.rusage_user_ns = Some(exit.user_ns);
+            rec.rusage_system_ns = Some(exit.system_ns);
+            exit.code == Some(0)
+        }
+        Err(e) => {
+            rec.error = Some(format!("cannot wait for process {}: {e}", f.pid));
+            false
+        }
+    }
+}
+
+/// What a VM wrote to its console.
+#[derive(Default)]
+struct Console {
+    /// When its first byte came.
+    first: Option<Instant>,
+    bytes: u64,
+    /// Its last line that is not empty (at most [`TAIL`] bytes of it).
+    last_line: Option<String>,
+}
+
+/// How much of the console's end is kept, for the last line.
+const TAIL: usize = 1024;
+
+/// Reads a VM's console to its end. Samples the VM's memory each time output comes (at most every
+/// 10 ms): the built-in guest's timer workloads print their result just before the VM ends, so that
+/// sample sees all the guest memory it touched.
+fn read_console(mut out: impl Read, watch: &Watch) -> Console {
+    let mut last_sample: Option<Instant> = None;
+    let mut c = Console::default();
+    let mut tail: Vec<u8> = Vec::with_capacity(2 * TAIL);
+    let mut buf = [0u8; 4096];
+    loop {
+        match out.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                let now = Instant::now();
+                c.first.get_or_insert(now);
+                c.bytes += k as u64;
+                tail.extend_from_slice(&buf[..k]);
+                if tail.len() > TAIL {
+                    tail.drain(..tail.len() - TAIL);
+                }
+                if last_sample.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(10)) {
+                    watch.sample();
+                    last_sample = Some(Instant::now());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    c.last_line = String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_owned);
+    c
+}
+
+/// Reads a finished VM's statistics and error line, removes its files, and decides whether it
+/// succeeded.
+fn collect(rec: &mut VmRecord, files: &VmFiles) {
+    let stats: Result<VmStats, String> = std::fs::read_to_string(&files.stats)
+        .map_err(|e| format!("wrote no statistics ({e})"))
+        .and_then(|t| {
+            serde_json::from_str(&t).map_err(|e| format!("statistics do not parse: {e}"))
+        });
+    let stderr_line = std::fs::read_to_string(&files.stderr).ok().and_then(|t| {
+        t.lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(str::to_owned)
+    });
+    let _ = std::fs::remove_file(&files.stats);
+    let _ = std::fs::remove_file(&files.stderr);
+    let exited_ok = rec.exit_code == Some(0);
+    rec.ok = exited_ok && stats.is_ok() && rec.error.is_none();
+    if !rec.ok && rec.error.is_none() {
+        rec.error = Some(match (rec.exit_code, rec.signal, &stats) {
+            (Some(0), _, Err(e)) => e.clone(),
+            (Some(c), _, _) => {
+                let line = stderr_line.unwrap_or_else(|| format!("exited with code {c}"));
+                // The guest says why its checks failed, or where it crashed, on its console.
+                match (&rec.last_output_line, c) {
+                    (Some(guest), 1..=100) => format!("{line}; guest's last line: {guest}"),
+                    _ => line,
+                }
+            }
+            (None, Some(sig), _) => match stderr_line {
+                Some(l) => format!("ended by signal {sig}; last message: {l}"),
+                None => format!("ended by signal {sig}"),
+            },
+            (None, None, _) => "ended in an unknown way".into(),
+        });
+    }
+    rec.stats = stats.ok();
+    rec.derive();
+}

@@ -1,0 +1,14 @@
+//! quietvm's measuring commands, apart from the VMM they measure:
+//!
+//! - [`compare`]: `quietvm compare`, policies side by side with the kernel's counters as ground truth.
+//! - [`fleet`]: `quietvm fleet`, many VMs at once (one process each) and what they cost together.
+//! - [`simulate`]: `quietvm simulate`, the timer service under all policies on virtual time (no KVM).
+//! - [`replay`]: `quietvm replay` (real Linux timer traces under each policy) and `quietvm trace-host`.
+//!
+//! `compare` and `fleet` run the real `quietvm run` in child processes; `simulate` and `replay` drive
+//! the same timer code the VMM runs (tmigr's service and the VMM's expiry accounting) on virtual time.
+
+pub mod compare;
+pub mod fleet;
+pub mod replay;
+pub mod simulate;

@@ -1,0 +1,665 @@
+//! The VM: build it from a [`VmConfig`], run one thread per vCPU, wait for its end, report statistics.
+
+mod control;
+pub mod event_loop;
+mod guest_image;
+mod in_kernel_lapic;
+mod kicks;
+pub mod layout;
+mod vcpu_thread;
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use thiserror::Error;
+use tmigr::clock::Clock;
+use tmigr::service::{ServiceConfig, TimerService};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{ConfigError, VmConfig, VmPolicy};
+use crate::devices::serial::SerialConsole;
+use crate::devices::timer::TimerDevice;
+use crate::devices::{EXIT_PORT, REPORT_PORT, SERIAL_PORTS, TIMER_PORT};
+use crate::exit_code;
+use crate::stats::{Lateness, ThreadCounters, TimerStats, VcpuStats, VmStats};
+use crate::sync::NoSleepMutex;
+use crate::sys::kvm::kick::{block_kick_in_this_thread, install_kick_handler, ThreadKicker};
+use crate::sys::kvm::vcpu::{BootState, Exit, Vcpu};
+use crate::sys::kvm::vm::KvmVm;
+use crate::sys::kvm::KvmError;
+use crate::sys::os::{monotonic_ns, set_minimal_timer_slack};
+use control::{ModeParts, VmHandle};
+use event_loop::{EventLoop, LoopOptions};
+pub use guest_image::{GuestImage, ImageError};
+use kicks::{VcpuKicks, KICK_STOP};
+use layout::Layout;
+use vcpu_thread::VcpuThread;
+
+/// Why a VM could not be run. Each is one line for the user; all map to exit code 101.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("guest memory of {have} MiB is too small: the image and {vcpus} per-vCPU areas need {need} MiB")]
+    MemoryTooSmall { have: u64, need: u64, vcpus: u32 },
+    #[error("--vcpus {0} is more than KVM allows here ({1})")]
+    TooManyVcpus(u32, usize),
+    #[error("cannot load the guest image: {0}")]
+    Load(String),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest wrote this value to the exit port.
+    GuestExit(u32),
+    /// The guest crashed (triple fault, emulation failure, unmapped access, unhandled exit).
+    GuestCrash(String),
+    /// `--timeout-ms` passed.
+    Timeout(u64),
+    /// quietvm failed while running the VM.
+    VmmError(String),
+    /// Ended in order on request: the API's `shutdown`, SIGTERM or SIGINT (the guest did not finish).
+    Shutdown(String),
+}
+
+impl Outcome {
+    /// quietvm's process exit code for this outcome (docs/boot.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::GuestExit(v) => (*v).min(99) as i32,
+            Outcome::GuestCrash(_) | Outcome::Timeout(_) => exit_code::GUEST_CRASH,
+            Outcome::VmmError(_) => exit_code::VMM_ERROR,
+            Outcome::Shutdown(_) => 0,
+        }
+    }
+
+    /// One line for the user.
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::GuestExit(0) => "guest exited with code 0 (all checks passed)".into(),
+            Outcome::GuestExit(v) => format!("guest exited with code {v} (its checks failed)"),
+            Outcome::GuestCrash(why) => format!("guest crashed: {why}"),
+            Outcome::Timeout(ms) => format!("guest did not end within --timeout-ms {ms}"),
+            Outcome::VmmError(why) => format!("quietvm error: {why}"),
+            Outcome::Shutdown(by) => format!("shut down by {by} before the guest finished"),
+        }
+    }
+}
+
+/// A clock in guest nanoseconds: host `CLOCK_MONOTONIC` since the VM was created.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestClock {
+    start_mono: u64,
+}
+
+impl Clock for GuestClock {
+    fn now_ns(&self) -> u64 {
+        monotonic_ns().saturating_sub(self.start_mono)
+    }
+}
+
+/// What every vCPU thread shares, in every mode. `D` is the mode's own part: the timer device for the
+/// userspace policies, the guest's timer report under `kvm-lapic`.
+pub(crate) struct VmShared<D> {
+    pub(crate) device: D,
+    pub(crate) serial: SerialConsole<std::io::Stdout>,
+    pub(crate) kicks: VcpuKicks,
+    /// `CLOCK_MONOTONIC` at guest time 0.
+    pub(crate) clock_start_mono: u64,
+    /// vCPU threads that have reached the start line (see [`begin_vcpu_run`]).
+    arrived: AtomicU32,
+    stop: AtomicBool,
+    outcome: Mutex<Option<(Outcome, u64)>>,
+    /// Written when the VM ends, to wake the event loop.
+    pub(crate) end_event: EventFd,
+    /// Each vCPU's figures as its thread last published them, for the live `stats` request.
+    pub(crate) live: Vec<NoSleepMutex<VcpuLive>>,
+    /// Each vCPU's pause and hotplug state.
+    pub(crate) control: Vec<VcpuControl>,
+    /// The API paused the VM: every vCPU thread parks.
+    pub(crate) paused: AtomicBool,
+    /// vCPU threads that have taken their final kernel sample (see [`end_vcpu_run`]).
+    finished: AtomicU32,
+}
+
+/// A vCPU's figures, live.
+#[derive(Default)]
+pub(crate) struct VcpuLive {
+    pub(crate) stats: VcpuStats,
+    /// The thread's kernel counters when it started running its vCPU (`None` before).
+    pub(crate) kernel_at_start: Option<ThreadCounters>,
+}
+
+/// A vCPU's pause and hotplug state, shared between its thread and the API.
+pub(crate) struct VcpuControl {
+    /// The vCPU runs guest code (false while offline).
+    pub(crate) online: AtomicBool,
+    /// What the API wants: false from an offline request on, true again from `vcpu-online`.
+    pub(crate) wanted_online: AtomicBool,
+    /// The thread is parked (paused or offline), not in the guest.
+    pub(crate) parked: AtomicBool,
+}
+
+impl<D> VmShared<D> {
+    fn new(
+        device: D,
+        vcpus: u32,
+        vcpus_online: u32,
+        clock_start_mono: u64,
+    ) -> Result<Self, VmmError> {
+        Ok(VmShared {
+            device,
+            serial: SerialConsole::new(std::io::stdout()),
+            kicks: VcpuKicks::new(vcpus),
+            clock_start_mono,
+            arrived: AtomicU32::new(0),
+            stop: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            end_event: EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?,
+            live: (0..vcpus)
+                .map(|i| {
+                    NoSleepMutex::new(VcpuLive {
+                        stats: VcpuStats::new(i),
+                        kernel_at_start: None,
+                    })
+                })
+                .collect(),
+            control: (0..vcpus)
+                .map(|i| VcpuControl {
+                    online: AtomicBool::new(i < vcpus_online),
+                    wanted_online: AtomicBool::new(i < vcpus_online),
+                    parked: AtomicBool::new(false),
+                })
+                .collect(),
+            paused: AtomicBool::new(false),
+            finished: AtomicU32::new(0),
+        })
+    }
+
+    /// Publishes vCPU `index`'s figures for the live `stats` request.
+    pub(crate) fn publish(&self, stats: &VcpuStats) {
+        self.live[stats.index as usize]
+            .lock()
+            .stats
+            .clone_from(stats);
+    }
+
+    /// Every vCPU's figures now, with the kernel's counters read now for threads still running.
+    pub(crate) fn live_vcpu_stats(&self) -> Vec<VcpuStats> {
+        self.live
+            .iter()
+            .map(|slot| {
+                // Copy under the lock, read /proc outside it: the vCPU's thread takes this lock to
+                // publish, and a /proc read is far slower than the copy.
+                let (mut s, start) = {
+                    let live = slot.lock();
+                    (live.stats.clone(), live.kernel_at_start)
+                };
+                if let Some(start) = start {
+                    if let Some(now) = ThreadCounters::read(std::process::id(), s.tid) {
+                        let d = now.since(&start);
+                        s.kernel_voluntary_switches = d.voluntary_switches;
+                        s.kernel_cpu_ns = d.cpu_ns;
+                        s.kernel_timeslices = d.timeslices;
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// Records where vCPU `index`'s thread started counting.
+    pub(crate) fn start_counting(&self, index: u32, at: ThreadCounters) {
+        self.live[index as usize].lock().kernel_at_start = Some(at);
+    }
+
+    pub(crate) fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Guest time now (the clock of [`GuestClock`]).
+    pub(crate) fn now(&self) -> u64 {
+        GuestClock {
+            start_mono: self.clock_start_mono,
+        }
+        .now_ns()
+    }
+
+    /// Ends the VM (the first outcome wins) and kicks every vCPU so its thread returns.
+    pub(crate) fn end(&self, outcome: Outcome) {
+        let now = self.now();
+        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some((outcome, now));
+        }
+        self.stop.store(true, Ordering::Release);
+        drop(slot);
+        let _ = self.end_event.write(1);
+        self.kicks.kick_all(KICK_STOP);
+    }
+
+    /// Answers a guest `in` from a port every mode has (the serial console); `None` for other ports.
+    pub(crate) fn common_in(&self, port: u16) -> Option<u32> {
+        SERIAL_PORTS
+            .contains(&port)
+            .then(|| u32::from(self.serial.read((port - SERIAL_PORTS.start) as u8)))
+    }
+
+    /// Carries out a guest `out` to a port every mode has (serial console, debug exit); `false` for
+    /// other ports.
+    pub(crate) fn common_out(&self, port: u16, value: u32) -> bool {
+        match port {
+            p if SERIAL_PORTS.contains(&p) => self
+                .serial
+                .write((p - SERIAL_PORTS.start) as u8, value as u8),
+            EXIT_PORT => self.end(Outcome::GuestExit(value)),
+            _ => return false,
+        }
+        true
+    }
+}
+
+impl VmShared<TimerDevice<GuestClock>> {
+    /// Answers a guest `in`.
+    pub(crate) fn io_in(&self, cpu: u32, port: u16, size: u8) -> u32 {
+        if let Some(v) = self.common_in(port) {
+            return v;
+        }
+        match port {
+            TIMER_PORT if size == 4 => self.device.last_status(cpu),
+            _ => {
+                log::debug!("vCPU {cpu}: in from unknown port {port:#x}");
+                u32::MAX
+            }
+        }
+    }
+}
+
+/// Set-up every vCPU thread does first, on itself: the kick signal is blocked except inside `KVM_RUN`
+/// (kvm::kick), sleeps end at their deadline, and other threads can kick it from now on.
+pub(crate) fn enter_vcpu_thread<D>(
+    shared: &VmShared<D>,
+    index: u32,
+    vcpu: &Vcpu,
+) -> Result<(), KvmError> {
+    block_kick_in_this_thread()?;
+    vcpu.unblock_kick_in_guest()?;
+    set_minimal_timer_slack();
+    shared.kicks.register(index, Some(ThreadKicker::current()));
+    Ok(())
+}
+
+/// Waits until every vCPU thread exists (or the VM is ending) before the first entry into the guest
+/// (spawning a thread maps its stack under `mmap_lock`, which would stall, and may put to sleep, vCPUs
+/// faulting in guest memory meanwhile), then starts counting the thread's kernel figures from here.
+pub(crate) fn begin_vcpu_run<D>(shared: &VmShared<D>, index: u32) -> ThreadCounters {
+    // Counted by the threads themselves, not by their spawner: a thread's own start-up (its signal
+    // stack, its allocator arena) maps memory too, after `spawn` has returned.
+    shared.arrived.fetch_add(1, Ordering::AcqRel);
+    while (shared.arrived.load(Ordering::Acquire) as usize) < shared.live.len()
+        && !shared.stopping()
+    {
+        std::thread::yield_now();
+    }
+    let at_start = ThreadCounters::of_this_thread();
+    shared.start_counting(index, at_start);
+    at_start
+}
+
+/// The end of a vCPU thread's run: no more kicks to it, and its kernel figures since
+/// [`begin_vcpu_run`] go into its statistics (also returned).
+pub(crate) fn end_vcpu_run<D>(
+    shared: &VmShared<D>,
+    stats: &mut VcpuStats,
+    at_start: &ThreadCounters,
+) -> ThreadCounters {
+    shared.kicks.register(stats.index, None);
+    let kernel = ThreadCounters::of_this_thread().since(at_start);
+    stats.kernel_voluntary_switches = kernel.voluntary_switches;
+    stats.kernel_cpu_ns = kernel.cpu_ns;
+    stats.kernel_timeslices = kernel.timeslices;
+    // A thread that ends unmaps memory (its kvm_run, its signal stack, its stack), taking mmap_lock for
+    // writing; a vCPU thread still before its final sample that faults guest memory meanwhile would
+    // sleep on it, and the kernel would count a sleep that was no halt. So no thread leaves before all
+    // have taken their sample (bounded, in case one never gets here).
+    shared.finished.fetch_add(1, Ordering::AcqRel);
+    let give_up = Instant::now() + Duration::from_secs(2);
+    while (shared.finished.load(Ordering::Acquire) as usize) < shared.live.len()
+        && Instant::now() < give_up
+    {
+        std::thread::yield_now();
+    }
+    kernel
+}
+
+/// The outcome of an exit that means the guest crashed, the same in every mode; `None` for the exits a
+/// mode handles itself.
+pub(crate) fn crash_outcome(index: u32, exit: &Exit, vcpu: &Vcpu) -> Option<Outcome> {
+    let why = match exit {
+        Exit::Mmio { addr, write } => format!(
+            "vCPU {index}: guest {} unmapped address {addr:#x}",
+            if *write { "wrote" } else { "read" }
+        ),
+        Exit::Shutdown => format!("vCPU {index}: triple fault ({})", vcpu.describe_state()),
+        Exit::InternalError { suberror } => format!(
+            "vCPU {index}: KVM internal error (suberror {suberror}; emulation failure?) ({})",
+            vcpu.describe_state()
+        ),
+        Exit::FailEntry { reason } => {
+            format!("vCPU {index}: VM entry failed (reason {reason:#x})")
+        }
+        Exit::Other(what) => format!("vCPU {index}: unhandled exit {what}"),
+        Exit::IoOut { .. }
+        | Exit::IoIn { .. }
+        | Exit::Hlt
+        | Exit::Interrupted
+        | Exit::InterruptWindow => return None,
+    };
+    Some(Outcome::GuestCrash(why))
+}
+
+/// The statistics name of an exit (docs/stats.md, `exits`).
+pub(crate) fn exit_stat_name(exit: &Exit) -> &'static str {
+    match exit {
+        Exit::IoOut { port, .. } | Exit::IoIn { port, .. } => match *port {
+            p if SERIAL_PORTS.contains(&p) => "io_serial",
+            EXIT_PORT => "io_exit",
+            TIMER_PORT => "io_timer",
+            REPORT_PORT => "io_report",
+            _ => "io_unknown",
+        },
+        other => other.kind(),
+    }
+}
+
+/// A VM ready to run: guest memory loaded, boot structures written, every vCPU in its boot state.
+struct Machine {
+    kvm: KvmVm,
+    vcpus: Vec<Vcpu>,
+}
+
+/// Creates the VM (with KVM's in-kernel irqchip if `irqchip`), loads the image, creates the vCPUs in
+/// the boot state of docs/boot.md and writes the boot structures. The same for every mode.
+fn build_machine(
+    cfg: &VmConfig,
+    image: &GuestImage,
+    layout: &Layout,
+    irqchip: bool,
+) -> Result<Machine, VmmError> {
+    let mem_size = cfg.memory_mib << 20;
+    let kvm = if irqchip {
+        KvmVm::create_with_irqchip(mem_size)?
+    } else {
+        KvmVm::create(mem_size)?
+    };
+    if cfg.vcpus as usize > kvm.max_vcpus() {
+        return Err(VmmError::TooManyVcpus(cfg.vcpus, kvm.max_vcpus()));
+    }
+    let loaded = Elf::load(
+        kvm.memory(),
+        None,
+        &mut Cursor::new(&image.bytes[..]),
+        Some(GuestAddress(layout::IMAGE_BASE)),
+    )
+    .map_err(|e| VmmError::Load(e.to_string()))?;
+
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for i in 0..cfg.vcpus {
+        let vcpu = kvm.create_vcpu(u64::from(i))?;
+        vcpu.set_boot_state(
+            kvm.cpuid(),
+            &BootState {
+                entry: loaded.kernel_load.0,
+                stack_top: layout.stack_top(i),
+                index: u64::from(i),
+                boot_info: layout::BOOT_INFO,
+                gdt_base: layout::BOOT_GDT,
+                page_table_root: layout::PML4,
+            },
+        )?;
+        if irqchip {
+            vcpu.set_runnable()?;
+        }
+        vcpus.push(vcpu);
+    }
+    // Only a guest that programs a TSC-based timer needs it (the kvm-lapic guest refuses 0).
+    let tsc_khz = vcpus[0].tsc_khz().unwrap_or_else(|e| {
+        log::warn!("{e}: boot info gets tsc_khz 0");
+        0
+    });
+    layout
+        .write_boot_structures(kvm.memory(), cfg.max_timers, &cfg.guest_args(), tsc_khz)
+        .map_err(|e| VmmError::Load(e.to_string()))?;
+    if let Some(path) = &cfg.payload {
+        let bytes = std::fs::read(path)
+            .map_err(|e| VmmError::Load(format!("payload {}: {e}", path.display())))?;
+        layout
+            .write_payload(kvm.memory(), &bytes)
+            .map_err(|e| VmmError::Load(format!("payload {}: {e}", path.display())))?;
+    }
+    install_kick_handler()?;
+    Ok(Machine { kvm, vcpus })
+}
+
+/// How a VM ended, once all of its vCPU threads are back.
+struct Ended {
+    vcpus: Vec<VcpuStats>,
+    wall_ns: u64,
+    outcome: Outcome,
+    /// Guest time of the end.
+    ended_at: u64,
+}
+
+/// How quietvm runs a VM beyond its config: the control API and the metrics file (docs/api.md).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub api_sock: Option<PathBuf>,
+    pub metrics: Option<PathBuf>,
+    /// How often `--metrics` gets a line.
+    pub metrics_period: Duration,
+}
+
+/// Runs `body(shared, index, vcpu)` on one thread per vCPU, serves the VMM's event loop until the VM
+/// ends (its end, signals, `--timeout-ms`, `--metrics`, the API), and joins the threads.
+fn run_vcpu_threads<D: ModeParts>(
+    shared: &Arc<VmShared<D>>,
+    vcpus: Vec<Vcpu>,
+    cfg: &VmConfig,
+    opts: &RunOptions,
+    body: fn(Arc<VmShared<D>>, u32, Vcpu) -> VcpuStats,
+) -> Result<Ended, VmmError> {
+    // Set up (and refuse bad options) before any vCPU runs.
+    let handle = Arc::new(VmHandle::new(Arc::clone(shared), cfg.clone()));
+    let mut event_loop = EventLoop::new(
+        handle,
+        &LoopOptions {
+            api_sock: opts.api_sock.clone(),
+            metrics: opts.metrics.clone().map(|p| (p, opts.metrics_period)),
+            timeout: (cfg.timeout_ms > 0).then(|| Duration::from_millis(cfg.timeout_ms)),
+        },
+    )
+    .map_err(VmmError::Setup)?;
+    let started = Instant::now();
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for (i, vcpu) in vcpus.into_iter().enumerate() {
+        let for_thread = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .stack_size(256 << 10)
+            .spawn(move || body(for_thread, i as u32, vcpu));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                shared.end(Outcome::VmmError(format!(
+                    "cannot start vCPU thread {i}: {e}"
+                )));
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(VmmError::Thread(e));
+            }
+        }
+    }
+
+    event_loop.run();
+    let mut vcpu_stats: Vec<VcpuStats> = Vec::with_capacity(threads.len());
+    for (i, t) in threads.into_iter().enumerate() {
+        match t.join() {
+            Ok(s) => vcpu_stats.push(s),
+            Err(_) => {
+                shared.end(Outcome::VmmError(format!("vCPU thread {i} panicked")));
+                vcpu_stats.push(VcpuStats::new(i as u32));
+            }
+        }
+    }
+    let wall_ns = started.elapsed().as_nanos() as u64;
+    shared.serial.flush();
+    let (outcome, ended_at) = shared
+        .outcome
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or((
+            Outcome::VmmError("the VM ended without an outcome".into()),
+            0,
+        ));
+    Ok(Ended {
+        vcpus: vcpu_stats,
+        wall_ns,
+        outcome,
+        ended_at,
+    })
+}
+
+/// The statistics of a run, from its end and its timer figures.
+fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
+    let (user, system) = crate::sys::os::process_cpu_ns();
+    VmStats {
+        policy: cfg.policy.to_string(),
+        workload: cfg.workload.clone(),
+        exit_code: ended.outcome.exit_code(),
+        outcome: ended.outcome.describe(),
+        wall_ns: ended.wall_ns,
+        process_user_ns: user,
+        process_system_ns: system,
+        vcpus: ended.vcpus,
+        timers,
+    }
+}
+
+/// The statistics' timer figures from the device's counters.
+fn timer_stats(mut counters: crate::devices::timer::DeviceCounters) -> TimerStats {
+    TimerStats {
+        armed: counters.armed,
+        fired: counters.fired,
+        cancelled: counters.cancelled,
+        early: counters.early,
+        missed: counters.missed,
+        remote_expiries: counters.remote_expiries,
+        serialized: counters.serialized,
+        lateness_ns: Lateness::from_samples(&mut counters.lateness),
+    }
+}
+
+impl ModeParts for TimerDevice<GuestClock> {
+    fn live_timers(&self, now: u64) -> TimerStats {
+        timer_stats(self.counters(now))
+    }
+
+    fn hotplug(&self) -> Option<&dyn control::HotplugDevice> {
+        Some(self)
+    }
+}
+
+impl control::HotplugDevice for TimerDevice<GuestClock> {
+    fn request_offline(&self, cpu: u32) {
+        TimerDevice::request_offline(self, cpu)
+    }
+
+    fn withdraw_offline(&self, cpu: u32) -> bool {
+        TimerDevice::withdraw_offline(self, cpu)
+    }
+}
+
+/// Runs one VM to its end and returns its statistics. `Err` means the VM could not be run at all.
+pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
+    cfg.validate()?;
+    let image = match &cfg.guest {
+        Some(path) => GuestImage::from_file(path)?,
+        None => GuestImage::builtin()?,
+    };
+    let mem_size = cfg.memory_mib << 20;
+    let layout =
+        Layout::plan(image.end, cfg.vcpus, mem_size).map_err(|need| VmmError::MemoryTooSmall {
+            have: cfg.memory_mib,
+            need: need.div_ceil(1 << 20),
+            vcpus: cfg.vcpus,
+        })?;
+    if image.end > mem_size {
+        return Err(VmmError::MemoryTooSmall {
+            have: cfg.memory_mib,
+            need: image.end.div_ceil(1 << 20),
+            vcpus: cfg.vcpus,
+        });
+    }
+
+    let policy = match cfg.policy {
+        VmPolicy::Userspace(p) => p,
+        VmPolicy::KvmLapic => return in_kernel_lapic::run_vm(cfg, opts, &image, &layout),
+    };
+    let machine = build_machine(cfg, &image, &layout, false)?;
+    let clock = GuestClock {
+        start_mono: monotonic_ns(),
+    };
+    let service = TimerService::new(
+        ServiceConfig {
+            policy,
+            max_timers: cfg.max_timers,
+            group_size: 8,
+            nodes: None,
+            max_cpus: Some(cfg.vcpus),
+        },
+        clock,
+        cfg.vcpus,
+    );
+    let device = TimerDevice::new(
+        service,
+        machine.kvm.memory().clone(),
+        layout.device_pages,
+        cfg.vcpus,
+        cfg.max_timers,
+    );
+    let shared = Arc::new(VmShared::new(
+        device,
+        cfg.vcpus,
+        cfg.vcpus_online(),
+        clock.start_mono,
+    )?);
+    let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, VcpuThread::run)?;
+
+    let counters = shared.device.counters(ended.ended_at);
+    for v in &mut ended.vcpus {
+        v.timers_fired = counters.fired_per_vcpu[v.index as usize];
+        v.remote_expiries = counters.remote_per_vcpu[v.index as usize];
+    }
+    let timers = timer_stats(counters);
+    Ok(vm_stats(cfg, ended, timers))
+}
