@@ -17,6 +17,7 @@
 //! KVM), which only the timer device uses. The measuring commands (compare, fleet, simulate, replay)
 //! are the `quietvm-measure` crate, built on this one.
 
+pub mod accounting;
 pub mod api;
 pub mod config;
 pub mod devices;

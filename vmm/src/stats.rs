@@ -6,55 +6,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-/// Why a halted vCPU's thread was woken. Every host wakeup has exactly one cause.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum WakeupCause {
-    /// One of its own pinned timers was due.
-    OwnPinnedTimer,
-    /// One of its own movable timers was due (what `pull` avoids).
-    OwnMovableTimer,
-    /// It woke, as the last idle vCPU or migrator, to expire other vCPUs' movable timers.
-    RemoteMovableTimer,
-    /// Another vCPU handed it work (a timer delivery) and kicked it.
-    Interrupt,
-    /// The hierarchy asked it to re-read its next event.
-    MigratorKick,
-    /// quietvm itself: the VM is ending, pausing, or being reconfigured.
-    Control,
-    /// Woken with nothing to do (a stale deadline).
-    Spurious,
-    /// Under `kvm-lapic`: the vCPU halted in the kernel (in-kernel irqchip), which woke it for its LAPIC
-    /// timer or an IPI. quietvm sees none of these halts; the count is the thread's voluntary context
-    /// switches.
-    KernelHalt,
-}
-
-impl WakeupCause {
-    pub const ALL: [WakeupCause; 8] = [
-        WakeupCause::OwnPinnedTimer,
-        WakeupCause::OwnMovableTimer,
-        WakeupCause::RemoteMovableTimer,
-        WakeupCause::Interrupt,
-        WakeupCause::MigratorKick,
-        WakeupCause::Control,
-        WakeupCause::Spurious,
-        WakeupCause::KernelHalt,
-    ];
-
-    /// The key used in the JSON statistics.
-    pub fn name(self) -> &'static str {
-        match self {
-            WakeupCause::OwnPinnedTimer => "own_pinned_timer",
-            WakeupCause::OwnMovableTimer => "own_movable_timer",
-            WakeupCause::RemoteMovableTimer => "remote_movable_timer",
-            WakeupCause::Interrupt => "interrupt",
-            WakeupCause::MigratorKick => "migrator_kick",
-            WakeupCause::Control => "control",
-            WakeupCause::Spurious => "spurious",
-            WakeupCause::KernelHalt => "kernel_halt",
-        }
-    }
-}
+pub use crate::accounting::{Lateness, WakeupCause};
 
 /// One vCPU's figures.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
@@ -116,48 +68,6 @@ impl VcpuStats {
     /// Wakeups with the given cause.
     pub fn wakeups(&self, cause: WakeupCause) -> u64 {
         self.wakeup_causes.get(cause.name()).copied().unwrap_or(0)
-    }
-}
-
-/// Timer lateness (delivery time minus deadline), in nanoseconds: exact nearest-rank percentiles and
-/// a log-scale histogram for plotting.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct Lateness {
-    pub p50: u64,
-    pub p99: u64,
-    pub max: u64,
-    /// `[upper_bound_ns, count]` pairs: bucket `i` counts samples in `(bound[i-1], bound[i]]`, with
-    /// bounds 1 us, 2 us, 4 us, ... (doubling); empty buckets at the top are left out.
-    pub histogram: Vec<[u64; 2]>,
-}
-
-impl Lateness {
-    /// Percentiles and histogram of `samples`, which it sorts.
-    pub fn from_samples(samples: &mut [u64]) -> Self {
-        if samples.is_empty() {
-            return Lateness::default();
-        }
-        samples.sort_unstable();
-        let rank = |p: f64| {
-            samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1]
-        };
-        let mut histogram: Vec<[u64; 2]> = Vec::new();
-        let mut bound = 1_000u64;
-        let mut i = 0;
-        while i < samples.len() {
-            let start = i;
-            while i < samples.len() && samples[i] <= bound {
-                i += 1;
-            }
-            histogram.push([bound, (i - start) as u64]);
-            bound = bound.saturating_mul(2);
-        }
-        Lateness {
-            p50: rank(0.50),
-            p99: rank(0.99),
-            max: *samples.last().unwrap_or(&0),
-            histogram,
-        }
     }
 }
 
@@ -250,11 +160,31 @@ impl VmStats {
     }
 }
 
-/// Writes `value` as pretty JSON (with a final newline) to `path`; the error is one line for the user.
-pub fn write_json<T: Serialize>(path: &std::path::Path, value: &T) -> Result<(), String> {
-    let json = serde_json::to_string_pretty(value)
-        .map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
-    std::fs::write(path, json + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
+/// Why a JSON file could not be written; one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteJsonError {
+    #[error("cannot encode {}: {source}", path.display())]
+    Encode {
+        path: std::path::PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Writes `value` as pretty JSON (with a final newline) to `path`.
+pub fn write_json<T: Serialize>(path: &std::path::Path, value: &T) -> Result<(), WriteJsonError> {
+    let json = serde_json::to_string_pretty(value).map_err(|source| WriteJsonError::Encode {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::write(path, json + "\n").map_err(|source| WriteJsonError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A thread's own counters, as the kernel keeps them.
@@ -312,16 +242,21 @@ mod tests {
 
     #[test]
     fn lateness_percentiles_are_nearest_rank() {
-        let mut v: Vec<u64> = (1..=100).collect();
-        let l = Lateness::from_samples(&mut v);
+        let of = |v: &[u64]| {
+            let mut r = crate::accounting::LatenessRecorder::new();
+            v.iter().for_each(|&x| r.record(x));
+            r.summary()
+        };
+        let v: Vec<u64> = (1..=100).collect();
+        let l = of(&v);
         assert_eq!((l.p50, l.p99, l.max), (50, 99, 100));
         assert_eq!(l.histogram, vec![[1000, 100]]);
-        let l = Lateness::from_samples(&mut [500, 1500, 1600, 5000]);
+        let l = of(&[500, 1500, 1600, 5000]);
         assert_eq!(
             l.histogram,
             vec![[1000, 1], [2000, 2], [4000, 0], [8000, 1]]
         );
-        assert_eq!(Lateness::from_samples(&mut []), Lateness::default());
+        assert_eq!(of(&[]), Lateness::default());
     }
 
     #[test]

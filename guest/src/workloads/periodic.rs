@@ -177,8 +177,12 @@ impl PeriodicSet {
     /// Stops every timer (callbacks stop re-arming, then `CANCEL_SYNC` each) and checks its count.
     /// Returns (timers, fires, skips).
     pub fn stop_and_check(&self) -> (u32, u64, u64) {
-        let stop = time::now();
+        // Stop re-arming first, then read the time: every arming was then made before `stop`, by a
+        // callback of a deadline before it, so a timer has fired at most N + 1 times. Read the other
+        // way round, a vCPU 0 descheduled between the two (a loaded host) let callbacks elsewhere
+        // re-arm and fire past `stop`, and the check counted fires it had not allowed for.
         self.stopping.store(true, Ordering::Release);
+        let stop = time::now();
         // An arming that was already due at `stop` but still pending when cancelled is late, not
         // missing: a starved host (many busy vCPU threads on few cores) delays delivery past the stop.
         for t in self.timers {

@@ -12,9 +12,10 @@ use std::process::{Command, ExitCode, Stdio};
 use clap::Args;
 use serde::Serialize;
 
-use quietvm_vmm::config::{VmConfig, VmPolicy};
+use quietvm_vmm::config::{ConfigError, VmConfig, VmPolicy};
 use quietvm_vmm::stats::VmStats;
 pub use summary::{CrossCheck, PolicySummary, Spread};
+use thiserror::Error;
 
 /// Run the same VM under several policies and compare host wakeups, lateness and CPU time.
 #[derive(Args, Debug)]
@@ -110,18 +111,18 @@ pub fn main(args: CompareArgs) -> ExitCode {
 
 /// Runs every policy `repeat` times, interleaved, each VM in its own `quietvm run` process (as users
 /// run them, so each one's CPU time is its own process's).
-pub fn run(args: &CompareArgs) -> Result<Comparison, String> {
-    let config_path = args.config.as_deref().ok_or("a config is needed")?;
-    let mut config = VmConfig::from_file(config_path).map_err(|e| e.to_string())?;
+pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
+    let config_path = args.config.as_deref().ok_or(CompareError::NoConfig)?;
+    let mut config = VmConfig::from_file(config_path)?;
     if let Some(d) = args.duration_ms {
         config.duration_ms = d;
     }
-    config.validate().map_err(|e| e.to_string())?;
+    config.validate()?;
     if args.repeat == 0 {
-        return Err("--repeat must be at least 1".into());
+        return Err(CompareError::NoRounds);
     }
     if args.policies.is_empty() {
-        return Err("--policies needs at least one policy".into());
+        return Err(CompareError::NoPolicies);
     }
     let total = args.repeat as usize * args.policies.len();
     let mut runs = Vec::with_capacity(total);
@@ -153,9 +154,12 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, String> {
     })
 }
 
-fn run_one(config_path: &Path, config: &VmConfig, policy: VmPolicy) -> Result<VmStats, String> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the quietvm binary: {e}"))?;
+fn run_one(
+    config_path: &Path,
+    config: &VmConfig,
+    policy: VmPolicy,
+) -> Result<VmStats, CompareError> {
+    let exe = std::env::current_exe().map_err(CompareError::NoBinary)?;
     let json = std::env::temp_dir().join(format!(
         "quietvm-compare-{}-{policy}.json",
         std::process::id()
@@ -170,18 +174,50 @@ fn run_one(config_path: &Path, config: &VmConfig, policy: VmPolicy) -> Result<Vm
         .arg(&json)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot start quietvm run: {e}"))?;
+        .map_err(CompareError::Spawn)?;
     let text = std::fs::read_to_string(&json);
     let _ = std::fs::remove_file(&json);
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "the {policy} run failed (exit {}): {}",
-            out.status.code().unwrap_or(-1),
-            stderr.lines().last().unwrap_or("no message")
-        ));
+        return Err(CompareError::RunFailed {
+            policy,
+            code: out.status.code().unwrap_or(-1),
+            message: stderr.lines().last().unwrap_or("no message").to_owned(),
+        });
     }
-    let text = text.map_err(|e| format!("the {policy} run wrote no statistics: {e}"))?;
-    serde_json::from_str(&text)
-        .map_err(|e| format!("the {policy} run's statistics do not parse: {e}"))
+    let text = text.map_err(|source| CompareError::NoStats { policy, source })?;
+    serde_json::from_str(&text).map_err(|source| CompareError::BadStats { policy, source })
+}
+
+/// Why a comparison could not be made. Each is one line for the user.
+#[derive(Debug, Error)]
+pub enum CompareError {
+    #[error("a config is needed")]
+    NoConfig,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("--repeat must be at least 1")]
+    NoRounds,
+    #[error("--policies needs at least one policy")]
+    NoPolicies,
+    #[error("cannot find the quietvm binary: {0}")]
+    NoBinary(#[source] std::io::Error),
+    #[error("cannot start quietvm run: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the {policy} run failed (exit {code}): {message}")]
+    RunFailed {
+        policy: VmPolicy,
+        code: i32,
+        message: String,
+    },
+    #[error("the {policy} run wrote no statistics: {source}")]
+    NoStats {
+        policy: VmPolicy,
+        source: std::io::Error,
+    },
+    #[error("the {policy} run's statistics do not parse: {source}")]
+    BadStats {
+        policy: VmPolicy,
+        source: serde_json::Error,
+    },
 }

@@ -16,13 +16,19 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(0x93, 0x78, 0x60),
 ];
 
-pub fn write_svg(cmp: &Comparison, path: &Path) -> Result<(), String> {
+/// Why the plot could not be drawn or written (plotters reports its errors as boxed errors).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PlotError(String);
+
+pub fn write_svg(cmp: &Comparison, path: &Path) -> Result<(), PlotError> {
+    let err = |e: &dyn std::fmt::Display| PlotError(e.to_string());
     let root = SVGBackend::new(path, (960, 720)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    root.fill(&WHITE).map_err(|e| err(&e))?;
     let (top, bottom) = root.split_vertically(340);
-    wakeups_chart(cmp, &top).map_err(|e| e.to_string())?;
-    lateness_chart(cmp, &bottom).map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+    wakeups_chart(cmp, &top).map_err(|e| err(&e))?;
+    lateness_chart(cmp, &bottom).map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;

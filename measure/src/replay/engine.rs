@@ -42,8 +42,8 @@ use tmigr::service::{
 };
 
 use super::timeline::{Op, OpKind, Timeline};
-use crate::simulate::report::{Lateness, LatenessHistogram};
 use crate::simulate::MISS_GRACE_NS;
+use quietvm_vmm::accounting::{ExpiryCounts, Lateness, LatenessRecorder, WakeupCause};
 
 /// Costs of the replayed machine (as `quietvm simulate`'s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,20 +160,6 @@ struct CpuState {
     deferred: BTreeSet<(u64, TimerId)>,
 }
 
-/// What an `expire` found, by the base of the timers.
-#[derive(Default, Clone, Copy)]
-struct Found {
-    own_pinned: u32,
-    own_movable: u32,
-    remote: u32,
-}
-
-impl Found {
-    fn any(&self) -> bool {
-        self.own_pinned + self.own_movable + self.remote > 0
-    }
-}
-
 struct Engine<'a> {
     tl: &'a Timeline,
     costs: Costs,
@@ -187,8 +173,8 @@ struct Engine<'a> {
     expired: Vec<Expired>,
     kick_buf: Vec<CpuId>,
     fig: PolicyFigures,
-    late: LatenessHistogram,
-    def_late: LatenessHistogram,
+    late: LatenessRecorder,
+    def_late: LatenessRecorder,
 }
 
 /// Replays `tl` under `policy`.
@@ -230,8 +216,8 @@ impl<'a> Engine<'a> {
                 policy: policy.to_string(),
                 ..PolicyFigures::default()
             },
-            late: LatenessHistogram::new(),
-            def_late: LatenessHistogram::new(),
+            late: LatenessRecorder::new(),
+            def_late: LatenessRecorder::new(),
         }
     }
 
@@ -373,15 +359,13 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn count_timer_wakeup(&mut self, f: Found, policy_made: bool) {
+    fn count_timer_wakeup(&mut self, f: ExpiryCounts, policy_made: bool) {
         self.fig.timer_wakeups += 1;
         self.fig.timer_wakeups_policy_made += policy_made as u64;
-        if f.own_pinned > 0 {
-            self.fig.timer_wakeups_own_pinned += 1;
-        } else if f.own_movable > 0 {
-            self.fig.timer_wakeups_own_movable += 1;
-        } else {
-            self.fig.timer_wakeups_remote += 1;
+        match f.timer_cause() {
+            Some(WakeupCause::OwnPinnedTimer) => self.fig.timer_wakeups_own_pinned += 1,
+            Some(WakeupCause::OwnMovableTimer) => self.fig.timer_wakeups_own_movable += 1,
+            _ => self.fig.timer_wakeups_remote += 1,
         }
     }
 
@@ -427,17 +411,13 @@ impl<'a> Engine<'a> {
     }
 
     /// `expire` on running `c`, plus its due deferrable timers; checks and counts each expiry.
-    fn expire(&mut self, c: CpuId) -> Found {
+    fn expire(&mut self, c: CpuId) -> ExpiryCounts {
         let mut buf = mem::take(&mut self.expired);
         buf.clear();
         self.svc.expire(c, &mut buf);
-        let mut found = Found::default();
+        let mut found = ExpiryCounts::default();
         for e in &buf {
-            match (e.owner == c, e.kind) {
-                (true, TimerKind::Pinned) => found.own_pinned += 1,
-                (true, TimerKind::Movable) => found.own_movable += 1,
-                (false, _) => found.remote += 1,
-            }
+            found.count(c, e);
             let Arming::Pending {
                 deadline,
                 armed_by,
@@ -605,8 +585,8 @@ impl<'a> Engine<'a> {
                 _ => {}
             }
         }
-        self.fig.lateness_ns = self.late.lateness();
-        self.fig.deferrable_lateness_ns = self.def_late.lateness();
+        self.fig.lateness_ns = self.late.summary();
+        self.fig.deferrable_lateness_ns = self.def_late.summary();
         self.fig.checks.invariants = match self.svc.check_invariants() {
             Ok(()) => "ok".to_string(),
             Err(e) => e,

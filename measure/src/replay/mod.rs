@@ -12,7 +12,7 @@
 //! decide when they run from a workload's callbacks (busy phases, halts after callbacks), while a
 //! replay's CPUs run and idle when the trace says, and its timers are armed at the trace's times
 //! whatever the policy did. What the two share is reused: the lateness histogram
-//! ([`crate::simulate::report::LatenessHistogram`]), the miss grace, and the calling contract of
+//! ([`quietvm_vmm::accounting::LatenessRecorder`]), the miss grace, and the calling contract of
 //! the service as the VMM follows it.
 
 pub mod capture;
@@ -296,11 +296,11 @@ impl ReplayReport {
             &mut s,
             "lateness p50 / p99 / max (us)",
             &|p| {
-                let l = p.lateness_ns;
+                let l = &p.lateness_ns;
                 format!("{}/{}/{}", us(l.p50), us(l.p99), us(l.max))
             },
             {
-                let l = k.lateness_ns;
+                let l = &k.lateness_ns;
                 format!("{}/{}/{}", us(l.p50), us(l.p99), us(l.max))
             },
         );
@@ -314,11 +314,11 @@ impl ReplayReport {
             &mut s,
             "deferrable lateness p50 / max (us)",
             &|p| {
-                let l = p.deferrable_lateness_ns;
+                let l = &p.deferrable_lateness_ns;
                 format!("{}/{}", us(l.p50), us(l.max))
             },
             {
-                let l = k.deferrable_lateness_ns;
+                let l = &k.deferrable_lateness_ns;
                 format!("{}/{}", us(l.p50), us(l.max))
             },
         );

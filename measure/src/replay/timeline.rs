@@ -42,7 +42,7 @@ use serde::Serialize;
 use tmigr::service::{CpuId, TimerId, TimerKind};
 
 use super::parse::{Ev, ParsedTrace, Record, TimerFlags, IDLE_EXIT_STATE};
-use crate::simulate::report::{Lateness, LatenessHistogram};
+use quietvm_vmm::accounting::{Lateness, LatenessRecorder};
 
 /// The tick rates the kernel can be built with (`CONFIG_HZ_*`), for snapping the estimate.
 pub const KNOWN_HZ: [u32; 4] = [100, 250, 300, 1000];
@@ -423,8 +423,8 @@ pub fn build(parsed: &ParsedTrace, hz: Option<u32>) -> Result<Timeline> {
     let mut early = vec![false; cpus as usize];
     let mut armings = ArmingCounts::default();
     let mut k = KernelFigures::default();
-    let mut k_late = LatenessHistogram::new();
-    let mut k_def_late = LatenessHistogram::new();
+    let mut k_late = LatenessRecorder::new();
+    let mut k_def_late = LatenessRecorder::new();
     // Per CPU: time of its last idle exit while the kernel-wakeup window is open, and whether its
     // tick was running then.
     let mut wake_window: Vec<Option<(u64, bool)>> = vec![None; cpus as usize];
@@ -621,8 +621,8 @@ pub fn build(parsed: &ParsedTrace, hz: Option<u32>) -> Result<Timeline> {
         .values()
         .filter(|&&d| d.saturating_add(period) < end)
         .count() as u64;
-    k.lateness_ns = k_late.lateness();
-    k.deferrable_lateness_ns = k_def_late.lateness();
+    k.lateness_ns = k_late.summary();
+    k.deferrable_lateness_ns = k_def_late.summary();
 
     Ok(Timeline {
         cpus,

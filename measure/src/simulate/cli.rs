@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use tmigr::service::Policy;
 
 use super::workloads::WorkloadKind;
-use super::{simulate, SimConfig};
+use super::{simulate, SimConfig, SimError};
 
 const EXIT_USAGE: u8 = quietvm_vmm::exit_code::USAGE as u8;
 const EXIT_CHECK_FAILED: u8 = quietvm_vmm::exit_code::CHECK_FAILED as u8;
@@ -54,36 +54,33 @@ fn usage(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
-fn micros(flag: &str, us: f64) -> Result<u64, String> {
+fn micros(flag: &'static str, us: f64) -> Result<u64, SimError> {
     if !us.is_finite() || !(0.0..=1e6).contains(&us) {
-        return Err(format!("{flag} must be 0..=1000000, not {us}"));
+        return Err(SimError::Micros { flag, value: us });
     }
     Ok((us * 1e3).round() as u64)
 }
 
 impl SimulateArgs {
     /// The policies and the configuration these arguments ask for, or one line saying what is wrong.
-    pub fn config(&self) -> Result<(Vec<Policy>, SimConfig), String> {
+    pub fn config(&self) -> Result<(Vec<Policy>, SimConfig), SimError> {
         let policies = match self.policy.as_str() {
             "all" => vec![Policy::Local, Policy::Push, Policy::Pull],
             p => vec![p
                 .parse::<Policy>()
-                .map_err(|_| format!("unknown policy `{p}` (local, push, pull or all)"))?],
+                .map_err(|_| SimError::UnknownPolicy(p.to_owned()))?],
         };
-        let workload: WorkloadKind = self.workload.parse()?;
+        let workload: WorkloadKind = self.workload.parse().map_err(SimError::UnknownWorkload)?;
         let s = self.duration_s;
         if !s.is_finite() || s <= 0.0 || s > (super::MAX_DURATION_NS / 1_000_000_000) as f64 {
-            return Err(format!(
-                "--duration-s must be more than 0 and at most {}, not {s}",
-                super::MAX_DURATION_NS / 1_000_000_000
-            ));
+            return Err(SimError::Duration(s));
         }
         let mut cfg = SimConfig::new(self.vcpus, workload);
         cfg.duration_ns = ((s * 1e9).round() as u64).max(1);
         cfg.seed = self.seed;
         if workload == WorkloadKind::PingPong {
             if self.timers.is_some_and(|t| t != 1) {
-                return Err("ping-pong has exactly one timer per vCPU (--timers 1)".to_string());
+                return Err(SimError::PingPongTimers);
             }
         } else if let Some(t) = self.timers {
             cfg.timers_per_vcpu = t;

@@ -66,15 +66,17 @@ use tmigr::service::{
 };
 
 pub use cli::{main, SimulateArgs};
-use report::{
-    HierarchyFigures, LatenessHistogram, PolicyReport, ServiceFigures, SimReport, TimerFigures,
-};
+use report::{HierarchyFigures, PolicyReport, ServiceFigures, SimReport, TimerFigures};
 use workloads::{Action, Workload, WorkloadKind};
 
-use quietvm_vmm::stats::WakeupCause;
+use quietvm_vmm::accounting::{
+    classify_wakeup, ExpiryCounts, KickReasons, LatenessRecorder, WakeupCause,
+};
 
 /// Most vCPUs a simulation accepts (four times KVM's usual maximum; the hierarchy has 5 levels).
 pub const MAX_VCPUS: u32 = 16_384;
+/// Longest simulated run, in seconds (for messages).
+const MAX_DURATION_S: u64 = MAX_DURATION_NS / 1_000_000_000;
 /// Most timers per vCPU.
 pub const MAX_TIMERS_PER_VCPU: u32 = 64;
 /// Longest simulated run.
@@ -122,32 +124,62 @@ impl SimConfig {
         }
     }
 
-    /// One line saying what is wrong, if anything.
-    pub fn validate(&self) -> Result<(), String> {
+    /// What is wrong, if anything.
+    pub fn validate(&self) -> Result<(), SimError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(format!(
-                "--vcpus must be 1..={MAX_VCPUS}, not {}",
-                self.vcpus
-            ));
+            return Err(SimError::Vcpus(self.vcpus));
         }
         if self.duration_ns == 0 || self.duration_ns > MAX_DURATION_NS {
-            return Err(format!(
-                "--duration-s must be more than 0 and at most {} s",
-                MAX_DURATION_NS / 1_000_000_000
-            ));
+            return Err(SimError::Duration(self.duration_ns as f64 / 1e9));
         }
         let min = self.workload.min_timers();
         if self.timers_per_vcpu < min || self.timers_per_vcpu > MAX_TIMERS_PER_VCPU {
-            return Err(format!(
-                "--timers must be {min}..={MAX_TIMERS_PER_VCPU} for workload {}, not {}",
-                self.workload, self.timers_per_vcpu
-            ));
+            return Err(SimError::Timers {
+                min,
+                workload: self.workload,
+                got: self.timers_per_vcpu,
+            });
         }
         if self.wake_latency_ns > MAX_COST_NS || self.exit_cost_ns > MAX_COST_NS {
-            return Err("--wake-latency-us and --exit-cost-us must be at most 1 s".to_string());
+            return Err(SimError::Costs);
         }
         Ok(())
     }
+}
+
+/// Why a simulation could not run, or stopped. Each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("--vcpus must be 1..={MAX_VCPUS}, not {0}")]
+    Vcpus(u32),
+    #[error("--duration-s must be more than 0 and at most {MAX_DURATION_S} s, not {0}")]
+    Duration(f64),
+    #[error("--timers must be {min}..={MAX_TIMERS_PER_VCPU} for workload {workload}, not {got}")]
+    Timers {
+        min: u32,
+        workload: WorkloadKind,
+        got: u32,
+    },
+    #[error("--wake-latency-us and --exit-cost-us must be at most 1 s")]
+    Costs,
+    #[error("{flag} must be 0..=1000000, not {value}")]
+    Micros { flag: &'static str, value: f64 },
+    #[error("unknown policy `{0}` (local, push, pull or all)")]
+    UnknownPolicy(String),
+    #[error("{0}")]
+    UnknownWorkload(String),
+    #[error("ping-pong has exactly one timer per vCPU (--timers 1)")]
+    PingPongTimers,
+    /// A bug in the service or the engine: time stood still.
+    #[error(
+        "{policy}: no progress at t={at_ns} ns after {events} events at that time (vCPU {cpu})"
+    )]
+    NoProgress {
+        policy: Policy,
+        at_ns: u64,
+        events: u64,
+        cpu: CpuId,
+    },
 }
 
 /// One policy's result and how long the host took to simulate it.
@@ -158,7 +190,7 @@ pub struct PolicyRun {
 
 /// Runs `policies` one after the other on the same guest; `Err` if `cfg` is invalid or a simulation
 /// stopped making progress (a bug in the service or the engine).
-pub fn simulate(cfg: &SimConfig, policies: &[Policy]) -> Result<(SimReport, Vec<f64>), String> {
+pub fn simulate(cfg: &SimConfig, policies: &[Policy]) -> Result<(SimReport, Vec<f64>), SimError> {
     cfg.validate()?;
     let mut report = SimReport {
         workload: cfg.workload.name().to_string(),
@@ -182,7 +214,7 @@ pub fn simulate(cfg: &SimConfig, policies: &[Policy]) -> Result<(SimReport, Vec<
 }
 
 /// Simulates one policy.
-pub fn run_policy(cfg: &SimConfig, policy: Policy) -> Result<PolicyRun, String> {
+pub fn run_policy(cfg: &SimConfig, policy: Policy) -> Result<PolicyRun, SimError> {
     cfg.validate()?;
     let started = Instant::now();
     let mut engine = Engine::new(cfg, policy);
@@ -192,10 +224,6 @@ pub fn run_policy(cfg: &SimConfig, policy: Policy) -> Result<PolicyRun, String> 
         wall_ms: started.elapsed().as_secs_f64() * 1e3,
     })
 }
-
-/// Kick reasons (as the VMM's `KICK_*`).
-const KICK_HIERARCHY: u8 = 1;
-const KICK_DELIVERY: u8 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum What {
@@ -239,8 +267,8 @@ struct VcpuSim {
     /// When the pending `Look` runs (`KTIME_MAX`: none).
     look_at: u64,
     look_gen: u32,
-    /// `KICK_*` bits received since the vCPU last looked.
-    kicked: u8,
+    /// Kick reasons received since the vCPU last looked.
+    kicked: KickReasons,
     /// Work handed to it by other vCPUs ([`Action::Post`]).
     inbox: Vec<u32>,
 }
@@ -271,9 +299,7 @@ enum Arming {
 /// the busy phase the workload asked for.
 #[derive(Clone, Copy, Debug, Default)]
 struct StepOutcome {
-    own_pinned: u32,
-    own_movable: u32,
-    remote: u32,
+    found: ExpiryCounts,
     ran: u64,
     busy: Option<u64>,
 }
@@ -296,7 +322,7 @@ struct Engine<'a> {
     // Figures.
     wakeups: [u64; WakeupCause::ALL.len()],
     timers: TimerFigures,
-    lateness: LatenessHistogram,
+    lateness: LatenessRecorder,
     last_expiry_instant: u64,
     guest_exits: u64,
     kicks_delivered: u64,
@@ -305,10 +331,6 @@ struct Engine<'a> {
     // Progress.
     progress_shown: bool,
     last_progress: Instant,
-}
-
-fn cause_index(c: WakeupCause) -> usize {
-    WakeupCause::ALL.iter().position(|&x| x == c).unwrap_or(0)
 }
 
 impl<'a> Engine<'a> {
@@ -342,7 +364,7 @@ impl<'a> Engine<'a> {
                     in_guest: false,
                     look_at: KTIME_MAX,
                     look_gen: 0,
-                    kicked: 0,
+                    kicked: KickReasons::NONE,
                     inbox: Vec::new(),
                 })
                 .collect(),
@@ -351,7 +373,7 @@ impl<'a> Engine<'a> {
             kick_buf: Vec::new(),
             wakeups: [0; WakeupCause::ALL.len()],
             timers: TimerFigures::default(),
-            lateness: LatenessHistogram::new(),
+            lateness: LatenessRecorder::new(),
             last_expiry_instant: KTIME_MAX,
             guest_exits: 0,
             kicks_delivered: 0,
@@ -403,7 +425,7 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn run(&mut self) -> Result<(), String> {
+    fn run(&mut self) -> Result<(), SimError> {
         // Every VMM thread halts before its guest joins the timers.
         for c in 0..self.cfg.vcpus {
             self.svc.vcpu_halt(c);
@@ -433,10 +455,12 @@ impl<'a> Engine<'a> {
             if ev.time == self.now {
                 same_time += 1;
                 if same_time > livelock_limit {
-                    return Err(format!(
-                        "{}: no progress at t={} ns after {} events at that time (vCPU {})",
-                        self.policy, self.now, same_time, ev.cpu
-                    ));
+                    return Err(SimError::NoProgress {
+                        policy: self.policy,
+                        at_ns: self.now,
+                        events: same_time,
+                        cpu: ev.cpu,
+                    });
                 }
             } else {
                 same_time = 0;
@@ -457,14 +481,14 @@ impl<'a> Engine<'a> {
                 What::Start => self.start(ev.cpu),
             }
             if self.cfg.check_every > 0
-                && self.events % self.cfg.check_every == 0
+                && self.events.is_multiple_of(self.cfg.check_every)
                 && self.invariants.is_none()
             {
                 if let Err(e) = self.svc.check_invariants() {
                     self.invariants = Some(format!("at t={} ns: {e}", self.now));
                 }
             }
-            if self.cfg.progress && self.events % 65_536 == 0 {
+            if self.cfg.progress && self.events.is_multiple_of(65_536) {
                 self.show_progress(false);
             }
         }
@@ -559,7 +583,7 @@ impl<'a> Engine<'a> {
     /// A running `cpu` exits (its next event came, or it was kicked): expire, callbacks, enter again.
     fn exit(&mut self, cpu: CpuId) {
         self.guest_exits += 1;
-        self.cpus[cpu as usize].kicked = 0;
+        self.cpus[cpu as usize].kicked = KickReasons::NONE;
         let mut out = self.expire(cpu, false);
         let (ran, busy) = self.deliver_inbox(cpu);
         out.ran += ran;
@@ -591,7 +615,7 @@ impl<'a> Engine<'a> {
         let v = &mut self.cpus[cpu as usize];
         v.in_guest = false;
         // Kicks taken while running are answered by this halt: `vcpu_halt` computes afresh.
-        v.kicked = 0;
+        v.kicked = KickReasons::NONE;
         if v.inbox.is_empty() {
             self.set_phase(cpu, Phase::Halted);
             let wake_at = self.svc.vcpu_halt(cpu);
@@ -633,20 +657,8 @@ impl<'a> Engine<'a> {
             out.busy = out.busy.max(busy);
         }
         if slept {
-            let cause = if out.own_pinned > 0 {
-                WakeupCause::OwnPinnedTimer
-            } else if out.own_movable > 0 {
-                WakeupCause::OwnMovableTimer
-            } else if out.remote > 0 {
-                WakeupCause::RemoteMovableTimer
-            } else if handed_work || reasons & KICK_DELIVERY != 0 {
-                WakeupCause::Interrupt
-            } else if reasons & KICK_HIERARCHY != 0 {
-                WakeupCause::MigratorKick
-            } else {
-                WakeupCause::Spurious
-            };
-            self.wakeups[cause_index(cause)] += 1;
+            let cause = classify_wakeup(out.found, reasons, handed_work);
+            self.wakeups[cause.index()] += 1;
         }
         self.after_step(cpu, out);
     }
@@ -660,11 +672,7 @@ impl<'a> Engine<'a> {
         self.svc.expire(cpu, &mut expired);
         let mut out = StepOutcome::default();
         for e in &expired {
-            match (e.owner == cpu, e.kind) {
-                (true, TimerKind::Pinned) => out.own_pinned += 1,
-                (true, TimerKind::Movable) => out.own_movable += 1,
-                (false, _) => out.remote += 1,
-            }
+            out.found.count(cpu, e);
             // Every returned timer must be pending with that deadline.
             match self.armings[e.id as usize] {
                 Arming::Pending { deadline, armed_by } if deadline == e.deadline => {
@@ -752,7 +760,7 @@ impl<'a> Engine<'a> {
                 Action::Post { to, msg } => {
                     self.cpus[to as usize].inbox.push(msg);
                     if to != cpu {
-                        self.kick(to, KICK_DELIVERY);
+                        self.kick(to, KickReasons::DELIVERY);
                     }
                 }
             }
@@ -811,13 +819,13 @@ impl<'a> Engine<'a> {
         for k in buf.drain(..) {
             if k != actor {
                 self.kicks_delivered += 1;
-                self.kick(k, KICK_HIERARCHY);
+                self.kick(k, KickReasons::HIERARCHY);
             }
         }
         self.kick_buf = buf;
     }
 
-    fn kick(&mut self, cpu: CpuId, reason: u8) {
+    fn kick(&mut self, cpu: CpuId, reason: KickReasons) {
         let v = &mut self.cpus[cpu as usize];
         if !v.started {
             return; // its start runs vcpu_run and computes everything afresh
@@ -845,7 +853,7 @@ impl<'a> Engine<'a> {
                     if deadline.saturating_add(grace) < self.end)
             })
             .count() as u64;
-        self.timers.lateness_ns = self.lateness.lateness();
+        self.timers.lateness_ns = self.lateness.summary();
         if self.invariants.is_none() {
             if let Err(e) = self.svc.check_invariants() {
                 self.invariants = Some(format!("at the end: {e}"));
@@ -855,10 +863,10 @@ impl<'a> Engine<'a> {
         let h = s.hierarchy;
         let causes = WakeupCause::ALL
             .iter()
-            .map(|&c| (c.name(), self.wakeups[cause_index(c)]))
+            .map(|&c| (c.name(), self.wakeups[c.index()]))
             .collect();
-        let movable = self.wakeups[cause_index(WakeupCause::OwnMovableTimer)]
-            + self.wakeups[cause_index(WakeupCause::RemoteMovableTimer)];
+        let movable = self.wakeups[WakeupCause::OwnMovableTimer.index()]
+            + self.wakeups[WakeupCause::RemoteMovableTimer.index()];
         PolicyReport {
             policy: self.policy.to_string(),
             wakeups: self.wakeups.iter().sum(),

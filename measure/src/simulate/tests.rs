@@ -124,7 +124,7 @@ fn bad_configurations_are_refused_with_one_line() {
     assert!(ok.validate().is_ok());
     let mut bad = ok.clone();
     bad.vcpus = 0;
-    assert!(bad.validate().unwrap_err().contains("--vcpus"));
+    assert!(bad.validate().unwrap_err().to_string().contains("--vcpus"));
     bad.vcpus = MAX_VCPUS + 1;
     assert!(run_policy(&bad, Policy::Pull).is_err());
     let mut bad = ok.clone();
@@ -132,8 +132,8 @@ fn bad_configurations_are_refused_with_one_line() {
     assert!(bad.validate().is_err());
     let mut bad = cfg(8, WorkloadKind::RearmHeavy, 10);
     bad.timers_per_vcpu = 4;
-    assert!(bad.validate().unwrap_err().contains("--timers"));
+    assert!(bad.validate().unwrap_err().to_string().contains("--timers"));
     for e in [ok.validate().err()].into_iter().flatten() {
-        assert!(!e.contains('\n'));
+        assert!(!e.to_string().contains('\n'));
     }
 }

@@ -11,11 +11,11 @@ use serde_json::{json, Value};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::event_loop::LoopTarget;
-use super::kicks::{KICK_CONTROL, KICK_DELIVERY};
 use super::{Outcome, VmShared};
+use crate::accounting::KickReasons;
 use crate::api::VmControl;
 use crate::config::VmConfig;
-use crate::stats::{TimerStats, VmStats};
+use crate::stats::{TimerStats, VcpuStats, VmStats};
 
 /// How long a pause or a hotplug request waits for the vCPU threads (and the guest) to act.
 const ACT_WITHIN: Duration = Duration::from_secs(2);
@@ -24,6 +24,8 @@ const ACT_WITHIN: Duration = Duration::from_secs(2);
 pub(crate) trait ModeParts: Send + Sync + 'static {
     /// The timer figures so far, with `missed` counted at `now`.
     fn live_timers(&self, now: u64) -> TimerStats;
+    /// Fills in `vcpu`'s timer counts (callbacks handed to it, remote expiries) so far.
+    fn vcpu_timer_counts(&self, vcpu: &mut VcpuStats);
     /// The hotplug side of the timer device; `None` where the mode has no device (kvm-lapic).
     fn hotplug(&self) -> Option<&dyn HotplugDevice>;
 }
@@ -63,7 +65,12 @@ impl<D: ModeParts> VmHandle<D> {
             wall_ns: now,
             process_user_ns: user,
             process_system_ns: system,
-            vcpus: self.shared.live_vcpu_stats(),
+            vcpus: {
+                let mut v = self.shared.live_vcpu_stats();
+                v.iter_mut()
+                    .for_each(|s| self.shared.device.vcpu_timer_counts(s));
+                v
+            },
             timers: self.shared.device.live_timers(now),
         }
     }
@@ -92,11 +99,7 @@ impl<D: ModeParts> VmHandle<D> {
     }
 
     fn online_count(&self) -> usize {
-        self.shared
-            .control
-            .iter()
-            .filter(|c| c.online.load(Ordering::Acquire))
-            .count()
+        self.shared.control.iter().filter(|c| c.is_online()).count()
     }
 }
 
@@ -109,12 +112,12 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
         if self.shared.paused.swap(true, Ordering::AcqRel) {
             return Err("the VM is already paused".into());
         }
-        self.shared.kicks.kick_all(KICK_CONTROL);
+        self.shared.kicks.kick_all(KickReasons::CONTROL);
         let c = &self.shared.control;
-        if !self.wait_for(|| c.iter().all(|v| v.parked.load(Ordering::Acquire))) {
+        if !self.wait_for(|| c.iter().all(|v| v.is_parked())) {
             // Never half-done: undo.
             self.shared.paused.store(false, Ordering::Release);
-            self.shared.kicks.kick_all(KICK_CONTROL);
+            self.shared.kicks.kick_all(KickReasons::CONTROL);
             return Err("not every vCPU stopped within 2 s; the VM keeps running".into());
         }
         Ok(json!({ "paused": true }))
@@ -124,7 +127,7 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
         if !self.shared.paused.swap(false, Ordering::AcqRel) {
             return Err("the VM is not paused".into());
         }
-        self.shared.kicks.kick_all(KICK_CONTROL);
+        self.shared.kicks.kick_all(KickReasons::CONTROL);
         Ok(json!({ "paused": false }))
     }
 
@@ -143,7 +146,7 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
         if self.shared.paused() {
             return Err("the VM is paused: resume it first".into());
         }
-        if !c.online.load(Ordering::Acquire) {
+        if !c.is_online() {
             return Err(format!("vCPU {vcpu} is already offline"));
         }
         if self.online_count() <= 1 {
@@ -151,8 +154,8 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
         }
         c.wanted_online.store(false, Ordering::Release);
         device.request_offline(vcpu);
-        self.shared.kicks.kick(vcpu, KICK_DELIVERY);
-        if self.wait_for(|| !c.online.load(Ordering::Acquire)) {
+        self.shared.kicks.kick(vcpu, KickReasons::DELIVERY);
+        if self.wait_for(|| !c.is_online()) {
             return Ok(json!({ "vcpu": vcpu, "online": false }));
         }
         if device.withdraw_offline(vcpu) {
@@ -162,7 +165,7 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
             ));
         }
         // Acknowledged just now: it is on its way out.
-        if self.wait_for(|| !c.online.load(Ordering::Acquire)) {
+        if self.wait_for(|| !c.is_online()) {
             Ok(json!({ "vcpu": vcpu, "online": false }))
         } else {
             Err(format!(
@@ -183,12 +186,12 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
             return Err("the VM is paused: resume it first".into());
         }
         let c = &self.shared.control[i];
-        if c.online.load(Ordering::Acquire) {
+        if c.is_online() {
             return Err(format!("vCPU {vcpu} is already online"));
         }
         c.wanted_online.store(true, Ordering::Release);
-        self.shared.kicks.kick(vcpu, KICK_CONTROL);
-        if self.wait_for(|| c.online.load(Ordering::Acquire)) {
+        self.shared.kicks.kick(vcpu, KickReasons::CONTROL);
+        if self.wait_for(|| c.is_online()) {
             Ok(json!({ "vcpu": vcpu, "online": true }))
         } else {
             Err(format!("vCPU {vcpu} did not come back within 2 s"))

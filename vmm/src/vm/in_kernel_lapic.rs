@@ -17,9 +17,10 @@ use super::{
     begin_vcpu_run, build_machine, crash_outcome, end_vcpu_run, enter_vcpu_thread, exit_stat_name,
     run_vcpu_threads, vm_stats, GuestImage, Outcome, VmShared, VmmError,
 };
+use crate::accounting::{LatenessRecorder, WakeupCause};
 use crate::config::VmConfig;
 use crate::devices::{REPORT_PORT, TIMER_PORT};
-use crate::stats::{Lateness, TimerStats, VcpuStats, VmStats, WakeupCause};
+use crate::stats::{TimerStats, VcpuStats, VmStats};
 use crate::sys::kvm::kick::drain_kicks;
 use crate::sys::kvm::vcpu::{Exit, Vcpu};
 use crate::sys::os::{gettid, monotonic_ns};
@@ -38,6 +39,9 @@ impl super::control::ModeParts for LapicVm {
     fn live_timers(&self, _now: u64) -> TimerStats {
         TimerStats::default()
     }
+
+    /// Likewise per vCPU: the counts arrive with the report.
+    fn vcpu_timer_counts(&self, _vcpu: &mut VcpuStats) {}
 
     fn hotplug(&self) -> Option<&dyn super::control::HotplugDevice> {
         None
@@ -61,7 +65,14 @@ pub(super) fn run_vm(
             "--vcpus-online: vCPU hotplug needs quietvm's timer device, not kvm-lapic".into(),
         ));
     }
-    let shared = Arc::new(VmShared::new(lapic, cfg.vcpus, cfg.vcpus, monotonic_ns())?);
+    let kicks = Arc::new(super::kicks::VcpuKicks::new(cfg.vcpus));
+    let shared = Arc::new(VmShared::new(
+        lapic,
+        kicks,
+        cfg.vcpus,
+        cfg.vcpus,
+        monotonic_ns(),
+    )?);
     let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, run_vcpu)?;
 
     let page = shared.device.report_page.load(Ordering::Acquire);
@@ -193,6 +204,9 @@ const REPORT_VCPUS_AT: u64 = 0x80;
 const REPORT_VCPU_SIZE: u64 = 32;
 /// More lateness samples than any run produces; a larger count is a broken report.
 const MAX_SAMPLES_PER_VCPU: u64 = 1 << 24;
+/// Samples read from guest memory at a time: the report is read in constant memory, whatever count
+/// the guest claims.
+const SAMPLES_PER_READ: usize = 1024;
 
 impl GuestReport {
     /// Reads and checks the report in page `page` of guest memory. The guest is not trusted: every
@@ -217,7 +231,8 @@ impl GuestReport {
             return Err(format!("the report at {base:#x} is not for {vcpus} vCPUs"));
         }
         let mut per_vcpu = Vec::with_capacity(vcpus as usize);
-        let mut lateness = Vec::new();
+        let mut lateness = LatenessRecorder::new();
+        let mut chunk = [0u8; 4 * SAMPLES_PER_READ];
         for i in 0..u64::from(vcpus) {
             let entry = base + REPORT_VCPUS_AT + REPORT_VCPU_SIZE * i;
             per_vcpu.push((u64_at(entry)?, u64_at(entry + 8)?));
@@ -225,14 +240,20 @@ impl GuestReport {
             if count > MAX_SAMPLES_PER_VCPU {
                 return Err(format!("vCPU {i} reports {count} lateness samples"));
             }
-            let mut bytes = vec![0u8; count as usize * 4];
-            mem.read_slice(&mut bytes, GuestAddress(addr))
-                .map_err(|e| format!("vCPU {i}'s lateness samples at {addr:#x}: {e}"))?;
-            lateness.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-            );
+            let mut done = 0u64;
+            while done < count {
+                let n = (count - done).min(SAMPLES_PER_READ as u64) as usize;
+                let bytes = &mut chunk[..4 * n];
+                let at = addr
+                    .checked_add(4 * done)
+                    .ok_or_else(|| format!("vCPU {i}'s lateness samples at {addr:#x} overflow"))?;
+                mem.read_slice(bytes, GuestAddress(at))
+                    .map_err(|e| format!("vCPU {i}'s lateness samples at {addr:#x}: {e}"))?;
+                for b in bytes.chunks_exact(4) {
+                    lateness.record(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                }
+                done += n as u64;
+            }
         }
         let timers = TimerStats {
             armed: u64_at(base + 0x10)?,
@@ -242,7 +263,7 @@ impl GuestReport {
             missed: u64_at(base + 0x30)?,
             remote_expiries: u64_at(base + 0x38)?,
             serialized: u64_at(base + 0x40)?,
-            lateness_ns: Lateness::from_samples(&mut lateness),
+            lateness_ns: lateness.summary(),
         };
         Ok(GuestReport { timers, per_vcpu })
     }

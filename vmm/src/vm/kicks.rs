@@ -1,19 +1,13 @@
-//! Telling a vCPU thread that something changed: a reason bit plus, at most once until the thread looks,
-//! the kick signal (see `kvm::kick` for why a signal reaches the thread in and out of `KVM_RUN`).
+//! Telling a vCPU thread that something changed: a [`KickReasons`] bit plus, at most once until the
+//! thread looks, the kick signal (see `sys::kvm::kick` for why a signal reaches the thread in and out of
+//! `KVM_RUN`). The timer device's [`VcpuKicker`] in the VMM.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::accounting::KickReasons;
+use crate::devices::timer::VcpuKicker;
 use crate::sync::NoSleepMutex;
 use crate::sys::kvm::kick::ThreadKicker;
-
-/// Another vCPU handed this one a timer to run.
-pub const KICK_DELIVERY: u32 = 1;
-/// The hierarchy moved this vCPU's next event earlier (it must re-read it).
-pub const KICK_HIERARCHY: u32 = 2;
-/// The VM is ending.
-pub const KICK_STOP: u32 = 4;
-/// Pause, resume or hotplug: the thread re-reads its control state.
-pub const KICK_CONTROL: u32 = 8;
 
 struct Slot {
     reasons: AtomicU32,
@@ -44,11 +38,11 @@ impl VcpuKicks {
     }
 
     /// Adds `reason` for `cpu` and signals its thread unless a signal is already on its way.
-    pub fn kick(&self, cpu: u32, reason: u32) {
+    pub fn kick(&self, cpu: u32, reason: KickReasons) {
         let slot = &self.slots[cpu as usize];
         // SeqCst pairs with `take`: the thread either sees the reason, or the signal arrives after it
         // looked, so the reason is never stranded while the thread sleeps.
-        if slot.reasons.fetch_or(reason, Ordering::SeqCst) == 0 {
+        if slot.reasons.fetch_or(reason.bits(), Ordering::SeqCst) == 0 {
             if let Some(t) = *slot.thread.lock() {
                 t.kick();
             }
@@ -56,14 +50,20 @@ impl VcpuKicks {
     }
 
     /// Kicks every vCPU.
-    pub fn kick_all(&self, reason: u32) {
+    pub fn kick_all(&self, reason: KickReasons) {
         for cpu in 0..self.slots.len() as u32 {
             self.kick(cpu, reason);
         }
     }
 
     /// Takes `cpu`'s pending reasons (its own thread calls this after consuming its signals).
-    pub fn take(&self, cpu: u32) -> u32 {
-        self.slots[cpu as usize].reasons.swap(0, Ordering::SeqCst)
+    pub fn take(&self, cpu: u32) -> KickReasons {
+        KickReasons::from_bits_truncate(self.slots[cpu as usize].reasons.swap(0, Ordering::SeqCst))
+    }
+}
+
+impl VcpuKicker for VcpuKicks {
+    fn kick(&self, cpu: u32, why: KickReasons) {
+        VcpuKicks::kick(self, cpu, why)
     }
 }

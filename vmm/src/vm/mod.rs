@@ -10,7 +10,7 @@ mod vcpu_thread;
 
 use std::io::Cursor;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,12 +21,13 @@ use tmigr::service::{ServiceConfig, TimerService};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::accounting::KickReasons;
 use crate::config::{ConfigError, VmConfig, VmPolicy};
 use crate::devices::serial::SerialConsole;
-use crate::devices::timer::TimerDevice;
+use crate::devices::timer::{TimerDevice, VcpuKicker};
 use crate::devices::{EXIT_PORT, REPORT_PORT, SERIAL_PORTS, TIMER_PORT};
 use crate::exit_code;
-use crate::stats::{Lateness, ThreadCounters, TimerStats, VcpuStats, VmStats};
+use crate::stats::{ThreadCounters, TimerStats, VcpuStats, VmStats};
 use crate::sync::NoSleepMutex;
 use crate::sys::kvm::kick::{block_kick_in_this_thread, install_kick_handler, ThreadKicker};
 use crate::sys::kvm::vcpu::{BootState, Exit, Vcpu};
@@ -36,7 +37,7 @@ use crate::sys::os::{monotonic_ns, set_minimal_timer_slack};
 use control::{ModeParts, VmHandle};
 use event_loop::{EventLoop, LoopOptions};
 pub use guest_image::{GuestImage, ImageError};
-use kicks::{VcpuKicks, KICK_STOP};
+use kicks::VcpuKicks;
 use layout::Layout;
 use vcpu_thread::VcpuThread;
 
@@ -117,7 +118,7 @@ impl Clock for GuestClock {
 pub(crate) struct VmShared<D> {
     pub(crate) device: D,
     pub(crate) serial: SerialConsole<std::io::Stdout>,
-    pub(crate) kicks: VcpuKicks,
+    pub(crate) kicks: Arc<VcpuKicks>,
     /// `CLOCK_MONOTONIC` at guest time 0.
     pub(crate) clock_start_mono: u64,
     /// vCPU threads that have reached the start line (see [`begin_vcpu_run`]).
@@ -144,19 +145,77 @@ pub(crate) struct VcpuLive {
     pub(crate) kernel_at_start: Option<ThreadCounters>,
 }
 
-/// A vCPU's pause and hotplug state, shared between its thread and the API.
+/// Where a vCPU's thread is, as Firecracker's `VcpuRunState`: set by the thread itself, read by the
+/// control API and the event loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuRunState {
+    /// In the guest, or handling one of its exits.
+    Running = 0,
+    /// In its halt: asleep in quietvm until something is due for it.
+    Halted = 1,
+    /// Parked while the VM is paused.
+    Paused = 2,
+    /// Parked before its first instruction (`--vcpus-online`), until `vcpu-online`.
+    Parked = 3,
+    /// Taken offline at its guest's `OFFLINE_ACK`, parked until `vcpu-online`.
+    Offline = 4,
+}
+
+impl VcpuRunState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => VcpuRunState::Halted,
+            2 => VcpuRunState::Paused,
+            3 => VcpuRunState::Parked,
+            4 => VcpuRunState::Offline,
+            _ => VcpuRunState::Running,
+        }
+    }
+}
+
+/// A vCPU's run state and what the API wants of it, shared between its thread and the API.
 pub(crate) struct VcpuControl {
-    /// The vCPU runs guest code (false while offline).
-    pub(crate) online: AtomicBool,
+    state: AtomicU8,
     /// What the API wants: false from an offline request on, true again from `vcpu-online`.
     pub(crate) wanted_online: AtomicBool,
-    /// The thread is parked (paused or offline), not in the guest.
-    pub(crate) parked: AtomicBool,
+}
+
+impl VcpuControl {
+    fn new(state: VcpuRunState) -> Self {
+        VcpuControl {
+            state: AtomicU8::new(state as u8),
+            wanted_online: AtomicBool::new(state != VcpuRunState::Parked),
+        }
+    }
+
+    pub(crate) fn state(&self) -> VcpuRunState {
+        VcpuRunState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Only the vCPU's own thread sets its state.
+    pub(crate) fn set_state(&self, state: VcpuRunState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// The vCPU runs guest code (it is neither offline nor waiting parked for its first start).
+    pub(crate) fn is_online(&self) -> bool {
+        !matches!(self.state(), VcpuRunState::Parked | VcpuRunState::Offline)
+    }
+
+    /// The thread is out of the guest and parked (paused, offline, or not started yet).
+    pub(crate) fn is_parked(&self) -> bool {
+        matches!(
+            self.state(),
+            VcpuRunState::Paused | VcpuRunState::Parked | VcpuRunState::Offline
+        )
+    }
 }
 
 impl<D> VmShared<D> {
     fn new(
         device: D,
+        kicks: Arc<VcpuKicks>,
         vcpus: u32,
         vcpus_online: u32,
         clock_start_mono: u64,
@@ -164,7 +223,7 @@ impl<D> VmShared<D> {
         Ok(VmShared {
             device,
             serial: SerialConsole::new(std::io::stdout()),
-            kicks: VcpuKicks::new(vcpus),
+            kicks,
             clock_start_mono,
             arrived: AtomicU32::new(0),
             stop: AtomicBool::new(false),
@@ -179,10 +238,12 @@ impl<D> VmShared<D> {
                 })
                 .collect(),
             control: (0..vcpus)
-                .map(|i| VcpuControl {
-                    online: AtomicBool::new(i < vcpus_online),
-                    wanted_online: AtomicBool::new(i < vcpus_online),
-                    parked: AtomicBool::new(false),
+                .map(|i| {
+                    VcpuControl::new(if i < vcpus_online {
+                        VcpuRunState::Running
+                    } else {
+                        VcpuRunState::Parked
+                    })
                 })
                 .collect(),
             paused: AtomicBool::new(false),
@@ -253,7 +314,7 @@ impl<D> VmShared<D> {
         self.stop.store(true, Ordering::Release);
         drop(slot);
         let _ = self.end_event.write(1);
-        self.kicks.kick_all(KICK_STOP);
+        self.kicks.kick_all(KickReasons::STOP);
     }
 
     /// Answers a guest `in` from a port every mode has (the serial console); `None` for other ports.
@@ -565,23 +626,14 @@ fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
     }
 }
 
-/// The statistics' timer figures from the device's counters.
-fn timer_stats(mut counters: crate::devices::timer::DeviceCounters) -> TimerStats {
-    TimerStats {
-        armed: counters.armed,
-        fired: counters.fired,
-        cancelled: counters.cancelled,
-        early: counters.early,
-        missed: counters.missed,
-        remote_expiries: counters.remote_expiries,
-        serialized: counters.serialized,
-        lateness_ns: Lateness::from_samples(&mut counters.lateness),
-    }
-}
-
 impl ModeParts for TimerDevice<GuestClock> {
     fn live_timers(&self, now: u64) -> TimerStats {
-        timer_stats(self.counters(now))
+        self.timer_stats(now)
+    }
+
+    fn vcpu_timer_counts(&self, vcpu: &mut VcpuStats) {
+        (vcpu.timers_fired, vcpu.remote_expiries) =
+            TimerDevice::vcpu_timer_counts(self, vcpu.index);
     }
 
     fn hotplug(&self) -> Option<&dyn control::HotplugDevice> {
@@ -640,26 +692,26 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         clock,
         cfg.vcpus,
     );
+    let kicks = Arc::new(VcpuKicks::new(cfg.vcpus));
     let device = TimerDevice::new(
         service,
         machine.kvm.memory().clone(),
         layout.device_pages,
         cfg.vcpus,
-        cfg.max_timers,
+        Arc::clone(&kicks) as Arc<dyn VcpuKicker>,
     );
     let shared = Arc::new(VmShared::new(
         device,
+        kicks,
         cfg.vcpus,
         cfg.vcpus_online(),
         clock.start_mono,
     )?);
     let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, VcpuThread::run)?;
 
-    let counters = shared.device.counters(ended.ended_at);
     for v in &mut ended.vcpus {
-        v.timers_fired = counters.fired_per_vcpu[v.index as usize];
-        v.remote_expiries = counters.remote_per_vcpu[v.index as usize];
+        ModeParts::vcpu_timer_counts(&shared.device, v);
     }
-    let timers = timer_stats(counters);
+    let timers = shared.device.timer_stats(ended.ended_at);
     Ok(vm_stats(cfg, ended, timers))
 }

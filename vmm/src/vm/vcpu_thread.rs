@@ -1,40 +1,27 @@
-//! The life of one vCPU thread: run the guest, handle its exits, inject its doorbell, and sleep while
-//! it halts, until something is due.
+//! The life of one vCPU thread under quietvm's own timers: run the guest, hand its exits to the devices,
+//! and sleep while it halts, until something is due.
 //!
-//! # The halt path
-//! A `HLT` exit puts the vCPU to sleep in quietvm: [`TimerService::vcpu_halt`] (a deactivate, under
-//! `pull`) says when it must wake; the thread sleeps in `sigwaitinfo` until its deadline timer or a kick
-//! (another vCPU handed it work, the hierarchy moved its event, or the VM ends). On waking it runs again
-//! ([`TimerService::vcpu_run`]), expires what is due, and returns to the guest with its doorbell if it
-//! has work; with nothing to do it halts again without re-entering the guest. Every real sleep is one
-//! host wakeup, counted with its cause.
-//!
-//! # Injection
-//! There is no in-kernel irqchip, and the interrupt-window exit is unreliable on the project's machines
-//! (kvm-here.md), so the doorbell is injected at an exit when the guest can take it; if it cannot (its
-//! interrupts are off), quietvm asks for the window exit and also kicks itself shortly after, and tries
-//! again at that exit.
+//! The timer device owns the timer protocol (docs/architecture.md); this loop makes its three calls:
+//! [`TimerDevice::before_entry`] before each `KVM_RUN` (inject the doorbell? when to kick the thread
+//! out?), [`TimerDevice::halt`] at a `HLT` exit (sleep until when?) and [`TimerDevice::wake`] after the
+//! sleep (why it woke, back to the guest or halt again). What stays here is what only a thread can do:
+//! enter the guest, sleep in `sigwaitinfo` with its deadline timer armed, park while paused or
+//! offline, and count what it did. Every real sleep is one host wakeup, counted with the cause the
+//! device gives.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tmigr::clock::Clock;
-use tmigr::service::{Expired, KTIME_MAX};
-
-use super::kicks::{KICK_CONTROL, KICK_DELIVERY, KICK_HIERARCHY, KICK_STOP};
 use super::{
     begin_vcpu_run, crash_outcome, end_vcpu_run, enter_vcpu_thread, exit_stat_name, GuestClock,
-    Outcome, VmShared,
+    Outcome, VcpuRunState, VmShared,
 };
-use crate::devices::timer::{Effects, TimerDevice};
+use crate::accounting::{KickReasons, WakeupCause};
+use crate::devices::timer::{CommandEffect, HaltPlan, TimerDevice, VcpuPort, NO_DEADLINE};
 use crate::devices::{DOORBELL_VECTOR, TIMER_PORT};
-use crate::stats::{VcpuStats, WakeupCause};
+use crate::stats::VcpuStats;
 use crate::sys::kvm::kick::{drain_kicks, sleep_until_kicked, DeadlineTimer};
 use crate::sys::kvm::vcpu::{Exit, Vcpu};
 use crate::sys::os::gettid;
-
-/// How soon to retry a doorbell the guest could not take (interrupts off).
-const DOORBELL_RETRY_NS: u64 = 200_000;
 
 type Shared = VmShared<TimerDevice<GuestClock>>;
 
@@ -43,14 +30,9 @@ pub(super) struct VcpuThread {
     index: u32,
     vcpu: Vcpu,
     timer: DeadlineTimer,
+    /// This vCPU's side of the timer device.
+    port: VcpuPort,
     stats: VcpuStats,
-    scratch: Vec<Expired>,
-    effects: Effects,
-    /// A doorbell is waiting for the guest to enable interrupts; retry at this guest time.
-    doorbell_retry_at: u64,
-    /// The guest has issued its first timer command or `HLT`, so it can take the doorbell
-    /// (docs/timer-abi.md, "Taking part"). Until then the vCPU is idle to the timer service.
-    joined_timers: bool,
     /// Exits since the figures were last published for the live `stats` request.
     unpublished_exits: u32,
 }
@@ -74,27 +56,17 @@ impl VcpuThread {
             }
         };
         let kernel_at_start = begin_vcpu_run(&shared, index);
+        let port = shared.device.attach(index);
         let mut thread = VcpuThread {
             shared,
             index,
             vcpu,
             timer,
+            port,
             stats,
-            scratch: Vec::new(),
-            effects: Effects::default(),
-            doorbell_retry_at: KTIME_MAX,
-            joined_timers: false,
             unpublished_exits: 0,
         };
-        // Until the guest can take its doorbell it must not become a migrator and be handed other
-        // vCPUs' timers: on hosts where ring 3 always runs with interrupts on, an early doorbell would
-        // arrive before the guest's IDT exists.
-        thread.shared.device.service().vcpu_halt(index);
-        thread.apply_service_kicks();
-        if !thread.shared.control[index as usize]
-            .online
-            .load(Ordering::Acquire)
-        {
+        if thread.control_state() == VcpuRunState::Parked {
             thread.start_parked();
         }
         if let Err(outcome) = thread.run_loop() {
@@ -105,8 +77,12 @@ impl VcpuThread {
         thread.stats
     }
 
-    fn now(&self) -> u64 {
-        self.shared.device.service().clock().now_ns()
+    fn control_state(&self) -> VcpuRunState {
+        self.shared.control[self.index as usize].state()
+    }
+
+    fn set_state(&self, state: VcpuRunState) {
+        self.shared.control[self.index as usize].set_state(state);
     }
 
     fn run_loop(&mut self) -> Result<(), Outcome> {
@@ -116,14 +92,20 @@ impl VcpuThread {
             }
             self.shared.kicks.take(self.index);
             if self.shared.paused() {
-                self.park_while(|s| s.paused());
+                self.park_while(VcpuRunState::Paused, |s| s.paused());
+                self.set_state(VcpuRunState::Running);
                 continue;
             }
-            if self.joined_timers {
-                self.expire_due();
-                self.offer_doorbell()?;
-                self.arm_deadline(self.shared.device.service().next_event(self.index));
+            let can_take = self.vcpu.can_take_interrupt();
+            let plan = self.shared.device.before_entry(&mut self.port, can_take);
+            if plan.inject_doorbell {
+                self.vcpu
+                    .inject(DOORBELL_VECTOR)
+                    .map_err(|e| Outcome::VmmError(format!("vCPU {}: {e}", self.index)))?;
             }
+            self.vcpu
+                .request_interrupt_window(plan.want_interrupt_window);
+            self.arm_deadline(plan.deadline);
             let exit = {
                 let shared = &self.shared;
                 let index = self.index;
@@ -143,7 +125,6 @@ impl VcpuThread {
                 Exit::IoIn { .. } => {}
                 Exit::Hlt => {
                     self.stats.halts += 1;
-                    self.join_timers();
                     self.halt();
                 }
                 Exit::Interrupted => drain_kicks(),
@@ -163,73 +144,14 @@ impl VcpuThread {
         }
     }
 
-    /// Programs the deadline timer for guest time `at` (`KTIME_MAX`: no deadline), also covering a
-    /// pending doorbell retry.
+    /// Programs the deadline timer for guest time `at` ([`NO_DEADLINE`]: none).
     fn arm_deadline(&mut self, at: u64) {
-        let at = at.min(self.doorbell_retry_at);
-        let mono = if at == KTIME_MAX {
+        let mono = if at == NO_DEADLINE {
             0
         } else {
-            self.shared.clock_start_mono + at
+            self.shared.clock_start_mono.saturating_add(at)
         };
         self.timer.arm_at(mono);
-    }
-
-    fn expire_due(&mut self) -> (u32, u32, u32) {
-        let found = self
-            .shared
-            .device
-            .expire_due(self.index, &mut self.scratch, &mut self.effects);
-        self.apply_effects();
-        found
-    }
-
-    fn apply_service_kicks(&mut self) {
-        self.shared
-            .device
-            .service()
-            .take_kicks(&mut self.effects.recheck);
-        self.apply_effects();
-    }
-
-    /// The guest is ready for timers: it becomes a running vCPU of the timer service.
-    fn join_timers(&mut self) {
-        if !self.joined_timers {
-            self.joined_timers = true;
-            self.shared.device.service().vcpu_run(self.index);
-        }
-    }
-
-    fn apply_effects(&mut self) {
-        for cpu in self.effects.deliver.drain(..) {
-            self.shared.kicks.kick(cpu, KICK_DELIVERY);
-        }
-        for cpu in self.effects.recheck.drain(..) {
-            // This thread re-reads its own next event before it enters the guest or sleeps anyway.
-            if cpu != self.index {
-                self.shared.kicks.kick(cpu, KICK_HIERARCHY);
-            }
-        }
-    }
-
-    /// Injects the doorbell if the guest has timers waiting and can take it now.
-    fn offer_doorbell(&mut self) -> Result<(), Outcome> {
-        if !self.shared.device.doorbell_due(self.index) {
-            self.doorbell_retry_at = KTIME_MAX;
-            return Ok(());
-        }
-        if self.vcpu.can_take_interrupt() {
-            self.vcpu
-                .inject(DOORBELL_VECTOR)
-                .map_err(|e| Outcome::VmmError(format!("vCPU {}: {e}", self.index)))?;
-            self.shared.device.doorbell_injected(self.index);
-            self.vcpu.request_interrupt_window(false);
-            self.doorbell_retry_at = KTIME_MAX;
-        } else {
-            self.vcpu.request_interrupt_window(true);
-            self.doorbell_retry_at = self.now() + DOORBELL_RETRY_NS;
-        }
-        Ok(())
     }
 
     fn io_out(&mut self, port: u16, size: u8, value: u32) {
@@ -238,12 +160,8 @@ impl VcpuThread {
         }
         match port {
             TIMER_PORT => {
-                self.join_timers();
-                self.shared
-                    .device
-                    .command(self.index, size, value, &mut self.effects);
-                self.apply_effects();
-                if std::mem::take(&mut self.effects.go_offline) {
+                let effect = self.shared.device.command(&mut self.port, size, value);
+                if effect == CommandEffect::GoOffline {
                     self.go_offline();
                 }
             }
@@ -256,131 +174,88 @@ impl VcpuThread {
         }
     }
 
-    /// Parks the thread (out of the guest, no deadline) while `still(shared)` holds and the VM runs.
-    /// Every real sleep is a host wakeup with cause `control`.
-    fn park_while(&mut self, still: impl Fn(&Shared) -> bool) {
-        let control = &self.shared.control[self.index as usize];
+    /// Parks the thread (out of the guest, no deadline) in `state` while `still(shared)` holds and the
+    /// VM runs. Every real sleep is a host wakeup with cause `control`.
+    fn park_while(&mut self, state: VcpuRunState, still: impl Fn(&Shared) -> bool) {
         self.timer.arm_at(0);
         self.shared.publish(&self.stats);
-        control.parked.store(true, Ordering::Release);
+        self.set_state(state);
         while still(&self.shared) && !self.shared.stopping() {
-            if self.shared.kicks.take(self.index) != 0 {
+            if !self.shared.kicks.take(self.index).is_empty() {
                 continue;
             }
             if sleep_until_kicked() {
                 self.stats.count_wakeup(WakeupCause::Control);
             }
         }
-        control.parked.store(false, Ordering::Release);
     }
 
-    /// The guest acknowledged an offline request (`OFFLINE_ACK`): leave the timer service (its timers
-    /// go to another vCPU; if it was the last active one with movable events pending, another is made
-    /// active), hand over its delivery queue, and park until `vcpu-online`. The `out` completes when
-    /// it is back.
-    fn go_offline(&mut self) {
-        let index = self.index;
-        let service = self.shared.device.service();
-        // The recipient the service names (the last-active hand-off) is also in its kick list.
-        let _forced_active = service.vcpu_offline(index);
-        self.shared.device.take_offline(index, 0, &mut self.effects);
-        self.apply_service_kicks();
-        self.shared.control[index as usize]
-            .online
-            .store(false, Ordering::Release);
-        self.park_while(|s| {
-            !s.control[index as usize]
+    /// Parks until the API wants this vCPU online again.
+    fn park_until_wanted(&mut self, state: VcpuRunState) {
+        let index = self.index as usize;
+        self.park_while(state, |s| {
+            !s.control[index]
                 .wanted_online
-                .load(Ordering::Acquire)
+                .load(std::sync::atomic::Ordering::Acquire)
         });
+    }
+
+    /// The guest acknowledged an offline request (`OFFLINE_ACK`): leave (the device hands this vCPU's
+    /// timers and delivery queue to another) and park until `vcpu-online`. The `out` completes when it
+    /// is back.
+    fn go_offline(&mut self) {
+        self.shared.device.go_offline(&mut self.port);
+        self.park_until_wanted(VcpuRunState::Offline);
         if self.shared.stopping() {
             return;
         }
-        self.come_online(true);
-    }
-
-    /// Rejoins the timer service (the hierarchy grows if needed) and, if the guest was running, tells
-    /// it through `control` and its doorbell.
-    fn come_online(&mut self, tell_guest: bool) {
-        let index = self.index;
-        let service = self.shared.device.service();
-        service.vcpu_online(index);
-        if !self.joined_timers {
-            // Idle to the service until the guest can take its doorbell (see `run`).
-            service.vcpu_halt(index);
-        }
-        self.apply_service_kicks();
-        self.shared.device.bring_online(index, tell_guest);
-        self.shared.control[index as usize]
-            .online
-            .store(true, Ordering::Release);
+        self.shared.device.come_online(&mut self.port);
+        self.set_state(VcpuRunState::Running);
     }
 
     /// `--vcpus-online`: this vCPU starts parked, before its first instruction, until `vcpu-online`.
     fn start_parked(&mut self) {
-        let index = self.index;
-        self.shared.device.service().vcpu_offline(index);
-        self.shared.device.take_offline(index, 0, &mut self.effects);
-        self.apply_service_kicks();
-        self.park_while(|s| {
-            !s.control[index as usize]
-                .wanted_online
-                .load(Ordering::Acquire)
-        });
+        self.shared.device.go_offline(&mut self.port);
+        self.park_until_wanted(VcpuRunState::Parked);
         if !self.shared.stopping() {
-            self.come_online(false);
+            self.shared.device.come_online(&mut self.port);
+            self.set_state(VcpuRunState::Running);
         }
     }
 
     /// The guest halted: sleep until something is due for this vCPU, then return to the guest.
     fn halt(&mut self) {
-        let shared = Arc::clone(&self.shared);
-        let service = shared.device.service();
+        self.set_state(VcpuRunState::Halted);
         loop {
-            if self.shared.stopping()
-                || self.shared.paused()
-                || self.shared.device.doorbell_due(self.index)
-            {
-                self.shared.publish(&self.stats);
-                return;
+            if self.shared.stopping() || self.shared.paused() {
+                break;
             }
-            let wake_at = service.vcpu_halt(self.index);
-            self.apply_service_kicks();
-
-            let reasons = self.shared.kicks.take(self.index);
-            let slept = if reasons == 0 && wake_at > self.now() {
-                self.arm_deadline(wake_at);
-                sleep_until_kicked()
-            } else {
-                false
+            let until = match self.shared.device.halt(&mut self.port) {
+                HaltPlan::Resume => break,
+                HaltPlan::Recheck => None,
+                HaltPlan::Sleep { until } => Some(until),
             };
-            let reasons = reasons | self.shared.kicks.take(self.index);
-
-            service.vcpu_run(self.index);
-            let (own_pinned, own_movable, remote) = self.expire_due();
-            let has_work = self.shared.device.doorbell_due(self.index);
-            if slept {
-                let cause = if reasons & (KICK_STOP | KICK_CONTROL) != 0 || self.shared.stopping() {
-                    WakeupCause::Control
-                } else if own_pinned > 0 {
-                    WakeupCause::OwnPinnedTimer
-                } else if own_movable > 0 {
-                    WakeupCause::OwnMovableTimer
-                } else if remote > 0 {
-                    WakeupCause::RemoteMovableTimer
-                } else if has_work || reasons & KICK_DELIVERY != 0 {
-                    WakeupCause::Interrupt
-                } else if reasons & KICK_HIERARCHY != 0 {
-                    WakeupCause::MigratorKick
-                } else {
-                    WakeupCause::Spurious
-                };
+            let mut reasons = self.shared.kicks.take(self.index);
+            let slept = match until {
+                Some(at) if reasons.is_empty() => {
+                    self.arm_deadline(at);
+                    sleep_until_kicked()
+                }
+                _ => false,
+            };
+            reasons |= self.shared.kicks.take(self.index);
+            if self.shared.stopping() {
+                reasons |= KickReasons::STOP;
+            }
+            let wake = self.shared.device.wake(&mut self.port, slept, reasons);
+            if let Some(cause) = wake.cause {
                 self.stats.count_wakeup(cause);
             }
-            if has_work {
-                self.shared.device.woke_from_halt(self.index);
-                return;
+            if wake.resume_guest {
+                break;
             }
         }
+        self.set_state(VcpuRunState::Running);
+        self.shared.publish(&self.stats);
     }
 }

@@ -15,7 +15,7 @@ use super::kick::guest_sigmask_without_kick;
 use super::{ioctl_err, KvmError};
 
 const KVMIO: u32 = 0xAE;
-// kvm-ioctls wraps neither of these (kvm-here.md): define them as the kernel's uapi does.
+// kvm-ioctls wraps neither of these (docs/kvm-host.md): define them as the kernel's uapi does.
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 ioctl_iow_nr!(
     KVM_SET_SIGNAL_MASK,
@@ -354,7 +354,7 @@ impl Vcpu {
     }
 
     /// Asks KVM for an exit as soon as the guest can take an interrupt. On the project's machines this
-    /// exit is unreliable (kvm-here.md), so quietvm also retries with a kick.
+    /// exit is unreliable (docs/kvm-host.md), so quietvm also retries with a kick.
     pub fn request_interrupt_window(&mut self, on: bool) {
         self.fd.get_kvm_run().request_interrupt_window = on as u8;
     }

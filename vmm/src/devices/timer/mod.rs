@@ -1,0 +1,797 @@
+//! The paravirtual timer device (docs/timer-abi.md), and the one owner of a vCPU's timer protocol.
+//!
+//! The device keeps the guest-visible state of every timer (pending, delivered, running), serializes
+//! callbacks, fills the per-vCPU delivery queues and decides when a vCPU's doorbell rings. It owns the
+//! [`TimerService`] (tmigr: *where* a movable timer expires under `local`, `push` or `pull`) and drives
+//! it, so the vCPU thread never sees the hierarchy. A vCPU thread makes three calls into it, as
+//! crosvm's userspace irqchip asks its vCPU loop to:
+//!
+//! ```text
+//!   vCPU thread                       TimerDevice                         TimerService (tmigr)
+//!   -----------                       -----------                         --------------------
+//!   before each KVM_RUN  --before_entry-->  expire what is due ------------> expire, next_event
+//!        <-- EntryPlan { inject doorbell?, interrupt window?, deadline }
+//!   HLT exit          -----halt------->  work waiting? Resume : ---------> vcpu_halt (deactivate)
+//!        <-- HaltPlan { Resume | Sleep { until } | Recheck }
+//!   (sleeps in sigwaitinfo until `until` or a kick)
+//!   after the sleep   -----wake------->  ------------------------------> vcpu_run, expire
+//!        <-- Wake { cause of the host wakeup, resume the guest? }
+//!   `out` to the port ----command----->  ARM / CANCEL / POP / ACK ... ---> arm, cancel
+//! ```
+//!
+//! plus the hotplug steps (`go_offline`, `come_online`, `start_parked`) at the points the guest's
+//! `OFFLINE_ACK` and the control API choose.
+//!
+//! # Lock order
+//! One lock, [`TimerDevice::state`] (a [`NoSleepMutex`]: vCPU threads must never sleep outside their
+//! halt, see `crate::sync`), covers the per-timer slots, the per-vCPU queues and the counters. It is
+//! held across the calls into the service that change a timer's place (`arm`, `cancel`, `expire`), so
+//! a timer's slot and its place in the service never disagree. Order: device state, then the
+//! service's own locks (per-vCPU base locks, then group locks, as tmigr documents). The service never
+//! calls back into the device. The calls that only move a vCPU in the hierarchy (`vcpu_halt`,
+//! `vcpu_run`, `next_event`, hotplug) are made without the device lock. Kicks are sent after the lock
+//! is dropped.
+//!
+//! # Kick protocol
+//! The device tells other vCPU threads to look again through a [`VcpuKicker`] (in the VMM a reason bit
+//! plus a signal, `vm::kicks`), with a [`KickReasons`]:
+//! - `DELIVERY`: this vCPU was handed an expired timer (its delivery queue grew, or a held expiry was
+//!   released to it): a halted one wakes and gets its doorbell, a running one exits and gets it;
+//! - `HIERARCHY`: the service says this vCPU's next event moved earlier than the time it was last
+//!   given (`TimerService::take_kicks`); it calls `before_entry` or `halt` again, which re-read it.
+//!
+//! After every call that can change a timer's place the device drains the service's kick list and
+//! kicks every vCPU in it but the caller (which re-reads its own next event before it enters the guest
+//! or sleeps anyway). A kick is never lost: the thread takes its reasons after it decided to sleep and
+//! before it sleeps, and the signal interrupts the sleep (`sys::kvm::kick`).
+//!
+//! # Joining
+//! A vCPU takes part in timer expiry only from its guest's first timer command or `HLT` (docs/
+//! timer-abi.md, "Taking part"): until then it is idle to the service, so it is never made a migrator
+//! and handed other vCPUs' timers before its guest can take a doorbell.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tmigr::clock::Clock;
+use tmigr::service::{CpuId, Expired, TimerId, TimerKind, TimerService};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::accounting::{
+    classify_wakeup, ExpiryCounts, KickReasons, LatenessRecorder, WakeupCause,
+};
+use crate::stats::TimerStats;
+use crate::sync::NoSleepMutex;
+
+/// Command numbers, statuses and device-page offsets of docs/timer-abi.md.
+pub mod abi {
+    pub const CMD_NOW: u32 = 1;
+    pub const CMD_ARM: u32 = 2;
+    pub const CMD_CANCEL: u32 = 3;
+    pub const CMD_CANCEL_SYNC: u32 = 4;
+    pub const CMD_POP: u32 = 5;
+    pub const CMD_ACK: u32 = 6;
+    pub const CMD_OFFLINE_ACK: u32 = 7;
+
+    pub const OK: u32 = 0;
+    pub const EMPTY: u32 = 1;
+    pub const PAST: u32 = 2;
+    pub const RUNNING: u32 = 3;
+    pub const DEADLOCK: u32 = 4;
+    pub const BAD_ACK: u32 = 5;
+    pub const INVALID: u32 = 6;
+    pub const UNKNOWN_COMMAND: u32 = 7;
+    pub const BAD_ACCESS: u32 = 8;
+
+    pub const FLAG_PINNED: u32 = 1;
+    pub const FLAG_MOVABLE: u32 = 2;
+    pub const NO_TIMER: u32 = 0xffff_ffff;
+
+    pub const OFF_ID: u64 = 0x00;
+    pub const OFF_FLAGS: u64 = 0x04;
+    pub const OFF_DEADLINE: u64 = 0x08;
+    pub const OFF_STATUS: u64 = 0x10;
+    pub const OFF_VALUE: u64 = 0x18;
+    pub const OFF_NOW: u64 = 0x20;
+    pub const OFF_EXP_ID: u64 = 0x28;
+    pub const OFF_EXP_OWNER: u64 = 0x2c;
+    pub const OFF_EXP_DEADLINE: u64 = 0x30;
+    pub const OFF_EXP_FIRED_AT: u64 = 0x38;
+    pub const OFF_CONTROL: u64 = 0x40;
+
+    /// `control` values (docs/api.md, vCPU hotplug).
+    pub const CONTROL_NONE: u32 = 0;
+    pub const CONTROL_OFFLINE_REQUESTED: u32 = 1;
+    pub const CONTROL_ONLINE: u32 = 2;
+}
+
+/// "No deadline": the vCPU sleeps (or runs) until kicked.
+pub const NO_DEADLINE: u64 = u64::MAX;
+
+/// How soon to retry a doorbell the guest could not take (its interrupts were off).
+const DOORBELL_RETRY_NS: u64 = 200_000;
+
+/// Where the device's kicks go (the VMM: a reason bit and a signal to the vCPU's thread; tests: a
+/// record).
+pub trait VcpuKicker: Send + Sync {
+    /// Tells vCPU `cpu`'s thread to look again, for `why`. May be spurious; must never block.
+    fn kick(&self, cpu: CpuId, why: KickReasons);
+}
+
+/// The answer to [`TimerDevice::before_entry`]: what to do before entering the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryPlan {
+    /// Inject the doorbell vector now (the device has recorded it as injected).
+    pub inject_doorbell: bool,
+    /// Ask KVM for an interrupt-window exit (a doorbell waits for the guest to enable interrupts).
+    pub want_interrupt_window: bool,
+    /// Guest time at which the thread must be kicked out of the guest ([`NO_DEADLINE`]: none).
+    pub deadline: u64,
+}
+
+/// The answer to [`TimerDevice::halt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaltPlan {
+    /// Work is waiting (a doorbell to ring): return to the guest without sleeping.
+    Resume,
+    /// Sleep until guest time `until` ([`NO_DEADLINE`]: until kicked), then call
+    /// [`TimerDevice::wake`].
+    Sleep { until: u64 },
+    /// Something is due already: do not sleep, call [`TimerDevice::wake`] at once (no host wakeup).
+    Recheck,
+}
+
+/// The answer to [`TimerDevice::wake`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wake {
+    /// Why the thread was woken, if it really slept (one host wakeup).
+    pub cause: Option<WakeupCause>,
+    /// The guest has work (a doorbell): return to it. Otherwise halt again.
+    pub resume_guest: bool,
+}
+
+/// What a guest `out` to the command port asks of the vCPU thread beyond the device's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandEffect {
+    /// Nothing: continue in the guest.
+    None,
+    /// The guest acknowledged an offline request (`OFFLINE_ACK`): the vCPU must leave now
+    /// ([`TimerDevice::go_offline`]).
+    GoOffline,
+}
+
+/// One vCPU thread's own side of the device: what only that thread reads and writes (no lock).
+#[derive(Debug)]
+pub struct VcpuPort {
+    cpu: CpuId,
+    /// The guest has issued its first timer command or `HLT` (see "Joining").
+    joined: bool,
+    /// A doorbell is waiting for the guest to enable interrupts; retry at this guest time.
+    doorbell_retry_at: u64,
+    expired: Vec<Expired>,
+    kicks: Vec<(CpuId, KickReasons)>,
+    service_kicks: Vec<CpuId>,
+}
+
+impl VcpuPort {
+    /// The vCPU this port belongs to.
+    pub fn cpu(&self) -> CpuId {
+        self.cpu
+    }
+
+    /// Whether the guest takes part in timer expiry yet.
+    pub fn joined(&self) -> bool {
+        self.joined
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Arming {
+    deadline: u64,
+    /// The vCPU that issued the `ARM`: the timer's owner, reported as `exp_owner`.
+    armed_by: CpuId,
+}
+
+/// The guest-visible state of one timer id.
+#[derive(Debug, Default)]
+struct TimerSlot {
+    /// The pending arming (queued in the service, delivered, or held), if any.
+    armed: Option<Arming>,
+    /// The vCPU whose delivery queue holds the expired arming.
+    delivered_to: Option<CpuId>,
+    /// An expiry held back until the running callback ends.
+    held: Option<Expired>,
+    /// The vCPU running this timer's callback.
+    running_on: Option<CpuId>,
+}
+
+/// One vCPU's side of the device, under the device lock.
+#[derive(Debug)]
+struct VcpuSide {
+    queue: VecDeque<Expired>,
+    /// The timer whose callback this vCPU runs (between `POP` and its `ACK`).
+    in_flight: Option<TimerId>,
+    /// A doorbell may be injected (the guest has `POP`ped its queue empty since the last one).
+    doorbell_armed: bool,
+    /// Woken from a halt and still in the handler it was woken into: idle, for `push`.
+    in_wake_handler: bool,
+    /// Online: it takes part in expiry and deliveries; offline vCPUs get none.
+    online: bool,
+    /// quietvm asked the guest to take this vCPU offline and waits for `OFFLINE_ACK`.
+    offline_requested: bool,
+    /// A `control` change the guest has not been rung for yet.
+    control_pending: bool,
+    last_status: u32,
+    fired: u64,
+    remote_expiries: u64,
+}
+
+impl VcpuSide {
+    fn new() -> Self {
+        VcpuSide {
+            // Grows to its peak and stays: a queue never holds a timer twice, so it is bounded by
+            // the VM's timer count.
+            queue: VecDeque::new(),
+            in_flight: None,
+            doorbell_armed: true,
+            in_wake_handler: false,
+            online: true,
+            offline_requested: false,
+            control_pending: false,
+            last_status: abi::OK,
+            fired: 0,
+            remote_expiries: 0,
+        }
+    }
+
+    fn doorbell_due(&self) -> bool {
+        self.control_pending || (self.doorbell_armed && !self.queue.is_empty())
+    }
+}
+
+struct DeviceState {
+    timers: Vec<TimerSlot>,
+    vcpus: Vec<VcpuSide>,
+    armed: u64,
+    fired: u64,
+    cancelled: u64,
+    early: u64,
+    remote_expiries: u64,
+    serialized: u64,
+    /// Constant memory however long the VM runs (docs/stats.md).
+    lateness: LatenessRecorder,
+}
+
+/// The timer device of one VM.
+pub struct TimerDevice<C: Clock> {
+    service: TimerService<C>,
+    memory: GuestMemoryMmap,
+    device_pages: u64,
+    kicker: Arc<dyn VcpuKicker>,
+    state: NoSleepMutex<DeviceState>,
+}
+
+impl<C: Clock> TimerDevice<C> {
+    /// A device for the service's vCPUs whose pages start at guest address `device_pages`; its kicks
+    /// go to `kicker`.
+    pub fn new(
+        service: TimerService<C>,
+        memory: GuestMemoryMmap,
+        device_pages: u64,
+        vcpus: u32,
+        kicker: Arc<dyn VcpuKicker>,
+    ) -> Self {
+        let max_timers = service.max_timers();
+        let state = DeviceState {
+            timers: (0..max_timers).map(|_| TimerSlot::default()).collect(),
+            vcpus: (0..vcpus).map(|_| VcpuSide::new()).collect(),
+            armed: 0,
+            fired: 0,
+            cancelled: 0,
+            early: 0,
+            remote_expiries: 0,
+            serialized: 0,
+            lateness: LatenessRecorder::new(),
+        };
+        TimerDevice {
+            service,
+            memory,
+            device_pages,
+            kicker,
+            state: NoSleepMutex::new(state),
+        }
+    }
+
+    /// Guest time now, in nanoseconds (the service's clock).
+    pub fn now(&self) -> u64 {
+        self.service.clock().now_ns()
+    }
+
+    fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, DeviceState, spin::relax::Yield> {
+        self.state.lock()
+    }
+
+    fn page(&self, cpu: CpuId) -> u64 {
+        self.device_pages + 4096 * u64::from(cpu)
+    }
+
+    fn read_u32(&self, cpu: CpuId, off: u64) -> u32 {
+        self.memory
+            .read_obj(GuestAddress(self.page(cpu) + off))
+            .unwrap_or(0)
+    }
+
+    fn read_u64(&self, cpu: CpuId, off: u64) -> u64 {
+        self.memory
+            .read_obj(GuestAddress(self.page(cpu) + off))
+            .unwrap_or(0)
+    }
+
+    fn write<T: vm_memory::ByteValued>(&self, cpu: CpuId, off: u64, v: T) {
+        // The pages lie inside guest memory by construction (vm::layout); a failure cannot happen.
+        let _ = self.memory.write_obj(v, GuestAddress(self.page(cpu) + off));
+    }
+
+    // ---- The halt protocol: the three calls of a vCPU thread ------------------------------------
+
+    /// The port of vCPU `cpu`, made by its thread when it starts. Until its guest joins (first timer
+    /// command or `HLT`), the vCPU is idle to the service.
+    pub fn attach(&self, cpu: CpuId) -> VcpuPort {
+        let mut port = VcpuPort {
+            cpu,
+            joined: false,
+            doorbell_retry_at: NO_DEADLINE,
+            expired: Vec::new(),
+            kicks: Vec::new(),
+            service_kicks: Vec::new(),
+        };
+        self.service.vcpu_halt(cpu);
+        self.send_kicks(&mut port);
+        port
+    }
+
+    /// Before each entry into the guest: expires what is due on this vCPU and says whether to inject
+    /// the doorbell (`can_take_interrupt`: the guest has interrupts on and nothing is queued), whether
+    /// to ask for an interrupt window, and when to kick the thread out of the guest.
+    pub fn before_entry(&self, port: &mut VcpuPort, can_take_interrupt: bool) -> EntryPlan {
+        if !port.joined {
+            return EntryPlan {
+                inject_doorbell: false,
+                want_interrupt_window: false,
+                deadline: port.doorbell_retry_at,
+            };
+        }
+        self.expire_due(port);
+        let mut plan = EntryPlan {
+            inject_doorbell: false,
+            want_interrupt_window: false,
+            deadline: NO_DEADLINE,
+        };
+        {
+            let mut st = self.lock();
+            let side = &mut st.vcpus[port.cpu as usize];
+            if !side.doorbell_due() {
+                port.doorbell_retry_at = NO_DEADLINE;
+            } else if can_take_interrupt {
+                side.doorbell_armed = false;
+                side.control_pending = false;
+                plan.inject_doorbell = true;
+                port.doorbell_retry_at = NO_DEADLINE;
+            } else {
+                // The interrupt-window exit is unreliable on some hosts (docs/kvm-host.md): ask for
+                // it, and also come back shortly to try again.
+                plan.want_interrupt_window = true;
+                port.doorbell_retry_at = self.now() + DOORBELL_RETRY_NS;
+            }
+        }
+        plan.deadline = self
+            .service
+            .next_event(port.cpu)
+            .min(port.doorbell_retry_at);
+        plan
+    }
+
+    /// The guest halted (`HLT`): joins it to timer expiry if it was not yet, and says whether it must
+    /// sleep (and until when) or return to the guest at once.
+    pub fn halt(&self, port: &mut VcpuPort) -> HaltPlan {
+        self.join(port);
+        if self.lock().vcpus[port.cpu as usize].doorbell_due() {
+            return HaltPlan::Resume;
+        }
+        let wake_at = self.service.vcpu_halt(port.cpu);
+        self.send_kicks(port);
+        if wake_at <= self.now() {
+            HaltPlan::Recheck
+        } else {
+            HaltPlan::Sleep {
+                until: wake_at.min(port.doorbell_retry_at),
+            }
+        }
+    }
+
+    /// After a halt's sleep (`slept`: it really slept, one host wakeup) or its recheck: the vCPU runs
+    /// again, expires what is due, and learns why it woke and whether its guest has work. `reasons`
+    /// are the kicks its thread took around the sleep (with `STOP` if the VM is ending).
+    pub fn wake(&self, port: &mut VcpuPort, slept: bool, reasons: KickReasons) -> Wake {
+        self.service.vcpu_run(port.cpu);
+        let found = self.expire_due(port);
+        let has_work = {
+            let mut st = self.lock();
+            let side = &mut st.vcpus[port.cpu as usize];
+            let due = side.doorbell_due();
+            if due {
+                // Until its guest empties its queue it counts as idle for `push` (the kernel's
+                // "timer armed from an interrupt in the idle task").
+                side.in_wake_handler = true;
+                self.service.set_push_idle(port.cpu, true);
+            }
+            due
+        };
+        Wake {
+            cause: slept.then(|| classify_wakeup(found, reasons, has_work)),
+            resume_guest: has_work,
+        }
+    }
+
+    /// A guest `out` to the command port from this vCPU (docs/timer-abi.md).
+    pub fn command(&self, port: &mut VcpuPort, size: u8, cmd: u32) -> CommandEffect {
+        self.join(port);
+        let cpu = port.cpu;
+        let mut effect = CommandEffect::None;
+        let mut st = self.lock();
+        // Read under the lock: waiting for it can take milliseconds on an oversubscribed host, while
+        // another vCPU expires timers at a later time; a time read before the wait would make a timer
+        // handed over now look as if it fired before its deadline.
+        let now = self.now();
+        let (status, value) = if size != 4 {
+            (abi::BAD_ACCESS, 0)
+        } else {
+            match cmd {
+                abi::CMD_NOW => (abi::OK, now),
+                abi::CMD_ARM => self.arm(&mut st, cpu, now),
+                abi::CMD_CANCEL => {
+                    let id = self.read_u32(cpu, abi::OFF_ID);
+                    match self.cancel(&mut st, id) {
+                        Some(was) => (abi::OK, was as u64),
+                        None => (abi::INVALID, 0),
+                    }
+                }
+                abi::CMD_CANCEL_SYNC => {
+                    let id = self.read_u32(cpu, abi::OFF_ID);
+                    match self.cancel(&mut st, id) {
+                        Some(was) => match st.timers[id as usize].running_on {
+                            Some(r) if r == cpu => (abi::DEADLOCK, was as u64),
+                            Some(_) => (abi::RUNNING, was as u64),
+                            None => (abi::OK, was as u64),
+                        },
+                        None => (abi::INVALID, 0),
+                    }
+                }
+                abi::CMD_POP => self.pop(&mut st, port, now),
+                abi::CMD_ACK => {
+                    let id = self.read_u32(cpu, abi::OFF_ID);
+                    (Self::end_callback(&mut st, port, id), 0)
+                }
+                abi::CMD_OFFLINE_ACK => {
+                    let side = &st.vcpus[cpu as usize];
+                    if !side.offline_requested {
+                        (abi::INVALID, 0)
+                    } else if side.in_flight.is_some() {
+                        (abi::BAD_ACK, 0)
+                    } else {
+                        effect = CommandEffect::GoOffline;
+                        (abi::OK, 0)
+                    }
+                }
+                _ => (abi::UNKNOWN_COMMAND, 0),
+            }
+        };
+        st.vcpus[cpu as usize].last_status = status;
+        drop(st);
+        self.write(cpu, abi::OFF_STATUS, status);
+        self.write(cpu, abi::OFF_VALUE, value);
+        self.write(cpu, abi::OFF_NOW, now);
+        self.send_kicks(port);
+        effect
+    }
+
+    /// A guest `in` from the command port: the status of this vCPU's last command.
+    pub fn last_status(&self, cpu: CpuId) -> u32 {
+        self.lock().vcpus[cpu as usize].last_status
+    }
+
+    // ---- Hotplug -----------------------------------------------------------------------------
+
+    /// The vCPU leaves (its guest acknowledged with `OFFLINE_ACK`, or it starts parked): its queued
+    /// timers (pinned too) go to another vCPU, it leaves the hierarchy (if it was the last active one
+    /// with movable events pending, the service names another to run now, which is kicked), and the
+    /// expired timers waiting in its delivery queue go to that vCPU too.
+    pub fn go_offline(&self, port: &mut VcpuPort) {
+        let cpu = port.cpu;
+        let forced_active = self.service.vcpu_offline(cpu);
+        let to = forced_active.unwrap_or_else(|| self.handoff_target(cpu));
+        if let Some(o) = forced_active {
+            // Also in the service's kick list; named here so the hand-off is explicit.
+            port.kicks.push((o, KickReasons::HIERARCHY));
+        }
+        {
+            let mut st = self.lock();
+            let side = &mut st.vcpus[cpu as usize];
+            side.online = false;
+            side.offline_requested = false;
+            side.doorbell_armed = true;
+            side.in_wake_handler = false;
+            if to != cpu && !st.vcpus[cpu as usize].queue.is_empty() {
+                while let Some(e) = st.vcpus[cpu as usize].queue.pop_front() {
+                    Self::enqueue(&mut st, to, e);
+                }
+                port.kicks.push((to, KickReasons::DELIVERY));
+            }
+        }
+        self.send_kicks(port);
+    }
+
+    /// The vCPU that takes over an offlined vCPU's delivery queue when the service names none: the
+    /// lowest-numbered other online vCPU (vCPU 0 never goes offline).
+    fn handoff_target(&self, from: CpuId) -> CpuId {
+        let st = self.lock();
+        (0..st.vcpus.len() as CpuId)
+            .find(|&c| c != from && st.vcpus[c as usize].online)
+            .unwrap_or(from)
+    }
+
+    /// The vCPU comes back (`vcpu-online`): it rejoins the service (the hierarchy grows if needed). A
+    /// guest that was running is told through `control` and its doorbell; one that has not started
+    /// yet (`--vcpus-online`) is not, and stays idle to the service until it joins.
+    pub fn come_online(&self, port: &mut VcpuPort) {
+        let cpu = port.cpu;
+        self.service.vcpu_online(cpu);
+        if !port.joined {
+            self.service.vcpu_halt(cpu);
+        }
+        self.send_kicks(port);
+        let mut st = self.lock();
+        st.vcpus[cpu as usize].online = true;
+        if port.joined {
+            self.set_control(&mut st, cpu, abi::CONTROL_ONLINE);
+        }
+    }
+
+    /// Asks the guest to take `cpu` offline (its doorbell rings; it answers with `OFFLINE_ACK`).
+    pub fn request_offline(&self, cpu: CpuId) {
+        let mut st = self.lock();
+        st.vcpus[cpu as usize].offline_requested = true;
+        self.set_control(&mut st, cpu, abi::CONTROL_OFFLINE_REQUESTED);
+    }
+
+    /// Withdraws an offline request the guest did not acknowledge in time. `false` if it was
+    /// acknowledged meanwhile (the vCPU is leaving: the request can no longer be withdrawn).
+    pub fn withdraw_offline(&self, cpu: CpuId) -> bool {
+        let mut st = self.lock();
+        if !st.vcpus[cpu as usize].online {
+            return false;
+        }
+        st.vcpus[cpu as usize].offline_requested = false;
+        self.set_control(&mut st, cpu, abi::CONTROL_NONE);
+        true
+    }
+
+    fn set_control(&self, st: &mut DeviceState, cpu: CpuId, value: u32) {
+        st.vcpus[cpu as usize].control_pending = value != abi::CONTROL_NONE;
+        self.write(cpu, abi::OFF_CONTROL, value);
+    }
+
+    // ---- Figures -------------------------------------------------------------------------------
+
+    /// The VM's timer figures, with `missed` counted at guest time `now`. Copies percentiles, not the
+    /// lateness histogram, under the lock.
+    pub fn timer_stats(&self, now: u64) -> TimerStats {
+        let st = self.lock();
+        TimerStats {
+            armed: st.armed,
+            fired: st.fired,
+            cancelled: st.cancelled,
+            early: st.early,
+            missed: st
+                .timers
+                .iter()
+                .filter(|t| t.armed.is_some_and(|a| a.deadline < now))
+                .count() as u64,
+            remote_expiries: st.remote_expiries,
+            serialized: st.serialized,
+            lateness_ns: st.lateness.summary(),
+        }
+    }
+
+    /// Timer callbacks handed to vCPU `cpu` so far, and how many of them were other vCPUs' timers.
+    pub fn vcpu_timer_counts(&self, cpu: CpuId) -> (u64, u64) {
+        let st = self.lock();
+        st.vcpus
+            .get(cpu as usize)
+            .map_or((0, 0), |v| (v.fired, v.remote_expiries))
+    }
+
+    // ---- Internals -----------------------------------------------------------------------------
+
+    fn join(&self, port: &mut VcpuPort) {
+        if !port.joined {
+            port.joined = true;
+            self.service.vcpu_run(port.cpu);
+            self.send_kicks(port);
+        }
+    }
+
+    /// Kicks what this call left to kick: the deliveries it made and the service's list (all but the
+    /// caller, which re-reads its own next event anyway). Never under the device lock.
+    fn send_kicks(&self, port: &mut VcpuPort) {
+        port.service_kicks.clear();
+        self.service.take_kicks(&mut port.service_kicks);
+        for &c in &port.service_kicks {
+            if c != port.cpu {
+                self.kicker.kick(c, KickReasons::HIERARCHY);
+            }
+        }
+        for (c, why) in port.kicks.drain(..) {
+            if c != port.cpu {
+                self.kicker.kick(c, why);
+            }
+        }
+    }
+
+    fn arm(&self, st: &mut DeviceState, cpu: CpuId, now: u64) -> (u32, u64) {
+        let id = self.read_u32(cpu, abi::OFF_ID);
+        let flags = self.read_u32(cpu, abi::OFF_FLAGS);
+        let deadline = self.read_u64(cpu, abi::OFF_DEADLINE);
+        let kind = match flags {
+            abi::FLAG_PINNED => TimerKind::Pinned,
+            abi::FLAG_MOVABLE => TimerKind::Movable,
+            _ => return (abi::INVALID, 0),
+        };
+        if id as usize >= st.timers.len() {
+            return (abi::INVALID, 0);
+        }
+        if deadline <= now {
+            return (abi::PAST, 0);
+        }
+        let mut was_pending = Self::unqueue_delivered(st, id);
+        let slot = &mut st.timers[id as usize];
+        was_pending |= slot.held.take().is_some();
+        was_pending |= self.service.arm(cpu, id, deadline, kind);
+        slot.armed = Some(Arming {
+            deadline,
+            armed_by: cpu,
+        });
+        st.armed += 1;
+        (abi::OK, was_pending as u64)
+    }
+
+    /// Removes an expired-but-not-popped arming from the delivery queue it waits in.
+    fn unqueue_delivered(st: &mut DeviceState, id: TimerId) -> bool {
+        match st.timers[id as usize].delivered_to.take() {
+            Some(q) => {
+                st.vcpus[q as usize].queue.retain(|e| e.id != id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Cancels `id` wherever its arming is; `None` for an unknown id.
+    fn cancel(&self, st: &mut DeviceState, id: TimerId) -> Option<bool> {
+        if id as usize >= st.timers.len() {
+            return None;
+        }
+        let mut was_pending = Self::unqueue_delivered(st, id);
+        let slot = &mut st.timers[id as usize];
+        was_pending |= slot.held.take().is_some();
+        was_pending |= self.service.cancel(id);
+        slot.armed = None;
+        if was_pending {
+            st.cancelled += 1;
+        }
+        Some(was_pending)
+    }
+
+    /// Ends the callback the port's vCPU runs, if `id` names it; releases an expiry held back for it.
+    fn end_callback(st: &mut DeviceState, port: &mut VcpuPort, id: TimerId) -> u32 {
+        let cpu = port.cpu;
+        let side = &mut st.vcpus[cpu as usize];
+        match side.in_flight {
+            Some(t) if t == id => {
+                side.in_flight = None;
+                let slot = &mut st.timers[t as usize];
+                slot.running_on = None;
+                if let Some(e) = slot.held.take() {
+                    // A pinned timer fires on its owner (if that is still online); a movable one
+                    // right here, on a running vCPU.
+                    let target = if e.kind == TimerKind::Pinned && st.vcpus[e.owner as usize].online
+                    {
+                        e.owner
+                    } else {
+                        cpu
+                    };
+                    Self::enqueue(st, target, e);
+                    port.kicks.push((target, KickReasons::DELIVERY));
+                }
+                abi::OK
+            }
+            None if id == abi::NO_TIMER => abi::OK,
+            _ => abi::BAD_ACK,
+        }
+    }
+
+    fn enqueue(st: &mut DeviceState, target: CpuId, e: Expired) {
+        st.timers[e.id as usize].delivered_to = Some(target);
+        st.vcpus[target as usize].queue.push_back(e);
+    }
+
+    fn pop(&self, st: &mut DeviceState, port: &mut VcpuPort, now: u64) -> (u32, u64) {
+        let cpu = port.cpu;
+        let ack = self.read_u32(cpu, abi::OFF_ID);
+        let status = Self::end_callback(st, port, ack);
+        if status != abi::OK {
+            return (status, 0);
+        }
+        let side = &mut st.vcpus[cpu as usize];
+        let Some(e) = side.queue.pop_front() else {
+            side.doorbell_armed = true;
+            if side.in_wake_handler {
+                side.in_wake_handler = false;
+                self.service.set_push_idle(cpu, false);
+            }
+            return (abi::EMPTY, 0);
+        };
+        side.in_flight = Some(e.id);
+        side.fired += 1;
+        let slot = &mut st.timers[e.id as usize];
+        let owner = slot.armed.map_or(e.owner, |a| a.armed_by);
+        slot.delivered_to = None;
+        slot.armed = None;
+        slot.running_on = Some(cpu);
+        if owner != cpu {
+            st.vcpus[cpu as usize].remote_expiries += 1;
+            st.remote_expiries += 1;
+        }
+        st.fired += 1;
+        if now < e.deadline {
+            st.early += 1;
+            log::error!(
+                "timer {} fired {} ns early on vCPU {cpu}",
+                e.id,
+                e.deadline - now
+            );
+        }
+        st.lateness.record(now.saturating_sub(e.deadline));
+        self.write(cpu, abi::OFF_EXP_ID, e.id);
+        self.write(cpu, abi::OFF_EXP_OWNER, owner);
+        self.write(cpu, abi::OFF_EXP_DEADLINE, e.deadline);
+        self.write(cpu, abi::OFF_EXP_FIRED_AT, now);
+        (abi::OK, 0)
+    }
+
+    /// Moves every timer the port's vCPU (running) must expire now into delivery queues. Returns what
+    /// the expiry found, for the wakeup's cause.
+    fn expire_due(&self, port: &mut VcpuPort) -> ExpiryCounts {
+        let cpu = port.cpu;
+        port.expired.clear();
+        let mut st = self.lock();
+        self.service.expire(cpu, &mut port.expired);
+        let found = ExpiryCounts::of(cpu, &port.expired);
+        for e in port.expired.drain(..) {
+            let slot = &mut st.timers[e.id as usize];
+            if slot.running_on.is_some() {
+                // Serialization: the previous callback of this timer still runs somewhere.
+                slot.held = Some(e);
+                st.serialized += 1;
+            } else {
+                Self::enqueue(&mut st, cpu, e);
+            }
+        }
+        drop(st);
+        self.send_kicks(port);
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests;

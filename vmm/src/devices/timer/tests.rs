@@ -1,0 +1,351 @@
+//! The timer device without KVM: a fake clock, anonymous guest memory, and a kicker that records.
+//! Each test plays the guest (writes the device page, issues commands) and the vCPU threads (the halt
+//! protocol's three calls) by hand, so every interleaving is chosen, not hoped for.
+
+use std::sync::{Arc, Mutex};
+
+use tmigr::clock::FakeClock;
+use tmigr::service::{Policy, ServiceConfig, TimerService};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::abi;
+use super::*;
+
+const PAGES: u64 = 0x10000;
+
+#[derive(Default)]
+struct RecordingKicker {
+    kicks: Mutex<Vec<(CpuId, KickReasons)>>,
+}
+
+impl VcpuKicker for RecordingKicker {
+    fn kick(&self, cpu: CpuId, why: KickReasons) {
+        self.kicks.lock().unwrap().push((cpu, why));
+    }
+}
+
+impl RecordingKicker {
+    fn take(&self) -> Vec<(CpuId, KickReasons)> {
+        std::mem::take(&mut *self.kicks.lock().unwrap())
+    }
+}
+
+struct Vm {
+    dev: TimerDevice<Arc<FakeClock>>,
+    clock: Arc<FakeClock>,
+    mem: GuestMemoryMmap,
+    ports: Vec<VcpuPort>,
+    kicker: Arc<RecordingKicker>,
+}
+
+impl Vm {
+    fn new(policy: Policy, vcpus: u32) -> Self {
+        let clock = Arc::new(FakeClock::new(1_000));
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let service = TimerService::new(
+            ServiceConfig {
+                policy,
+                max_timers: 16,
+                max_cpus: Some(vcpus),
+                ..ServiceConfig::default()
+            },
+            Arc::clone(&clock),
+            vcpus,
+        );
+        let kicker = Arc::new(RecordingKicker::default());
+        let dev = TimerDevice::new(
+            service,
+            mem.clone(),
+            PAGES,
+            vcpus,
+            Arc::clone(&kicker) as Arc<dyn VcpuKicker>,
+        );
+        let ports = (0..vcpus).map(|c| dev.attach(c)).collect();
+        Vm {
+            dev,
+            clock,
+            mem,
+            ports,
+            kicker,
+        }
+    }
+
+    fn put<T: vm_memory::ByteValued>(&self, cpu: CpuId, off: u64, v: T) {
+        self.mem
+            .write_obj(v, GuestAddress(PAGES + 4096 * u64::from(cpu) + off))
+            .unwrap();
+    }
+
+    fn get_u32(&self, cpu: CpuId, off: u64) -> u32 {
+        self.mem
+            .read_obj(GuestAddress(PAGES + 4096 * u64::from(cpu) + off))
+            .unwrap()
+    }
+
+    fn get_u64(&self, cpu: CpuId, off: u64) -> u64 {
+        self.mem
+            .read_obj(GuestAddress(PAGES + 4096 * u64::from(cpu) + off))
+            .unwrap()
+    }
+
+    /// Issues `cmd` from `cpu` (a 32-bit `out`) and returns (status, value).
+    fn cmd(&mut self, cpu: CpuId, cmd: u32) -> (u32, u64) {
+        let effect = self.dev.command(&mut self.ports[cpu as usize], 4, cmd);
+        assert_eq!(effect, CommandEffect::None);
+        (
+            self.get_u32(cpu, abi::OFF_STATUS),
+            self.get_u64(cpu, abi::OFF_VALUE),
+        )
+    }
+
+    fn arm(&mut self, cpu: CpuId, id: u32, flags: u32, deadline: u64) -> (u32, u64) {
+        self.put(cpu, abi::OFF_ID, id);
+        self.put(cpu, abi::OFF_FLAGS, flags);
+        self.put(cpu, abi::OFF_DEADLINE, deadline);
+        self.cmd(cpu, abi::CMD_ARM)
+    }
+
+    fn cancel(&mut self, cpu: CpuId, id: u32, sync: bool) -> (u32, u64) {
+        self.put(cpu, abi::OFF_ID, id);
+        self.cmd(
+            cpu,
+            if sync {
+                abi::CMD_CANCEL_SYNC
+            } else {
+                abi::CMD_CANCEL
+            },
+        )
+    }
+
+    /// `POP`, acknowledging `ack` (`NO_TIMER`: nothing): the popped timer's id, or `None` if empty.
+    fn pop(&mut self, cpu: CpuId, ack: u32) -> Option<u32> {
+        self.put(cpu, abi::OFF_ID, ack);
+        match self.cmd(cpu, abi::CMD_POP).0 {
+            abi::OK => Some(self.get_u32(cpu, abi::OFF_EXP_ID)),
+            abi::EMPTY => None,
+            other => panic!("POP status {other}"),
+        }
+    }
+
+    fn entry(&mut self, cpu: CpuId) -> EntryPlan {
+        self.dev.before_entry(&mut self.ports[cpu as usize], true)
+    }
+
+    fn halt(&mut self, cpu: CpuId) -> HaltPlan {
+        self.dev.halt(&mut self.ports[cpu as usize])
+    }
+
+    fn wake(&mut self, cpu: CpuId, reasons: KickReasons) -> Wake {
+        self.dev.wake(&mut self.ports[cpu as usize], true, reasons)
+    }
+}
+
+#[test]
+fn an_arming_fires_once_at_its_deadline_never_early() {
+    let mut vm = Vm::new(Policy::Pull, 1);
+    assert_eq!(vm.arm(0, 3, abi::FLAG_PINNED, 5_000), (abi::OK, 0));
+    let plan = vm.entry(0);
+    assert!(!plan.inject_doorbell);
+    assert_eq!(plan.deadline, 5_000);
+    vm.clock.set(4_999);
+    assert!(!vm.entry(0).inject_doorbell, "nothing before the deadline");
+    vm.clock.set(5_200);
+    assert!(vm.entry(0).inject_doorbell);
+    assert!(
+        !vm.entry(0).inject_doorbell,
+        "one doorbell until the queue is empty"
+    );
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(3));
+    assert_eq!(vm.get_u64(0, abi::OFF_EXP_DEADLINE), 5_000);
+    assert_eq!(vm.get_u64(0, abi::OFF_EXP_FIRED_AT), 5_200);
+    assert_eq!(vm.get_u32(0, abi::OFF_EXP_OWNER), 0);
+    assert_eq!(vm.pop(0, 3), None);
+    let t = vm.dev.timer_stats(10_000);
+    assert_eq!((t.armed, t.fired, t.early, t.missed), (1, 1, 0, 0));
+    assert_eq!((t.lateness_ns.p50, t.lateness_ns.max), (200, 200));
+    assert_eq!(vm.dev.vcpu_timer_counts(0), (1, 0));
+}
+
+#[test]
+fn bad_commands_get_their_status_and_change_nothing() {
+    let mut vm = Vm::new(Policy::Local, 1);
+    assert_eq!(vm.arm(0, 99, abi::FLAG_PINNED, 5_000).0, abi::INVALID);
+    assert_eq!(vm.arm(0, 1, 7, 5_000).0, abi::INVALID);
+    assert_eq!(vm.arm(0, 1, abi::FLAG_MOVABLE, 1_000).0, abi::PAST);
+    assert_eq!(vm.cancel(0, 99, false).0, abi::INVALID);
+    assert_eq!(vm.cmd(0, 0xdead).0, abi::UNKNOWN_COMMAND);
+    vm.put(0, abi::OFF_ID, 5u32);
+    assert_eq!(vm.cmd(0, abi::CMD_ACK).0, abi::BAD_ACK);
+    assert_eq!(
+        vm.cmd(0, abi::CMD_OFFLINE_ACK).0,
+        abi::INVALID,
+        "no offline request"
+    );
+    let effect = vm.dev.command(&mut vm.ports[0], 2, abi::CMD_NOW);
+    assert_eq!(effect, CommandEffect::None);
+    assert_eq!(vm.get_u32(0, abi::OFF_STATUS), abi::BAD_ACCESS);
+    assert_eq!(vm.dev.last_status(0), abi::BAD_ACCESS);
+    assert_eq!(vm.dev.timer_stats(10_000).armed, 0);
+}
+
+#[test]
+fn a_rearm_while_the_callback_runs_is_held_until_its_ack() {
+    let mut vm = Vm::new(Policy::Local, 2);
+    assert_eq!(vm.arm(0, 1, abi::FLAG_MOVABLE, 2_000).0, abi::OK);
+    vm.clock.set(2_000);
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(1));
+    // vCPU 1 re-arms timer 1 while its callback still runs on vCPU 0.
+    assert_eq!(vm.arm(1, 1, abi::FLAG_MOVABLE, 3_000), (abi::OK, 0));
+    vm.clock.set(3_000);
+    assert!(
+        !vm.entry(1).inject_doorbell,
+        "held back: the previous callback still runs on vCPU 0"
+    );
+    assert_eq!(vm.dev.timer_stats(3_000).serialized, 1);
+    assert_eq!(vm.pop(1, abi::NO_TIMER), None);
+    // The ACK on vCPU 0 releases it there (a movable timer fires on the vCPU that ended it).
+    assert_eq!(vm.pop(0, 1), Some(1));
+    assert_eq!(vm.get_u32(0, abi::OFF_EXP_OWNER), 1);
+    assert_eq!(vm.pop(0, 1), None);
+    let t = vm.dev.timer_stats(10_000);
+    assert_eq!((t.fired, t.remote_expiries, t.early), (2, 1, 0));
+}
+
+#[test]
+fn cancel_sync_says_running_until_no_callback_runs() {
+    let mut vm = Vm::new(Policy::Local, 2);
+    vm.arm(0, 4, abi::FLAG_PINNED, 2_000);
+    vm.clock.set(2_500);
+    vm.entry(0);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(4));
+    assert_eq!(vm.cancel(1, 4, true), (abi::RUNNING, 0));
+    assert_eq!(
+        vm.cancel(0, 4, true),
+        (abi::DEADLOCK, 0),
+        "from its own callback"
+    );
+    assert_eq!(vm.pop(0, 4), None);
+    assert_eq!(vm.cancel(1, 4, true), (abi::OK, 0));
+}
+
+#[test]
+fn cancel_against_expiry_fires_exactly_once_or_not_at_all() {
+    let mut vm = Vm::new(Policy::Local, 2);
+    vm.arm(0, 2, abi::FLAG_MOVABLE, 2_000);
+    vm.clock.set(2_000);
+    // Expired into vCPU 0's delivery queue but not popped: the cancel still stops it.
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.cancel(1, 2, false), (abi::OK, 1));
+    assert_eq!(vm.pop(0, abi::NO_TIMER), None);
+    // Once popped, a cancel says it was no longer pending.
+    vm.arm(0, 2, abi::FLAG_MOVABLE, 3_000);
+    vm.clock.set(3_000);
+    vm.entry(0);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(2));
+    assert_eq!(vm.cancel(1, 2, false), (abi::OK, 0));
+    let t = vm.dev.timer_stats(10_000);
+    assert_eq!((t.fired, t.cancelled, t.missed), (1, 1, 0));
+}
+
+#[test]
+fn a_halted_vcpu_sleeps_to_its_pinned_timer_and_learns_why_it_woke() {
+    let mut vm = Vm::new(Policy::Pull, 1);
+    vm.arm(0, 0, abi::FLAG_PINNED, 4_000);
+    assert_eq!(vm.halt(0), HaltPlan::Sleep { until: 4_000 });
+    vm.clock.set(4_100);
+    let w = vm.wake(0, KickReasons::NONE);
+    assert_eq!(w.cause, Some(WakeupCause::OwnPinnedTimer));
+    assert!(w.resume_guest);
+    assert_eq!(vm.halt(0), HaltPlan::Resume, "its doorbell is due");
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(0));
+    assert_eq!(vm.pop(0, 0), None);
+    assert_eq!(vm.halt(0), HaltPlan::Sleep { until: NO_DEADLINE });
+    let w = vm.wake(0, KickReasons::STOP);
+    assert_eq!(w.cause, Some(WakeupCause::Control));
+    assert!(!w.resume_guest);
+}
+
+#[test]
+fn under_pull_a_running_vcpu_expires_a_halted_ones_movable_timer() {
+    let mut vm = Vm::new(Policy::Pull, 2);
+    // Both join; vCPU 1 arms a movable timer and halts, vCPU 0 keeps running.
+    vm.entry(0);
+    vm.cmd(0, abi::CMD_NOW);
+    vm.arm(1, 6, abi::FLAG_MOVABLE, 8_000);
+    assert_eq!(
+        vm.halt(1),
+        HaltPlan::Sleep { until: NO_DEADLINE },
+        "its movable timer is the migrator's"
+    );
+    vm.kicker.take();
+    assert_eq!(vm.entry(0).deadline, 8_000);
+    vm.clock.set(8_050);
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(6));
+    assert_eq!(vm.get_u32(0, abi::OFF_EXP_OWNER), 1);
+    assert_eq!(vm.dev.vcpu_timer_counts(0), (1, 1));
+    assert!(
+        vm.kicker.take().iter().all(|&(c, _)| c != 1),
+        "the halted vCPU was not woken"
+    );
+}
+
+#[test]
+fn an_offlined_vcpu_hands_its_delivery_queue_and_timers_to_another() {
+    let mut vm = Vm::new(Policy::Pull, 3);
+    for c in 0..3 {
+        vm.cmd(c, abi::CMD_NOW); // every guest has joined
+    }
+    vm.arm(2, 1, abi::FLAG_MOVABLE, 2_000);
+    vm.arm(2, 2, abi::FLAG_PINNED, 9_000);
+    vm.clock.set(2_000);
+    assert!(
+        vm.entry(2).inject_doorbell,
+        "timer 1 waits in vCPU 2's queue"
+    );
+    vm.dev.request_offline(2);
+    let effect = vm.dev.command(&mut vm.ports[2], 4, abi::CMD_OFFLINE_ACK);
+    assert_eq!(effect, CommandEffect::GoOffline);
+    vm.kicker.take();
+    vm.dev.go_offline(&mut vm.ports[2]);
+    let kicks = vm.kicker.take();
+    assert!(
+        kicks.contains(&(0, KickReasons::DELIVERY)),
+        "the recipient is told: {kicks:?}"
+    );
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(1));
+    assert_eq!(vm.get_u32(0, abi::OFF_EXP_OWNER), 2);
+    assert_eq!(vm.pop(0, 1), None);
+    // Its pinned timer moved too, and fires elsewhere while it is offline.
+    vm.entry(1);
+    vm.clock.set(9_000);
+    let fired_on: Vec<u32> = (0..2u32)
+        .filter(|&c| {
+            vm.entry(c);
+            vm.pop(c, abi::NO_TIMER) == Some(2)
+        })
+        .collect();
+    assert_eq!(fired_on.len(), 1, "timer 2 fired exactly once");
+    // Back online, the guest is told through `control`.
+    vm.dev.come_online(&mut vm.ports[2]);
+    assert_eq!(vm.get_u32(2, abi::OFF_CONTROL), abi::CONTROL_ONLINE);
+    assert_eq!(vm.halt(2), HaltPlan::Resume, "its doorbell rings for it");
+    let t = vm.dev.timer_stats(20_000);
+    assert_eq!((t.fired, t.missed, t.early), (2, 0, 0));
+}
+
+#[test]
+fn an_unacknowledged_offline_request_is_withdrawn() {
+    let mut vm = Vm::new(Policy::Local, 2);
+    vm.dev.request_offline(1);
+    assert_eq!(
+        vm.get_u32(1, abi::OFF_CONTROL),
+        abi::CONTROL_OFFLINE_REQUESTED
+    );
+    assert!(vm.dev.withdraw_offline(1));
+    assert_eq!(vm.get_u32(1, abi::OFF_CONTROL), abi::CONTROL_NONE);
+    assert_eq!(vm.cmd(1, abi::CMD_OFFLINE_ACK).0, abi::INVALID);
+}
