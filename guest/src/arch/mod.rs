@@ -50,9 +50,9 @@ const TRIPLE_FAULT_MAGIC: u64 = 0x5452_4950_4c45_4621;
 
 global_asm!(
     include_str!("ring0.s"),
-    BI_PERCPU_SIZE = const crate::runtime::boot::offset::PERCPU_SIZE,
-    BI_SERIAL_PORT = const crate::runtime::boot::offset::SERIAL_PORT,
-    BI_EXIT_PORT = const crate::runtime::boot::offset::EXIT_PORT,
+    BI_PERCPU_SIZE = const quietvm_abi::boot::offset::PERCPU_SIZE,
+    BI_SERIAL_PORT = const quietvm_abi::boot::offset::SERIAL_PORT,
+    BI_EXIT_PORT = const quietvm_abi::boot::offset::EXIT_PORT,
     BOOT_INFO = const crate::runtime::boot::BOOT_INFO_ADDR,
     IDT = const layout::IDT,
     IDT_LIMIT = const 256 * 16 - 1,
