@@ -9,6 +9,8 @@
 
 #![no_std]
 #![no_main]
+// Every unsafe block says why it is sound (as the VMM's `[lints.clippy]` asks there).
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 #[macro_use]
 mod runtime;
