@@ -34,13 +34,19 @@ fn main() {
         .expect("vmm/ has a parent folder")
         .to_path_buf();
     let guest_dir = repo_root.join("guest");
+    // The guest ABI crate (quietvm-abi), a path dependency of the guest: a change there rebuilds it.
+    let abi_dir = repo_root.join("abi");
     let target_dir = out_dir.join("guest-target");
     let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
 
     println!("cargo:rerun-if-changed=build.rs");
-    // The guest's sources, not the whole folder: a manual build's guest/target would trigger rebuilds.
+    // The guest's and the ABI's sources, not the whole folders: a manual build's guest/target would
+    // trigger rebuilds.
     for path in ["src", "Cargo.toml", "Cargo.lock", "link.ld"] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(path).display());
+    }
+    for path in ["src", "Cargo.toml"] {
+        println!("cargo:rerun-if-changed={}", abi_dir.join(path).display());
     }
 
     let mut cmd = Command::new(&cargo);

@@ -21,9 +21,10 @@ fn gate(handler: u64) -> [u64; 2] {
 }
 
 /// Fills this vCPU's IDT: exceptions are fatal except #GP (the halt path), `doorbell_vector` goes
-/// to the doorbell stub, the guest's own LAPIC timer vector (used only under `policy=kvm-lapic`) to
-/// the stub that EOIs it and then acts as the doorbell, every other vector to a stub that just returns.
-pub fn init(area_base: usize, doorbell_vector: u8) {
+/// to the doorbell stub, `lapic_vector`, the guest's own LAPIC timer vector (used only under
+/// `policy=kvm-lapic`), to the stub that EOIs it and then acts as the doorbell, every other vector to
+/// a stub that just returns.
+pub fn init(area_base: usize, doorbell_vector: u8, lapic_vector: u8) {
     let idt = (area_base + layout::IDT) as *mut [u64; 2];
     for vector in 0..=255u8 {
         let handler = match vector {
@@ -31,7 +32,7 @@ pub fn init(area_base: usize, doorbell_vector: u8) {
             // SAFETY: a table of 32 addresses defined in ring0.s, never written.
             0..=31 => unsafe { quietvm_fatal_table[usize::from(vector)] },
             v if v == doorbell_vector => quietvm_doorbell_stub as *const () as u64,
-            crate::runtime::lapic::TIMER_VECTOR => quietvm_lapic_stub as *const () as u64,
+            v if v == lapic_vector => quietvm_lapic_stub as *const () as u64,
             _ => quietvm_spurious_stub as *const () as u64,
         };
         // SAFETY: the IDT is this vCPU's own page in its per-vCPU area; nothing else writes it.

@@ -3,6 +3,12 @@
 //!
 //! Ring 0 is assembly only: on nested KVM it is emulated and cannot run SSE, which rustc's prebuilt
 //! `core` uses. See docs/guest.md for the ring-0/ring-3 split and the upcall.
+//!
+//! This is the lowest layer: it knows the ABI (quietvm-abi) and the CPU, not the runtime. What it needs
+//! from above is named here and provided by the layer above: the ring-3 entry point `guest_main` and
+//! the doorbell handler `quietvm_doorbell` (extern symbols), the per-vCPU data's two interrupt flags
+//! (at [`layout::IRQ_MASKED`] and [`layout::IRQ_PENDING`]), and the LAPIC timer vector (an argument of
+//! [`idt::init`]).
 
 pub mod idt;
 
@@ -18,9 +24,13 @@ pub mod layout {
     pub const CPU_INDEX: usize = 0x1040;
     /// The 64-bit TSS (0x68 bytes) and its I/O permission bitmap (8 KiB + 1), up to 0x30e9.
     pub const TSS: usize = 0x1080;
-    /// The ring-3 runtime's per-vCPU data (`runtime::percpu::PerCpu`), one page. It starts with the
-    /// software interrupt mask and pending flag, which the ring-0 stubs read and write.
+    /// The ring-3 runtime's per-vCPU data, one page. It starts with the software interrupt mask and
+    /// pending flag (u32 each, at the offsets below), which the ring-0 stubs read and write.
     pub const PERCPU_DATA: usize = 0x4000;
+    /// In the per-vCPU data: the doorbell is masked (nonzero).
+    pub const IRQ_MASKED: usize = 0;
+    /// In the per-vCPU data: a doorbell came while masked (set to 1 by the ring-0 stubs).
+    pub const IRQ_PENDING: usize = 4;
     /// One page of ring-0 stack; its top is TSS.RSP0.
     pub const R0_STACK: usize = 0x5000;
     pub const R0_STACK_TOP: usize = 0x6000;
@@ -32,10 +42,29 @@ pub mod layout {
 /// Selectors of the per-vCPU GDT built by `ring0.s`.
 pub mod selector {
     pub const KERNEL_CS: u16 = 0x08;
+    /// Kernel data: `SS` keeps its boot value, which must be this.
+    pub const KERNEL_DS: u16 = 0x10;
     pub const USER_DS: u16 = 0x18 | 3;
     pub const USER_CS: u16 = 0x20 | 3;
     pub const TSS: u16 = 0x28;
+
+    // ring0.s keeps the boot CS and SS (docs/boot.md): its GDT has the kernel segments there too.
+    const _: () = assert!(KERNEL_CS == quietvm_abi::boot::CODE_SELECTOR);
+    const _: () = assert!(KERNEL_DS == quietvm_abi::boot::DATA_SELECTOR);
 }
+
+/// Model-specific registers the guest writes (`wrmsr`): the x2APIC's and the TSC deadline.
+pub mod msr {
+    pub const APIC_BASE: u32 = 0x1b;
+    pub const TSC_DEADLINE: u32 = 0x6e0;
+    pub const X2APIC_EOI: u32 = 0x80b;
+    pub const X2APIC_SVR: u32 = 0x80f;
+    pub const X2APIC_ICR: u32 = 0x830;
+    pub const X2APIC_LVT_TIMER: u32 = 0x832;
+}
+
+/// The exit code the ring-0 fatal-exception stub writes to the exit port (docs/guest.md).
+pub const EXIT_EXCEPTION: u32 = 90;
 
 /// The TSS: 0x68 bytes, then the I/O permission bitmap (8 KiB: all 65536 ports) and its 0xff end byte.
 const IOPB_OFFSET: usize = 0x68;
@@ -48,12 +77,20 @@ const RFLAGS_USER: u64 = (1 << 9) | 2;
 /// `rax` value that makes a ring-3 `ud2` end in a triple fault (`triple_fault`).
 const TRIPLE_FAULT_MAGIC: u64 = 0x5452_4950_4c45_4621;
 
+// Provided by the layers above (see the module docs); called only from the assembly.
+extern "C" {
+    /// The ring-3 entry, `guest_main(cpu index, boot info address) -> !`, entered by `iretq`.
+    fn guest_main(cpu: u64, info: *const quietvm_abi::boot::BootInfo) -> !;
+    /// The doorbell handler the upcall trampoline calls (with the doorbell unmasked when it rang).
+    fn quietvm_doorbell();
+}
+
 global_asm!(
     include_str!("ring0.s"),
-    BI_PERCPU_SIZE = const crate::runtime::boot::offset::PERCPU_SIZE,
-    BI_SERIAL_PORT = const crate::runtime::boot::offset::SERIAL_PORT,
-    BI_EXIT_PORT = const crate::runtime::boot::offset::EXIT_PORT,
-    BOOT_INFO = const crate::runtime::boot::BOOT_INFO_ADDR,
+    BI_PERCPU_SIZE = const quietvm_abi::boot::offset::PERCPU_SIZE,
+    BI_SERIAL_PORT = const quietvm_abi::boot::offset::SERIAL_PORT,
+    BI_EXIT_PORT = const quietvm_abi::boot::offset::EXIT_PORT,
+    BOOT_INFO = const quietvm_abi::boot::BOOT_INFO,
     IDT = const layout::IDT,
     IDT_LIMIT = const 256 * 16 - 1,
     GDT = const layout::GDT,
@@ -70,17 +107,17 @@ global_asm!(
     USER_CS = const selector::USER_CS,
     RFLAGS_USER = const RFLAGS_USER,
     PERCPU_DATA = const layout::PERCPU_DATA,
-    IRQ_MASKED = const crate::runtime::percpu::IRQ_MASKED_OFFSET,
-    IRQ_PENDING = const crate::runtime::percpu::IRQ_PENDING_OFFSET,
+    IRQ_MASKED = const layout::IRQ_MASKED,
+    IRQ_PENDING = const layout::IRQ_PENDING,
     TRIPLE_FAULT_MAGIC = const TRIPLE_FAULT_MAGIC,
-    EXIT_EXCEPTION = const crate::runtime::vm::EXIT_EXCEPTION,
-    MSR_X2APIC_EOI = const crate::runtime::lapic::msr::X2APIC_EOI,
-    guest_main = sym crate::guest_main,
+    EXIT_EXCEPTION = const EXIT_EXCEPTION,
+    MSR_X2APIC_EOI = const msr::X2APIC_EOI,
+    guest_main = sym guest_main,
 );
 
-global_asm!(include_str!("upcall.s"), doorbell = sym crate::runtime::doorbell::quietvm_doorbell);
+global_asm!(include_str!("upcall.s"), doorbell = sym quietvm_doorbell);
 
-/// Unmasks the doorbell (`runtime::irq`) and halts until it rings, atomically: at ring 3 `hlt` traps
+/// Unmasks the doorbell (the software mask at [`layout::IRQ_MASKED`]) and halts until it rings, atomically: at ring 3 `hlt` traps
 /// to the #GP stub, which does both with interrupts off (ring0.s). Returns after the doorbell's handler
 /// has run (or at once if a doorbell was pending), with the doorbell unmasked.
 #[inline(always)]
@@ -127,8 +164,8 @@ pub fn inl(port: u16) -> u32 {
 #[inline(always)]
 pub fn wrmsr(msr: u32, value: u64) {
     // SAFETY: the #GP stub executes the wrmsr with these registers and returns after it, preserving
-    // every register and the flags; the MSRs written are the local APIC's (runtime::lapic), whose
-    // interrupts go through the doorbell machinery like quietvm's, hence no `nomem`.
+    // every register and the flags; the MSRs written are the local APIC's (`msr`), whose interrupts
+    // go through the doorbell machinery like quietvm's, hence no `nomem`.
     unsafe {
         asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
             options(nostack, preserves_flags))

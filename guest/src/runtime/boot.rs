@@ -1,64 +1,13 @@
-//! The boot info quietvm leaves at 0x2000 (docs/boot.md) and the `key=value` launch arguments.
+//! The boot info quietvm leaves at `quietvm_abi::boot::BOOT_INFO` (docs/boot.md) and the `key=value`
+//! launch arguments.
 
-use core::mem::offset_of;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
+// The layout, magic and version are the guest ABI's (quietvm-abi).
+pub use quietvm_abi::boot::{BootInfo, MAGIC, VERSION};
+
 /// Where the boot info lives; the ring-0 fatal printer reads the ports from here.
-pub const BOOT_INFO_ADDR: usize = 0x2000;
-pub const MAGIC: u64 = 0x3154_4f4f_424d_5651; // "QVMBOOT1"
-pub const VERSION: u32 = 1;
-
-#[repr(C)]
-pub struct BootInfo {
-    pub magic: u64,
-    pub version: u32,
-    pub vcpus: u32,
-    pub mem_size: u64,
-    pub device_pages: u64,
-    pub percpu_base: u64,
-    pub percpu_size: u64,
-    pub free_base: u64,
-    pub serial_port: u16,
-    pub exit_port: u16,
-    pub timer_port: u16,
-    pub doorbell_vector: u8,
-    pub reserved: u8,
-    pub max_timers: u32,
-    pub args_len: u32,
-    pub args: [u8; 512],
-    /// The guest TSC's frequency (0 if quietvm could not tell).
-    pub tsc_khz: u32,
-    /// Where the guest's timer report goes under `policy=kvm-lapic` (runtime::soft_timers).
-    pub report_port: u16,
-    pub reserved2: u16,
-    /// A file quietvm placed in guest memory for the workload (the config's `payload`, e.g. the
-    /// `replay` workload's trace); 0 and 0 if none.
-    pub payload_base: u64,
-    pub payload_len: u64,
-}
-
-/// Offsets used by the assembly (checked against the struct below).
-pub mod offset {
-    pub const PERCPU_SIZE: usize = 0x28;
-    pub const SERIAL_PORT: usize = 0x38;
-    pub const EXIT_PORT: usize = 0x3a;
-}
-
-const _: () = {
-    assert!(offset_of!(BootInfo, vcpus) == 0x0c);
-    assert!(offset_of!(BootInfo, percpu_size) == offset::PERCPU_SIZE);
-    assert!(offset_of!(BootInfo, serial_port) == offset::SERIAL_PORT);
-    assert!(offset_of!(BootInfo, exit_port) == offset::EXIT_PORT);
-    assert!(offset_of!(BootInfo, timer_port) == 0x3c);
-    assert!(offset_of!(BootInfo, doorbell_vector) == 0x3e);
-    assert!(offset_of!(BootInfo, max_timers) == 0x40);
-    assert!(offset_of!(BootInfo, args_len) == 0x44);
-    assert!(offset_of!(BootInfo, args) == 0x48);
-    assert!(offset_of!(BootInfo, tsc_khz) == 0x248);
-    assert!(offset_of!(BootInfo, report_port) == 0x24c);
-    assert!(offset_of!(BootInfo, payload_base) == 0x250);
-    assert!(offset_of!(BootInfo, payload_len) == 0x258);
-};
+pub const BOOT_INFO_ADDR: usize = quietvm_abi::boot::BOOT_INFO as usize;
 
 static BOOT: AtomicPtr<BootInfo> = AtomicPtr::new(BOOT_INFO_ADDR as *mut BootInfo);
 

@@ -7,46 +7,39 @@
 
 use super::{boot, lapic, percpu, soft_timers};
 use crate::arch;
-use core::mem::offset_of;
 use core::ptr::{addr_of, addr_of_mut};
+use quietvm_abi::timer as abi;
 
 /// "No timer" (the `id` of a `POP` when no callback runs).
-pub const NONE: u32 = u32::MAX;
-pub const PINNED: u32 = 1;
-pub const MOVABLE: u32 = 2;
+pub use abi::NO_TIMER as NONE;
+pub use abi::{FLAG_MOVABLE as MOVABLE, FLAG_PINNED as PINNED};
 
+/// The command numbers (quietvm-abi's `CMD_*`).
 pub mod command {
-    pub const NOW: u32 = 1;
-    pub const ARM: u32 = 2;
-    pub const CANCEL: u32 = 3;
-    pub const CANCEL_SYNC: u32 = 4;
-    pub const POP: u32 = 5;
-    pub const ACK: u32 = 6;
     /// The guest agrees to an offline request; returns when the vCPU is back online.
-    pub const OFFLINE_ACK: u32 = 7;
+    pub use quietvm_abi::timer::CMD_OFFLINE_ACK as OFFLINE_ACK;
+    pub use quietvm_abi::timer::{
+        CMD_ACK as ACK, CMD_ARM as ARM, CMD_CANCEL as CANCEL, CMD_CANCEL_SYNC as CANCEL_SYNC,
+        CMD_NOW as NOW, CMD_POP as POP,
+    };
 }
 
-/// The `control` word at offset 0x40 of the device page (docs/api.md, vCPU hotplug).
+/// The `control` word of the device page (docs/api.md, vCPU hotplug).
 pub mod control {
-    pub const NONE: u32 = 0;
-    pub const OFFLINE_REQUESTED: u32 = 1;
-    // 2 ("back online") needs no action: the vCPU simply continues after its OFFLINE_ACK.
+    pub use quietvm_abi::timer::{
+        CONTROL_NONE as NONE, CONTROL_OFFLINE_REQUESTED as OFFLINE_REQUESTED,
+    };
+    // CONTROL_ONLINE ("back online") needs no action: the vCPU simply continues after its OFFLINE_ACK.
 }
 
 /// Offset of `control`: outside [`Page`] on purpose, so the doorbell handler's save/restore of the page
 /// never writes back a stale value over one quietvm wrote meanwhile.
-const CONTROL_OFFSET: u64 = 0x40;
+const CONTROL_OFFSET: u64 = abi::OFF_CONTROL;
 
 pub mod status {
-    pub const OK: u32 = 0;
-    pub const EMPTY: u32 = 1;
-    pub const PAST: u32 = 2;
-    pub const RUNNING: u32 = 3;
-    pub const DEADLOCK: u32 = 4;
-    pub const BAD_ACK: u32 = 5;
-    pub const INVALID: u32 = 6;
-    pub const UNKNOWN_COMMAND: u32 = 7;
-    pub const BAD_ACCESS: u32 = 8;
+    pub use quietvm_abi::timer::{
+        BAD_ACCESS, BAD_ACK, DEADLOCK, EMPTY, INVALID, OK, PAST, RUNNING, UNKNOWN_COMMAND,
+    };
 
     pub fn name(status: u32) -> &'static str {
         match status {
@@ -64,34 +57,8 @@ pub mod status {
     }
 }
 
-/// The first 64 bytes of a device page.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Page {
-    pub id: u32,
-    pub flags: u32,
-    pub deadline: u64,
-    pub status: u32,
-    pub reserved: u32,
-    pub value: u64,
-    pub now: u64,
-    pub exp_id: u32,
-    pub exp_owner: u32,
-    pub exp_deadline: u64,
-    pub exp_fired_at: u64,
-}
-
-const _: () = {
-    assert!(offset_of!(Page, deadline) == 0x08);
-    assert!(offset_of!(Page, status) == 0x10);
-    assert!(offset_of!(Page, value) == 0x18);
-    assert!(offset_of!(Page, now) == 0x20);
-    assert!(offset_of!(Page, exp_id) == 0x28);
-    assert!(offset_of!(Page, exp_owner) == 0x2c);
-    assert!(offset_of!(Page, exp_deadline) == 0x30);
-    assert!(offset_of!(Page, exp_fired_at) == 0x38);
-    assert!(core::mem::size_of::<Page>() == 0x40);
-};
+/// The first 64 bytes of a device page (the ABI's command block).
+pub use abi::Page;
 
 /// What every command answers.
 #[derive(Clone, Copy, Debug)]
@@ -113,7 +80,7 @@ pub struct Expired {
 
 fn page() -> *mut Page {
     let info = boot::info();
-    (info.device_pages + 4096 * u64::from(percpu::index())) as *mut Page
+    (info.device_pages + abi::DEVICE_PAGE_SIZE * u64::from(percpu::index())) as *mut Page
 }
 
 /// Issues `cmd` with the given inputs. Each command is one exit to quietvm; under `policy=kvm-lapic`
@@ -198,7 +165,8 @@ pub fn control() -> u32 {
         return control::NONE;
     }
     let info = boot::info();
-    let at = info.device_pages + 4096 * u64::from(percpu::index()) + CONTROL_OFFSET;
+    let at =
+        info.device_pages + abi::DEVICE_PAGE_SIZE * u64::from(percpu::index()) + CONTROL_OFFSET;
     // SAFETY: inside this vCPU's own device page (mapped, user-accessible); volatile because quietvm
     // writes it behind the compiler's back.
     unsafe { (at as *const u32).read_volatile() }

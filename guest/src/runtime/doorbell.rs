@@ -4,12 +4,22 @@
 //! callbacks run one at a time per vCPU, with the doorbell masked.
 
 use super::device::{self, status, Expired, NONE};
+use super::sync::Published;
 use super::{percpu, time};
 use core::sync::atomic::Ordering;
 
-/// Entry from the upcall trampoline (the doorbell was unmasked when it rang).
+/// Entry from the upcall trampoline (the doorbell was unmasked when it rang): the symbol arch/ needs.
+#[no_mangle]
 pub extern "C" fn quietvm_doorbell() {
     handle();
+}
+
+/// The callback of every timer that is not the runtime's own (the workload's), set at boot.
+static ON_TIMER: Published<fn(&Expired)> = Published::new();
+
+/// Sets the callback for timers the runtime does not own itself (before any such timer is armed).
+pub fn set_timer_callback(callback: &'static fn(&Expired)) {
+    ON_TIMER.publish(callback);
 }
 
 /// Runs the callbacks of all expired timers, masked; returns unmasked.
@@ -55,7 +65,13 @@ fn drain() {
 
 fn dispatch(expired: &Expired) {
     if !time::on_timer(expired) {
-        crate::workloads::on_timer(expired);
+        match ON_TIMER.try_get() {
+            Some(callback) => callback(expired),
+            None => panic!(
+                "timer {} fired before the timer callback was set",
+                expired.id
+            ),
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! callers write only what changed.
 
 use super::boot;
-use crate::arch;
+use crate::arch::{self, msr};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The LAPIC timer's vector, also sent as an IPI when another vCPU must look at its timers. Its stub
@@ -15,15 +15,6 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub const TIMER_VECTOR: u8 = 0xec;
 /// The spurious-interrupt vector (its gate only returns; spurious interrupts take no EOI).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
-
-pub mod msr {
-    pub const APIC_BASE: u32 = 0x1b;
-    pub const TSC_DEADLINE: u32 = 0x6e0;
-    pub const X2APIC_EOI: u32 = 0x80b;
-    pub const X2APIC_SVR: u32 = 0x80f;
-    pub const X2APIC_ICR: u32 = 0x830;
-    pub const X2APIC_LVT_TIMER: u32 = 0x832;
-}
 
 const APIC_BASE_DEFAULT: u64 = 0xfee0_0000;
 const APIC_BASE_BSP: u64 = 1 << 8;

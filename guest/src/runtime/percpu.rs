@@ -27,9 +27,9 @@ pub struct PerCpu {
     pub offline_count: AtomicU64,
 }
 
-/// Offsets of the two flags for the assembly.
-pub const IRQ_MASKED_OFFSET: usize = core::mem::offset_of!(PerCpu, irq_masked);
-pub const IRQ_PENDING_OFFSET: usize = core::mem::offset_of!(PerCpu, irq_pending);
+// The ring-0 stubs find the two flags where arch::layout says.
+const _: () = assert!(core::mem::offset_of!(PerCpu, irq_masked) == layout::IRQ_MASKED);
+const _: () = assert!(core::mem::offset_of!(PerCpu, irq_pending) == layout::IRQ_PENDING);
 
 const _: () = assert!(core::mem::size_of::<PerCpu>() <= 4096);
 

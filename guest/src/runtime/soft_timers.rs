@@ -27,6 +27,7 @@ use super::sync::{Published, SpinLock};
 use super::{boot, irq, lapic};
 use crate::arch;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use quietvm_abi::report::{self as abi, offset as at};
 
 /// "None" for vCPU and timer links.
 const NIL: u32 = u32::MAX;
@@ -115,7 +116,9 @@ pub fn init(cpu: u32) {
         c.running = NIL;
     }
     let counters = arena::alloc::<Counters>(vcpus);
-    let report = arena::alloc_page_aligned::<AtomicU64>(REPORT_VCPUS_AT / 8 + 4 * vcpus);
+    let report = arena::alloc_page_aligned::<AtomicU64>(
+        ((at::VCPU_ENTRIES + abi::VCPU_ENTRY_SIZE * vcpus as u64) / 8) as usize,
+    );
     // Samples may use a quarter of what is left, so that small VMs still have room for workloads.
     let sample_cap = (arena::remaining() / 4 / 4 / vcpus).min(MAX_SAMPLES);
     let samples = arena::alloc::<AtomicU32>(sample_cap * vcpus);
@@ -431,13 +434,6 @@ impl State {
     }
 }
 
-/// `QVMRPT01`, little endian (docs/boot.md, "The timer report").
-const REPORT_MAGIC: u64 = u64::from_le_bytes(*b"QVMRPT01");
-const REPORT_VERSION: u64 = 1;
-/// Byte offset of the per-vCPU entries (4 u64 each: fired, fired for another vCPU's timer, address
-/// and count of its u32 lateness samples).
-const REPORT_VCPUS_AT: usize = 0x80;
-
 /// Fills the report page and hands its page number to quietvm (a 32-bit `out` to `report_port`).
 /// Called by the vCPU that ends the VM, just before it does.
 pub fn report() {
@@ -466,30 +462,38 @@ pub fn report() {
             .map(|c| f(c).load(Ordering::Relaxed))
             .sum()
     };
-    let header = [
-        REPORT_MAGIC,
-        REPORT_VERSION | (u64::from(info.vcpus) << 32),
-        sum(|c| &c.armed),
-        sum(|c| &c.fired),
-        sum(|c| &c.cancelled),
-        sum(|c| &c.early),
-        missed,
-        0, // remote expiries: every timer fires on its owner
-        sum(|c| &c.serialized),
-    ];
     let r = soft.report;
-    for (i, v) in header.iter().enumerate() {
-        r[i].store(*v, Ordering::Relaxed);
-    }
+    // The report as u64 words (docs/boot.md, "The timer report"; the layout is quietvm-abi's).
+    let put = |offset: u64, value: u64| r[(offset / 8) as usize].store(value, Ordering::Relaxed);
+    put(at::MAGIC, abi::MAGIC);
+    // `version` and `vcpus` are the two u32 halves of one word.
+    const _: () = assert!(at::VERSION & 7 == 0 && at::VCPUS == at::VERSION + 4);
+    put(
+        at::VERSION,
+        u64::from(abi::VERSION) | (u64::from(info.vcpus) << 32),
+    );
+    put(at::ARMED, sum(|c| &c.armed));
+    put(at::FIRED, sum(|c| &c.fired));
+    put(at::CANCELLED, sum(|c| &c.cancelled));
+    put(at::EARLY, sum(|c| &c.early));
+    put(at::MISSED, missed);
+    put(at::REMOTE_EXPIRIES, 0); // every timer fires on its owner
+    put(at::SERIALIZED, sum(|c| &c.serialized));
     for (cpu, c) in soft.counters.iter().enumerate() {
-        let at = REPORT_VCPUS_AT / 8 + 4 * cpu;
+        let entry = at::VCPU_ENTRIES + abi::VCPU_ENTRY_SIZE * cpu as u64;
         let samples = &soft.samples[cpu * soft.sample_cap..];
-        r[at].store(c.fired.load(Ordering::Relaxed), Ordering::Relaxed);
-        r[at + 1].store(0, Ordering::Relaxed);
-        r[at + 2].store(samples.as_ptr() as u64, Ordering::Relaxed);
-        r[at + 3].store(c.samples.load(Ordering::Relaxed), Ordering::Relaxed);
+        put(entry + at::ENTRY_FIRED, c.fired.load(Ordering::Relaxed));
+        put(entry + at::ENTRY_REMOTE_FIRED, 0);
+        put(entry + at::ENTRY_SAMPLES_ADDR, samples.as_ptr() as u64);
+        put(
+            entry + at::ENTRY_SAMPLES_LEN,
+            c.samples.load(Ordering::Relaxed),
+        );
     }
     // SeqCst: every store above comes before the `out` (which the compiler cannot see through).
     core::sync::atomic::fence(Ordering::SeqCst);
-    arch::outl(info.report_port, (r.as_ptr() as u64 >> 12) as u32);
+    arch::outl(
+        info.report_port,
+        (r.as_ptr() as u64 >> abi::PAGE_SHIFT) as u32,
+    );
 }

@@ -5,8 +5,7 @@ use super::boot;
 pub const EXIT_OK: u32 = 0;
 /// A workload's own checks failed.
 pub const EXIT_FAIL: u32 = 1;
-/// A CPU exception (written by the ring-0 stub in arch/ring0.s).
-pub const EXIT_EXCEPTION: u32 = 90;
+// 90, a CPU exception, is `arch::EXIT_EXCEPTION`: the ring-0 stub in arch/ring0.s writes it.
 /// A Rust panic.
 pub const EXIT_PANIC: u32 = 91;
 /// Unknown workload or malformed argument.

@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use quietvm_abi::report::{self, offset as at};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::Layout;
@@ -197,13 +198,12 @@ struct GuestReport {
     per_vcpu: Vec<(u64, u64)>,
 }
 
-/// `QVMRPT01`, little endian.
-const REPORT_MAGIC: u64 = u64::from_le_bytes(*b"QVMRPT01");
-const REPORT_VERSION: u32 = 1;
-const REPORT_VCPUS_AT: u64 = 0x80;
-const REPORT_VCPU_SIZE: u64 = 32;
-/// More lateness samples than any run produces; a larger count is a broken report.
-const MAX_SAMPLES_PER_VCPU: u64 = 1 << 24;
+// The report's layout is the guest ABI's (quietvm-abi).
+use report::{
+    MAGIC as REPORT_MAGIC, MAX_SAMPLES_PER_VCPU, VCPU_ENTRY_SIZE as REPORT_VCPU_SIZE,
+    VERSION as REPORT_VERSION,
+};
+const REPORT_VCPUS_AT: u64 = at::VCPU_ENTRIES;
 /// Samples read from guest memory at a time: the report is read in constant memory, whatever count
 /// the guest claims.
 const SAMPLES_PER_READ: usize = 1024;
@@ -215,7 +215,7 @@ impl GuestReport {
         if page == 0 {
             return Err("the guest wrote no report".into());
         }
-        let base = u64::from(page) << 12;
+        let base = u64::from(page) << report::PAGE_SHIFT;
         let u64_at = |at: u64| -> Result<u64, String> {
             mem.read_obj::<u64>(GuestAddress(at))
                 .map_err(|e| format!("report at {at:#x}: {e}"))
@@ -224,10 +224,12 @@ impl GuestReport {
             mem.read_obj::<u32>(GuestAddress(at))
                 .map_err(|e| format!("report at {at:#x}: {e}"))
         };
-        if u64_at(base)? != REPORT_MAGIC || u32_at(base + 0x08)? != REPORT_VERSION {
+        if u64_at(base + at::MAGIC)? != REPORT_MAGIC
+            || u32_at(base + at::VERSION)? != REPORT_VERSION
+        {
             return Err(format!("no version-1 report at {base:#x}"));
         }
-        if u32_at(base + 0x0c)? != vcpus {
+        if u32_at(base + at::VCPUS)? != vcpus {
             return Err(format!("the report at {base:#x} is not for {vcpus} vCPUs"));
         }
         let mut per_vcpu = Vec::with_capacity(vcpus as usize);
@@ -235,8 +237,12 @@ impl GuestReport {
         let mut chunk = [0u8; 4 * SAMPLES_PER_READ];
         for i in 0..u64::from(vcpus) {
             let entry = base + REPORT_VCPUS_AT + REPORT_VCPU_SIZE * i;
-            per_vcpu.push((u64_at(entry)?, u64_at(entry + 8)?));
-            let (addr, count) = (u64_at(entry + 16)?, u64_at(entry + 24)?);
+            per_vcpu.push((
+                u64_at(entry + at::ENTRY_FIRED)?,
+                u64_at(entry + at::ENTRY_REMOTE_FIRED)?,
+            ));
+            let addr = u64_at(entry + at::ENTRY_SAMPLES_ADDR)?;
+            let count = u64_at(entry + at::ENTRY_SAMPLES_LEN)?;
             if count > MAX_SAMPLES_PER_VCPU {
                 return Err(format!("vCPU {i} reports {count} lateness samples"));
             }
@@ -244,10 +250,10 @@ impl GuestReport {
             while done < count {
                 let n = (count - done).min(SAMPLES_PER_READ as u64) as usize;
                 let bytes = &mut chunk[..4 * n];
-                let at = addr
+                let from = addr
                     .checked_add(4 * done)
                     .ok_or_else(|| format!("vCPU {i}'s lateness samples at {addr:#x} overflow"))?;
-                mem.read_slice(bytes, GuestAddress(at))
+                mem.read_slice(bytes, GuestAddress(from))
                     .map_err(|e| format!("vCPU {i}'s lateness samples at {addr:#x}: {e}"))?;
                 for b in bytes.chunks_exact(4) {
                     lateness.record(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
@@ -256,13 +262,13 @@ impl GuestReport {
             }
         }
         let timers = TimerStats {
-            armed: u64_at(base + 0x10)?,
-            fired: u64_at(base + 0x18)?,
-            cancelled: u64_at(base + 0x20)?,
-            early: u64_at(base + 0x28)?,
-            missed: u64_at(base + 0x30)?,
-            remote_expiries: u64_at(base + 0x38)?,
-            serialized: u64_at(base + 0x40)?,
+            armed: u64_at(base + at::ARMED)?,
+            fired: u64_at(base + at::FIRED)?,
+            cancelled: u64_at(base + at::CANCELLED)?,
+            early: u64_at(base + at::EARLY)?,
+            missed: u64_at(base + at::MISSED)?,
+            remote_expiries: u64_at(base + at::REMOTE_EXPIRIES)?,
+            serialized: u64_at(base + at::SERIALIZED)?,
             lateness_ns: lateness.summary(),
         };
         Ok(GuestReport { timers, per_vcpu })

@@ -1,22 +1,21 @@
 //! The guest memory map and boot structures of docs/boot.md: page tables, the boot GDT, boot info.
 
+use quietvm_abi::boot::offset as info_at;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::devices::timer::abi::DEVICE_PAGE_SIZE;
 use crate::devices::{DOORBELL_VECTOR, EXIT_PORT, REPORT_PORT, SERIAL_PORT, TIMER_PORT};
 
-pub const BOOT_GDT: u64 = 0x1000;
-pub const BOOT_INFO: u64 = 0x2000;
-pub const PML4: u64 = 0x1_0000;
-pub const PDPT: u64 = 0x1_1000;
-pub const FIRST_PD: u64 = 0x1_2000;
-/// The lowest address a guest segment may use.
-pub const IMAGE_BASE: u64 = 0x10_0000;
-pub const PAGE: u64 = 4096;
-pub const PERCPU_SIZE: u64 = 128 * 1024;
+// The memory map and boot info of docs/boot.md are the guest ABI's (quietvm-abi).
+pub use quietvm_abi::boot::{
+    BOOT_GDT, BOOT_INFO, FIRST_PD, IMAGE_BASE, MAGIC as BOOT_MAGIC, PAGE_SIZE as PAGE, PDPT,
+    PERCPU_SIZE, PML4, VERSION as BOOT_VERSION,
+};
+use quietvm_abi::boot::{CODE_SELECTOR, DATA_SELECTOR};
 /// Free memory the built-in guest needs beyond its per-vCPU areas.
 pub const MIN_FREE: u64 = 1 << 20;
-pub const BOOT_MAGIC: u64 = 0x3154_4f4f_424d_5651;
-pub const ARGS_MAX: usize = 511;
+/// The longest `args`: the boot info's field less its NUL.
+pub const ARGS_MAX: usize = quietvm_abi::boot::ARGS_SIZE - 1;
 
 /// Where everything goes, for a given image end, vCPU count and memory size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +32,7 @@ impl Layout {
     /// the bytes that would be needed.
     pub fn plan(image_end: u64, vcpus: u32, mem_size: u64) -> Result<Self, u64> {
         let device_pages = image_end.div_ceil(PAGE) * PAGE;
-        let percpu_base = device_pages + PAGE * u64::from(vcpus);
+        let percpu_base = device_pages + DEVICE_PAGE_SIZE * u64::from(vcpus);
         let free_base = percpu_base + PERCPU_SIZE * u64::from(vcpus);
         let needed = free_base + MIN_FREE;
         if needed > mem_size {
@@ -80,36 +79,42 @@ impl Layout {
                 GuestAddress(pd + (i % 512) * 8),
             )?;
         }
-        // Null, 64-bit code (0x08), data (0x10).
-        let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-        for (i, d) in gdt.iter().enumerate() {
-            mem.write_obj(*d, GuestAddress(BOOT_GDT + 8 * i as u64))?;
+        // Null, 64-bit code, data: each at its selector.
+        let gdt: [(u16, u64); 3] = [
+            (0, 0),
+            (CODE_SELECTOR, 0x00af_9b00_0000_ffff),
+            (DATA_SELECTOR, 0x00cf_9300_0000_ffff),
+        ];
+        for (selector, d) in gdt {
+            mem.write_obj(d, GuestAddress(BOOT_GDT + u64::from(selector)))?;
         }
         let info = GuestAddress(BOOT_INFO);
-        mem.write_obj(BOOT_MAGIC, info)?;
-        mem.write_obj(1u32, info.unchecked_add(0x08))?;
-        mem.write_obj(self.vcpus, info.unchecked_add(0x0c))?;
-        mem.write_obj(self.mem_size, info.unchecked_add(0x10))?;
-        mem.write_obj(self.device_pages, info.unchecked_add(0x18))?;
-        mem.write_obj(self.percpu_base, info.unchecked_add(0x20))?;
-        mem.write_obj(PERCPU_SIZE, info.unchecked_add(0x28))?;
-        mem.write_obj(self.free_base, info.unchecked_add(0x30))?;
-        mem.write_obj(SERIAL_PORT, info.unchecked_add(0x38))?;
-        mem.write_obj(EXIT_PORT, info.unchecked_add(0x3a))?;
-        mem.write_obj(TIMER_PORT, info.unchecked_add(0x3c))?;
-        mem.write_obj(DOORBELL_VECTOR, info.unchecked_add(0x3e))?;
-        mem.write_obj(max_timers, info.unchecked_add(0x40))?;
+        mem.write_obj(BOOT_MAGIC, info.unchecked_add(info_at::MAGIC))?;
+        mem.write_obj(BOOT_VERSION, info.unchecked_add(info_at::VERSION))?;
+        mem.write_obj(self.vcpus, info.unchecked_add(info_at::VCPUS))?;
+        mem.write_obj(self.mem_size, info.unchecked_add(info_at::MEM_SIZE))?;
+        mem.write_obj(self.device_pages, info.unchecked_add(info_at::DEVICE_PAGES))?;
+        mem.write_obj(self.percpu_base, info.unchecked_add(info_at::PERCPU_BASE))?;
+        mem.write_obj(PERCPU_SIZE, info.unchecked_add(info_at::PERCPU_SIZE))?;
+        mem.write_obj(self.free_base, info.unchecked_add(info_at::FREE_BASE))?;
+        mem.write_obj(SERIAL_PORT, info.unchecked_add(info_at::SERIAL_PORT))?;
+        mem.write_obj(EXIT_PORT, info.unchecked_add(info_at::EXIT_PORT))?;
+        mem.write_obj(TIMER_PORT, info.unchecked_add(info_at::TIMER_PORT))?;
+        mem.write_obj(
+            DOORBELL_VECTOR,
+            info.unchecked_add(info_at::DOORBELL_VECTOR),
+        )?;
+        mem.write_obj(max_timers, info.unchecked_add(info_at::MAX_TIMERS))?;
         let args = &args.as_bytes()[..args.len().min(ARGS_MAX)];
-        mem.write_obj(args.len() as u32, info.unchecked_add(0x44))?;
-        mem.write_slice(args, info.unchecked_add(0x48))?;
-        mem.write_obj(0u8, info.unchecked_add(0x48 + args.len() as u64))?;
-        // After the 512 bytes of `args`.
-        mem.write_obj(tsc_khz, info.unchecked_add(0x248))?;
-        mem.write_obj(REPORT_PORT, info.unchecked_add(0x24c))?;
+        mem.write_obj(args.len() as u32, info.unchecked_add(info_at::ARGS_LEN))?;
+        mem.write_slice(args, info.unchecked_add(info_at::ARGS))?;
+        mem.write_obj(0u8, info.unchecked_add(info_at::ARGS + args.len() as u64))?;
+        mem.write_obj(tsc_khz, info.unchecked_add(info_at::TSC_KHZ))?;
+        mem.write_obj(REPORT_PORT, info.unchecked_add(info_at::REPORT_PORT))?;
         Ok(())
     }
 
-    /// Places `payload` at `free_base` (boot info `payload_base` at 0x250, `payload_len` at 0x258)
+    /// Places `payload` at `free_base` (boot info `payload_base` and `payload_len`)
     /// and moves the boot info's `free_base` past it; call after `write_boot_structures`. `Err` (one
     /// line) if it does not fit beside the guest's free memory.
     pub fn write_payload(&self, mem: &GuestMemoryMmap, payload: &[u8]) -> Result<(), String> {
@@ -124,9 +129,9 @@ impl Layout {
         let info = GuestAddress(BOOT_INFO);
         let w = || -> Result<(), vm_memory::GuestMemoryError> {
             mem.write_slice(payload, GuestAddress(self.free_base))?;
-            mem.write_obj(self.free_base, info.unchecked_add(0x250))?;
-            mem.write_obj(len, info.unchecked_add(0x258))?;
-            mem.write_obj(free, info.unchecked_add(0x30))
+            mem.write_obj(self.free_base, info.unchecked_add(info_at::PAYLOAD_BASE))?;
+            mem.write_obj(len, info.unchecked_add(info_at::PAYLOAD_LEN))?;
+            mem.write_obj(free, info.unchecked_add(info_at::FREE_BASE))
         };
         w().map_err(|e| e.to_string())
     }

@@ -63,47 +63,8 @@ use crate::accounting::{
 use crate::stats::TimerStats;
 use crate::sync::NoSleepMutex;
 
-/// Command numbers, statuses and device-page offsets of docs/timer-abi.md.
-pub mod abi {
-    pub const CMD_NOW: u32 = 1;
-    pub const CMD_ARM: u32 = 2;
-    pub const CMD_CANCEL: u32 = 3;
-    pub const CMD_CANCEL_SYNC: u32 = 4;
-    pub const CMD_POP: u32 = 5;
-    pub const CMD_ACK: u32 = 6;
-    pub const CMD_OFFLINE_ACK: u32 = 7;
-
-    pub const OK: u32 = 0;
-    pub const EMPTY: u32 = 1;
-    pub const PAST: u32 = 2;
-    pub const RUNNING: u32 = 3;
-    pub const DEADLOCK: u32 = 4;
-    pub const BAD_ACK: u32 = 5;
-    pub const INVALID: u32 = 6;
-    pub const UNKNOWN_COMMAND: u32 = 7;
-    pub const BAD_ACCESS: u32 = 8;
-
-    pub const FLAG_PINNED: u32 = 1;
-    pub const FLAG_MOVABLE: u32 = 2;
-    pub const NO_TIMER: u32 = 0xffff_ffff;
-
-    pub const OFF_ID: u64 = 0x00;
-    pub const OFF_FLAGS: u64 = 0x04;
-    pub const OFF_DEADLINE: u64 = 0x08;
-    pub const OFF_STATUS: u64 = 0x10;
-    pub const OFF_VALUE: u64 = 0x18;
-    pub const OFF_NOW: u64 = 0x20;
-    pub const OFF_EXP_ID: u64 = 0x28;
-    pub const OFF_EXP_OWNER: u64 = 0x2c;
-    pub const OFF_EXP_DEADLINE: u64 = 0x30;
-    pub const OFF_EXP_FIRED_AT: u64 = 0x38;
-    pub const OFF_CONTROL: u64 = 0x40;
-
-    /// `control` values (docs/api.md, vCPU hotplug).
-    pub const CONTROL_NONE: u32 = 0;
-    pub const CONTROL_OFFLINE_REQUESTED: u32 = 1;
-    pub const CONTROL_ONLINE: u32 = 2;
-}
+/// Command numbers, statuses and device-page offsets of docs/timer-abi.md: the guest ABI's.
+pub use quietvm_abi::timer as abi;
 
 /// "No deadline": the vCPU sleeps (or runs) until kicked.
 pub const NO_DEADLINE: u64 = u64::MAX;
@@ -312,7 +273,7 @@ impl<C: Clock> TimerDevice<C> {
     }
 
     fn page(&self, cpu: CpuId) -> u64 {
-        self.device_pages + 4096 * u64::from(cpu)
+        self.device_pages + abi::DEVICE_PAGE_SIZE * u64::from(cpu)
     }
 
     fn read_u32(&self, cpu: CpuId, off: u64) -> u32 {

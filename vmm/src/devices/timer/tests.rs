@@ -72,19 +72,26 @@ impl Vm {
 
     fn put<T: vm_memory::ByteValued>(&self, cpu: CpuId, off: u64, v: T) {
         self.mem
-            .write_obj(v, GuestAddress(PAGES + 4096 * u64::from(cpu) + off))
+            .write_obj(
+                v,
+                GuestAddress(PAGES + abi::DEVICE_PAGE_SIZE * u64::from(cpu) + off),
+            )
             .unwrap();
     }
 
     fn get_u32(&self, cpu: CpuId, off: u64) -> u32 {
         self.mem
-            .read_obj(GuestAddress(PAGES + 4096 * u64::from(cpu) + off))
+            .read_obj(GuestAddress(
+                PAGES + abi::DEVICE_PAGE_SIZE * u64::from(cpu) + off,
+            ))
             .unwrap()
     }
 
     fn get_u64(&self, cpu: CpuId, off: u64) -> u64 {
         self.mem
-            .read_obj(GuestAddress(PAGES + 4096 * u64::from(cpu) + off))
+            .read_obj(GuestAddress(
+                PAGES + abi::DEVICE_PAGE_SIZE * u64::from(cpu) + off,
+            ))
             .unwrap()
     }
 

@@ -8,6 +8,7 @@ use kvm_bindings::{
     kvm_fpu, kvm_interrupt, kvm_mp_state, kvm_regs, kvm_segment, CpuId, KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use quietvm_abi::boot::{CODE_SELECTOR, DATA_SELECTOR};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_ptr, ioctl_with_ref};
 use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
 
@@ -143,7 +144,7 @@ impl Vcpu {
         let code = kvm_segment {
             base: 0,
             limit: 0xffff_ffff,
-            selector: 0x08,
+            selector: CODE_SELECTOR,
             type_: 0xb,
             present: 1,
             dpl: 0,
@@ -156,7 +157,7 @@ impl Vcpu {
             padding: 0,
         };
         let data = kvm_segment {
-            selector: 0x10,
+            selector: DATA_SELECTOR,
             type_: 0x3,
             l: 0,
             db: 1,
