@@ -92,6 +92,13 @@ struct RunArgs {
     /// Append one JSON line of counters to this file every --metrics-period-s seconds.
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
+    /// vCPUs kept out of the timer hierarchy, e.g. `0` or `0-3,7` (docs/timer-abi.md, "Isolated
+    /// vCPUs"): they never expire other vCPUs' timers; their own movable timers expire on them.
+    #[arg(long, value_name = "LIST")]
+    isolated_vcpus: Option<String>,
+    /// Spread the vCPUs over N NUMA nodes of consecutive vCPUs (the hierarchy groups them per node).
+    #[arg(long, value_name = "N")]
+    numa_nodes: Option<u32>,
     /// How often --metrics gets a line.
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_period)]
     metrics_period_s: f64,
@@ -143,6 +150,17 @@ impl RunArgs {
         cfg.args.extend(self.args.iter().cloned());
         if let Some(v) = self.timeout_ms {
             cfg.timeout_ms = v;
+        }
+        if let Some(list) = &self.isolated_vcpus {
+            cfg.isolated_vcpus =
+                quietvm_vmm::config::parse_cpu_list(list, quietvm_vmm::config::MAX_VCPUS)?;
+        }
+        if let Some(n) = self.numa_nodes {
+            cfg.set_numa_nodes(n);
+        } else if self.vcpus.is_some() && !cfg.vcpu_nodes.is_empty() {
+            // --vcpus changed the count a config's node map was written for.
+            let nodes = cfg.vcpu_nodes.iter().max().map_or(1, |m| m + 1);
+            cfg.set_numa_nodes(nodes);
         }
         Ok(cfg)
     }

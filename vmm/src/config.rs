@@ -99,6 +99,12 @@ pub struct VmConfig {
     /// A file placed in guest memory for the workload (boot info `payload_*`), e.g. the `replay`
     /// workload's trace (`quietvm replay TRACE --guest-out FILE`).
     pub payload: Option<PathBuf>,
+    /// vCPUs kept out of the timer hierarchy (docs/timer-abi.md, "Isolated vCPUs"): they never expire
+    /// another vCPU's timer, and their own movable timers expire on themselves.
+    pub isolated_vcpus: Vec<u32>,
+    /// The NUMA node of each vCPU (`vcpu_nodes[i]`), from `vcpu-nodes` or `numa-nodes`; empty: one
+    /// node. Hierarchy groups below the cross-node level hold one node's vCPUs.
+    pub vcpu_nodes: Vec<u32>,
 }
 
 impl Default for VmConfig {
@@ -116,6 +122,8 @@ impl Default for VmConfig {
             max_timers: 4096,
             timeout_ms: 0,
             payload: None,
+            isolated_vcpus: Vec::new(),
+            vcpu_nodes: Vec::new(),
         }
     }
 }
@@ -149,6 +157,81 @@ pub enum ConfigError {
     BadMaxTimers,
     #[error("--memory-mib must be between 2 and {max}", max = MAX_MEMORY_MIB)]
     BadMemory,
+    #[error("isolated vCPU {0} does not exist (the VM has {1})")]
+    BadIsolated(u32, u32),
+    #[error("vcpu-nodes names {0} vCPUs; the VM has {1}")]
+    BadNodeCount(usize, u32),
+    #[error("NUMA node {0} is out of range (at most {max})", max = MAX_NUMA_NODES - 1)]
+    BadNode(u32),
+}
+
+/// The most NUMA nodes a VM may have.
+pub const MAX_NUMA_NODES: u32 = 64;
+
+/// `nodes` NUMA nodes of consecutive vCPUs: vCPU `i` on node `i * nodes / vcpus`. A node count the
+/// validation refuses (0, or past the limit) gives a map it refuses.
+fn nodes_in_blocks(vcpus: u32, nodes: u32) -> Vec<u32> {
+    if nodes == 0 {
+        return vec![MAX_NUMA_NODES; vcpus as usize];
+    }
+    (0..vcpus)
+        .map(|i| (u64::from(i) * u64::from(nodes) / u64::from(vcpus.max(1))) as u32)
+        .map(|n| {
+            if nodes > MAX_NUMA_NODES {
+                MAX_NUMA_NODES
+            } else {
+                n
+            }
+        })
+        .collect()
+}
+
+/// Parses a vCPU list as the kernel writes CPU lists (`isolcpus=`, `cpuset.cpus`): comma-separated
+/// numbers and inclusive ranges, e.g. `0-3,7`. Lists of more than `limit` entries are refused.
+pub fn parse_cpu_list(s: &str, limit: u32) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("`{t}` in the vCPU list `{s}` is not a number"))
+        };
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if lo > hi {
+            return Err(format!("`{part}` in the vCPU list `{s}` runs backwards"));
+        }
+        if hi >= limit || out.len() as u64 + u64::from(hi - lo) >= u64::from(limit) {
+            return Err(format!("the vCPU list `{s}` goes past vCPU {}", limit - 1));
+        }
+        out.extend(lo..=hi);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// A vCPU list in a config: an array of numbers or a kernel-style list string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CpuListValue {
+    Numbers(Vec<u32>),
+    Text(String),
+}
+
+impl CpuListValue {
+    fn into_list(self) -> Result<Vec<u32>, String> {
+        match self {
+            CpuListValue::Numbers(mut v) => {
+                v.sort_unstable();
+                v.dedup();
+                Ok(v)
+            }
+            CpuListValue::Text(s) => parse_cpu_list(&s, MAX_VCPUS),
+        }
+    }
 }
 
 /// The most guest memory quietvm maps (its page tables cover 64 GiB).
@@ -188,6 +271,12 @@ impl VmConfig {
             max_timers: Option<u32>,
             timeout_ms: Option<u64>,
             payload: Option<PathBuf>,
+            #[serde(alias = "isolated_vcpus")]
+            isolated_vcpus: Option<CpuListValue>,
+            #[serde(alias = "numa_nodes")]
+            numa_nodes: Option<u32>,
+            #[serde(alias = "vcpu_nodes")]
+            vcpu_nodes: Option<Vec<u32>>,
         }
         let p: Partial = toml::from_str(text).map_err(|e| e.message().to_string())?;
         let d = VmConfig::default();
@@ -195,8 +284,15 @@ impl VmConfig {
             Some(name) => name.parse()?,
             None => d.policy,
         };
+        let vcpus = p.vcpus.unwrap_or(d.vcpus);
+        let vcpu_nodes = match (p.vcpu_nodes, p.numa_nodes) {
+            (Some(_), Some(_)) => return Err("give numa-nodes or vcpu-nodes, not both".into()),
+            (Some(map), None) => map,
+            (None, Some(n)) => nodes_in_blocks(vcpus, n),
+            (None, None) => Vec::new(),
+        };
         Ok(VmConfig {
-            vcpus: p.vcpus.unwrap_or(d.vcpus),
+            vcpus,
             vcpus_online: p.vcpus_online,
             memory_mib: p.memory_mib.unwrap_or(d.memory_mib),
             workload: p.workload.unwrap_or(d.workload),
@@ -208,6 +304,11 @@ impl VmConfig {
             max_timers: p.max_timers.unwrap_or(d.max_timers),
             timeout_ms: p.timeout_ms.unwrap_or(d.timeout_ms),
             payload: p.payload,
+            isolated_vcpus: match p.isolated_vcpus {
+                Some(v) => v.into_list()?,
+                None => Vec::new(),
+            },
+            vcpu_nodes,
         })
     }
 
@@ -243,7 +344,23 @@ impl VmConfig {
         if !(2..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::BadMemory);
         }
+        if let Some(&bad) = self.isolated_vcpus.iter().find(|&&c| c >= self.vcpus) {
+            return Err(ConfigError::BadIsolated(bad, self.vcpus));
+        }
+        if !self.vcpu_nodes.is_empty() {
+            if self.vcpu_nodes.len() != self.vcpus as usize {
+                return Err(ConfigError::BadNodeCount(self.vcpu_nodes.len(), self.vcpus));
+            }
+            if let Some(&bad) = self.vcpu_nodes.iter().find(|&&n| n >= MAX_NUMA_NODES) {
+                return Err(ConfigError::BadNode(bad));
+            }
+        }
         Ok(())
+    }
+
+    /// Sets `numa-nodes`: `nodes` nodes of consecutive vCPUs (as firmware numbers them).
+    pub fn set_numa_nodes(&mut self, nodes: u32) {
+        self.vcpu_nodes = nodes_in_blocks(self.vcpus, nodes);
     }
 
     /// vCPUs online at boot.
@@ -305,6 +422,33 @@ mod tests {
         assert!(bad(|c| c.workload = "nope".into()));
         assert!(bad(|c| c.args = vec!["novalue".into()]));
         assert!(bad(|c| c.memory_mib = 0));
+        assert!(bad(|c| c.isolated_vcpus = vec![1]));
+        assert!(bad(|c| c.vcpu_nodes = vec![0, 1]));
         assert!(!bad(|_| {}));
+    }
+
+    #[test]
+    fn isolated_vcpus_and_nodes_parse_both_ways() {
+        let c =
+            VmConfig::from_toml("vcpus = 8\nisolated-vcpus = \"0-2,5\"\nnuma-nodes = 2\n").unwrap();
+        assert_eq!(c.isolated_vcpus, vec![0, 1, 2, 5]);
+        assert_eq!(c.vcpu_nodes, vec![0, 0, 0, 0, 1, 1, 1, 1]);
+        let c =
+            VmConfig::from_toml("vcpus = 4\nisolated_vcpus = [3, 1]\nvcpu_nodes = [0, 1, 0, 1]\n")
+                .unwrap();
+        assert_eq!(c.isolated_vcpus, vec![1, 3]);
+        assert_eq!(c.vcpu_nodes, vec![0, 1, 0, 1]);
+        c.validate().unwrap();
+        assert!(VmConfig::from_toml("numa-nodes = 2\nvcpu-nodes = [0]").is_err());
+        assert!(parse_cpu_list("3-1", 8).is_err());
+        assert!(parse_cpu_list("0-9", 8).is_err());
+        assert!(parse_cpu_list("x", 8).is_err());
+        assert_eq!(parse_cpu_list("", 8).unwrap(), Vec::<u32>::new());
+        let mut c = VmConfig {
+            vcpus: 2,
+            ..VmConfig::default()
+        };
+        c.set_numa_nodes(0);
+        assert!(c.validate().is_err(), "0 nodes is refused");
     }
 }

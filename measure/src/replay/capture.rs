@@ -39,8 +39,39 @@ fn euid() -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
+/// Why the host's timer activity could not be captured. Each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("tracing the host needs root (tracefs is root-only); run as root")]
+    NotRoot,
+    #[error("cannot run mount to mount tracefs: {0}")]
+    Mount(#[source] std::io::Error),
+    #[error("tracefs is not mounted and `mount -t tracefs nodev /sys/kernel/tracing` failed")]
+    NoTracefs,
+    #[error("this kernel has none of the timer events to trace")]
+    NoEvents,
+    #[error("cannot install the Ctrl-C handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {value:?} to {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Output {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Finds (or mounts) tracefs.
-fn tracefs() -> Result<PathBuf, String> {
+fn tracefs() -> Result<PathBuf, CaptureError> {
     for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
         if Path::new(p).join("available_events").exists() {
             return Ok(PathBuf::from(p));
@@ -49,24 +80,28 @@ fn tracefs() -> Result<PathBuf, String> {
     let st = std::process::Command::new("mount")
         .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
         .status()
-        .map_err(|e| format!("cannot run mount to mount tracefs: {e}"))?;
+        .map_err(CaptureError::Mount)?;
     let p = PathBuf::from("/sys/kernel/tracing");
     if st.success() && p.join("available_events").exists() {
         Ok(p)
     } else {
-        Err(
-            "tracefs is not mounted and `mount -t tracefs nodev /sys/kernel/tracing` failed"
-                .to_string(),
-        )
+        Err(CaptureError::NoTracefs)
     }
 }
 
-fn read(p: &Path) -> Result<String, String> {
-    fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+fn read(p: &Path) -> Result<String, CaptureError> {
+    fs::read_to_string(p).map_err(|source| CaptureError::Read {
+        path: p.to_owned(),
+        source,
+    })
 }
 
-fn write(p: &Path, v: &str) -> Result<(), String> {
-    fs::write(p, v).map_err(|e| format!("cannot write {:?} to {}: {e}", v, p.display()))
+fn write(p: &Path, v: &str) -> Result<(), CaptureError> {
+    fs::write(p, v).map_err(|source| CaptureError::Write {
+        path: p.to_owned(),
+        value: v.to_owned(),
+        source,
+    })
 }
 
 /// The events of `WANTED` and `timer_migration:*` this kernel has, and those it lacks.
@@ -105,7 +140,7 @@ struct Guard {
 
 impl Guard {
     /// Writes `v` to `file` under the buffer, remembering what was there first.
-    fn set(&mut self, file: &str, v: &str) -> Result<(), String> {
+    fn set(&mut self, file: &str, v: &str) -> Result<(), CaptureError> {
         let p = self.dir.join(file);
         if !self.instance && !self.saved.iter().any(|(q, _)| *q == p) {
             let old = read(&p)?;
@@ -151,19 +186,18 @@ pub struct Captured {
 }
 
 /// Captures `seconds` of this machine's timer events into `out`, with `buffer_kb` per CPU.
-pub fn capture(seconds: f64, out: &Path, buffer_kb: u32) -> Result<Captured, String> {
+pub fn capture(seconds: f64, out: &Path, buffer_kb: u32) -> Result<Captured, CaptureError> {
     if euid() != Some(0) {
-        return Err("tracing the host needs root (tracefs is root-only); run as root".to_string());
+        return Err(CaptureError::NotRoot);
     }
     let root = tracefs()?;
     let available = read(&root.join("available_events"))?;
     let (events, missing) = choose_events(&available);
     if events.is_empty() {
-        return Err("this kernel has none of the timer events to trace".to_string());
+        return Err(CaptureError::NoEvents);
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        register_signal_handler(sig, on_signal)
-            .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+        register_signal_handler(sig, on_signal).map_err(CaptureError::Signal)?;
     }
     STOP.store(false, Ordering::SeqCst);
 
@@ -208,7 +242,10 @@ pub fn capture(seconds: f64, out: &Path, buffer_kb: u32) -> Result<Captured, Str
     let took = started.elapsed().as_secs_f64();
     write(&guard.dir.join("tracing_on"), "0")?;
     let text = read(&guard.dir.join("trace"))?;
-    fs::write(out, &text).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    fs::write(out, &text).map_err(|source| CaptureError::Output {
+        path: out.to_owned(),
+        source,
+    })?;
     let instance = guard.instance;
     drop(guard);
     Ok(Captured {

@@ -178,7 +178,20 @@ struct Engine<'a> {
 }
 
 /// Replays `tl` under `policy`.
-pub fn replay(tl: &Timeline, policy: Policy, costs: Costs) -> Result<PolicyFigures, String> {
+/// A replay that stopped: a bug in the service or the engine, never the trace's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{policy}: no progress at t={at_ns} ns (a bug in the service or the replay)")]
+    NoProgress { policy: Policy, at_ns: u64 },
+    #[error("{policy}: CPU {cpu} cannot halt at t={at_ns} ns: its wake time stays in the past")]
+    CannotHalt {
+        policy: Policy,
+        cpu: CpuId,
+        at_ns: u64,
+    },
+}
+
+pub fn replay(tl: &Timeline, policy: Policy, costs: Costs) -> Result<PolicyFigures, EngineError> {
     let mut e = Engine::new(tl, policy, costs);
     e.run()?;
     Ok(e.finish())
@@ -221,7 +234,7 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn run(&mut self) -> Result<(), String> {
+    fn run(&mut self) -> Result<(), EngineError> {
         for c in 0..self.tl.cpus {
             if self.tl.initially_idle[c as usize] {
                 self.halt(c)?;
@@ -245,10 +258,10 @@ impl<'a> Engine<'a> {
             if t == self.now {
                 same_time += 1;
                 if same_time > 1_000_000 {
-                    return Err(format!(
-                        "{}: no progress at t={t} ns (a bug in the service or the replay)",
-                        self.policy
-                    ));
+                    return Err(EngineError::NoProgress {
+                        policy: self.policy,
+                        at_ns: t,
+                    });
                 }
             } else {
                 same_time = 0;
@@ -286,7 +299,7 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn op(&mut self, op: Op) -> Result<(), String> {
+    fn op(&mut self, op: Op) -> Result<(), EngineError> {
         let c = op.cpu;
         match op.kind {
             OpKind::IdleEnter => {
@@ -337,7 +350,7 @@ impl<'a> Engine<'a> {
     }
 
     /// A look came: a running CPU exits, a halted one wakes (policy-made).
-    fn look(&mut self, c: CpuId) -> Result<(), String> {
+    fn look(&mut self, c: CpuId) -> Result<(), EngineError> {
         self.cpus[c as usize].look_at = KTIME_MAX;
         if self.cpus[c as usize].halted {
             self.cpus[c as usize].halted = false;
@@ -371,7 +384,7 @@ impl<'a> Engine<'a> {
 
     /// `c` halts; if its wake time has passed already it runs again at once (no wakeup counted,
     /// the VMM's rule) and halts again.
-    fn halt(&mut self, c: CpuId) -> Result<(), String> {
+    fn halt(&mut self, c: CpuId) -> Result<(), EngineError> {
         for _ in 0..64 {
             let wake = self.svc.vcpu_halt(c);
             self.cpus[c as usize].halted = true;
@@ -390,10 +403,11 @@ impl<'a> Engine<'a> {
             self.expire(c);
             self.deliver_kicks(c);
         }
-        Err(format!(
-            "{}: CPU {c} cannot halt at t={} ns: its wake time stays in the past",
-            self.policy, self.now
-        ))
+        Err(EngineError::CannotHalt {
+            policy: self.policy,
+            cpu: c,
+            at_ns: self.now,
+        })
     }
 
     /// A running `c` enters the "guest" until its next event (or deferrable timer).

@@ -139,7 +139,7 @@ pub fn run(
     tl: &Timeline,
     policies: &[Policy],
     costs: Costs,
-) -> Result<ReplayReport, String> {
+) -> Result<ReplayReport, engine::EngineError> {
     let mut figs = Vec::new();
     for &p in policies {
         figs.push(engine::replay(tl, p, costs)?);
