@@ -4,10 +4,10 @@
 //! lifetime and memory-ordering rules; every known race is walked through in a
 //! `RACE:` comment next to the code that prevents it.
 
-use crate::service::{CpuId, KTIME_MAX};
 use crate::sync::{
     fence, lock, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Mutex, Ordering, StatCounter,
 };
+use crate::types::{CpuId, KTIME_MAX};
 
 /// `migrator` value of a group without migrator (the kernel's `TMIGR_NONE`).
 pub const TMIGR_NONE: u8 = 0xff;

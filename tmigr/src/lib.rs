@@ -8,7 +8,10 @@
 //! ("pull"), so idle vCPUs stay asleep. [`service::TimerService`] is the API
 //! the VMM uses (with the calling contract and the kick protocol in its
 //! module docs); [`model`] is the reference model and simulator the tests
-//! compare it with.
+//! compare it with. The basic types are in [`types`], which depends on
+//! nothing else: the modules form the chain `types` <- `base` <-
+//! `hierarchy` <- `service` <- `model`, without cycles. No `unsafe` anywhere
+//! (`forbid(unsafe_code)`, with or without `--cfg loom`).
 //!
 //! ## The hierarchy
 //!
@@ -162,18 +165,19 @@
 //!   up while groups are idle (no "first event unchanged" shortcut).
 //! * The event queue of a group is an array by child slot (at most 8).
 
+#![forbid(unsafe_code)]
+
 pub mod base;
 pub mod clock;
 pub mod hierarchy;
 pub mod model;
 pub mod service;
 pub(crate) mod sync;
+pub mod types;
 
 pub use clock::{Clock, FakeClock, MonotonicClock};
-pub use service::{
-    CpuId, Expired, Policy, ServiceConfig, ServiceStats, TimerId, TimerKind, TimerService,
-    KTIME_MAX,
-};
+pub use service::{ServiceConfig, ServiceStats, TimerService};
+pub use types::{CpuId, Expired, Policy, TimerId, TimerKind, KTIME_MAX};
 
 // Unit and race tests need the std primitives and the hooks (not loom).
 #[cfg(all(test, not(loom)))]

@@ -25,9 +25,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::clock::{Clock, FakeClock};
-use crate::service::{
-    CpuId, Expired, Policy, ServiceConfig, TimerId, TimerKind, TimerService, KTIME_MAX,
-};
+use crate::service::{ServiceConfig, TimerService};
+use crate::types::{CpuId, Expired, Policy, TimerId, TimerKind, KTIME_MAX};
 
 /// One step of a simulation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

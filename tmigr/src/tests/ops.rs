@@ -2,7 +2,7 @@
 
 use crate::clock::Clock;
 use crate::model::{Op, Sim, SimConfig};
-use crate::service::{Policy, TimerKind};
+use crate::types::{Policy, TimerKind};
 
 #[test]
 fn regression_offline_then_idle_parent_keeps_event() {
@@ -78,7 +78,7 @@ fn hierarchy_grows_levels_for_many_cpus_and_small_capacities() {
             h.online(c);
         }
         assert_eq!(h.levels(), levels, "{n} cpus, group size {gs}");
-        h.check_invariants(&|_| crate::service::KTIME_MAX).unwrap();
+        h.check_invariants(&|_| crate::types::KTIME_MAX).unwrap();
     }
 }
 
@@ -106,5 +106,5 @@ fn nodes_keep_groups_apart_below_crossnode_level() {
             }
         }
     }
-    h.check_invariants(&|_| crate::service::KTIME_MAX).unwrap();
+    h.check_invariants(&|_| crate::types::KTIME_MAX).unwrap();
 }

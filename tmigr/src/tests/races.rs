@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::clock::{Clock, FakeClock};
 use crate::hierarchy::{HierConfig, Hierarchy, Hook, TMIGR_NONE};
-use crate::service::{CpuId, Policy, ServiceConfig, TimerKind, TimerService, KTIME_MAX};
+use crate::service::{ServiceConfig, TimerService};
+use crate::types::{CpuId, Policy, TimerKind, KTIME_MAX};
 
 type Svc = TimerService<Arc<FakeClock>>;
 
