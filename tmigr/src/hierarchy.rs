@@ -565,6 +565,35 @@ impl Hierarchy {
         self.next_remote_expiry(cpu) <= now
     }
 
+    /// True if an online idle cpu other than `cpu` already wakes at or
+    /// before `t` (its stored root wake-up). Such a cpu, once awake,
+    /// activates and becomes the root's migrator, or recomputes the
+    /// hierarchy's first expiry when it halts again: either way the events
+    /// up to `t` are covered and `cpu` need not wake for them.
+    ///
+    /// RACE (two vCPUs waking for the same root expiry, found by an outside
+    /// audit after the kernel's "Fix endless timer requeue after idle
+    /// interrupts"): vCPU A idles the root and wakes at T; B wakes for its own
+    /// reasons and idles the root again, for the same T. Without this check
+    /// both wake at T, one after the other; each then idles the root again
+    /// for the next expiry, because the other is idle, and so on for ever:
+    /// two wake-ups for every root expiry. A stored wake-up is honoured: it
+    /// is written under the cpu lock by the walk that computed it, the
+    /// service programs the cpu's sleep at or before it (or kicks it), and
+    /// it is cleared only when the cpu activates (then it is the migrator),
+    /// goes offline (then its walk hands the root's events on) or is
+    /// remotely handled (by an active migrator). A concurrent activation
+    /// that we do not see yet makes that cpu the root's migrator: covered.
+    /// O(max_cpus) lockless loads, only when a walk idles the root.
+    pub fn wakeup_covered(&self, cpu: CpuId, t: u64) -> bool {
+        self.cpus.iter().enumerate().any(|(c, tmc)| {
+            c != cpu as usize
+                && tmc.online.load(Ordering::Acquire)
+                && tmc.idle.load(Ordering::Acquire)
+                && tmc.wakeup.load(Ordering::Acquire) <= t
+        })
+    }
+
     /// First event of the groups `cpu` is migrator of, walking up as long as
     /// it is (lockless). `KTIME_MAX` if none.
     pub fn next_remote_expiry(&self, cpu: CpuId) -> u64 {
@@ -946,6 +975,10 @@ impl Hierarchy {
         let levels = self.walk_groups(cpu, |g, child, mask| {
             self.inactive_up(g, child, mask, &mut data, cpu)
         });
+        // Another idle cpu already wakes by then: one wake-up is enough.
+        if data.firstexp != KTIME_MAX && self.wakeup_covered(cpu, data.firstexp) {
+            data.firstexp = KTIME_MAX;
+        }
         l.wakeup = data.firstexp;
         tmc.wakeup.store(data.firstexp, Ordering::Release);
         self.stats.deactivate_walks.add(1);
@@ -976,8 +1009,15 @@ impl Hierarchy {
         let levels = self.walk_groups(cpu, |g, child, mask| {
             self.update_events(g, child, mask, &mut data)
         });
-        l.wakeup = data.firstexp;
-        tmc.wakeup.store(data.firstexp, Ordering::Release);
+        if data.firstexp != KTIME_MAX && self.wakeup_covered(cpu, data.firstexp) {
+            data.firstexp = KTIME_MAX;
+        }
+        // The wake-up this cpu's sleep is programmed for still holds (its
+        // thread sleeps until then or a kick): others may rely on it, so a
+        // walk that did not reach an idle root does not forget it.
+        l.wakeup = l.wakeup.min(data.firstexp);
+        tmc.wakeup.store(l.wakeup, Ordering::Release);
+        data.firstexp = l.wakeup;
         self.stats.new_timer_walks.add(1);
         Some(WalkResult {
             firstexp: data.firstexp,
@@ -1106,7 +1146,8 @@ impl Hierarchy {
     /// the kernel's prepare callback runs on an online CPU; idempotent. The
     /// result says where the reconciliation of a new root stopped (kick its
     /// migrator) and, in `firstexp`, a wake-up someone must honour if the
-    /// new root turned out idle with events.
+    /// new root turned out idle with events and no idle cpu already wakes
+    /// for them (see [`Hierarchy::wakeup_covered`]).
     pub fn prepare(&self, cpu: CpuId) -> WalkResult {
         assert!(
             (cpu as usize) < self.cpus.len(),
@@ -1120,6 +1161,9 @@ impl Hierarchy {
         if let Some((old, _new)) = self.setup_groups(&mut setup, cpu) {
             let mut data = WalkData::new(KTIME_MAX, cpu);
             self.reconcile_new_root(old, &mut data, cpu);
+            if data.firstexp != KTIME_MAX && self.wakeup_covered(cpu, data.firstexp) {
+                data.firstexp = KTIME_MAX;
+            }
             res.firstexp = data.firstexp;
             res.stopped_at = data.stopped_at;
         }

@@ -429,7 +429,8 @@ impl<C: Clock> TimerService<C> {
     /// at (`KTIME_MAX`: until kicked): its first pinned expiry; under
     /// Local/Push also its first movable one; under Pull, the hierarchy's
     /// first expiry if this vCPU idled the root (it is then the one vCPU that
-    /// wakes for the idle vCPUs' movable timers), else nothing more.
+    /// wakes for the idle vCPUs' movable timers) and no other halted vCPU
+    /// already wakes by then, else nothing more.
     pub fn vcpu_halt(&self, cpu: CpuId) -> u64 {
         let v = &self.cpus[cpu as usize];
         self.halts.add(1);
