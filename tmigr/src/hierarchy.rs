@@ -556,11 +556,14 @@ impl Hierarchy {
     /// must call [`handle_remote`](Self::handle_remote) at `now`.
     pub fn requires_handle_remote(&self, cpu: CpuId, now: u64) -> bool {
         let tmc = &self.cpus[cpu as usize];
-        if !tmc.online.load(Ordering::Acquire) {
+        // An idle cpu never handles remote timers: one woken at its root
+        // wake-up activates first and expires as the migrator (the kernel's
+        // "Remove dead code handling idle CPU checking for remote timers").
+        // Were an idle cpu let through, `check_migrator` would accept every
+        // idle group (no migrator) on its path and it would expire other idle
+        // cpus' timers while itself idle.
+        if !tmc.online.load(Ordering::Acquire) || tmc.idle.load(Ordering::Acquire) {
             return false;
-        }
-        if tmc.idle.load(Ordering::Acquire) {
-            return now >= tmc.wakeup.load(Ordering::Acquire);
         }
         self.next_remote_expiry(cpu) <= now
     }
