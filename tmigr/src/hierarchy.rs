@@ -1224,7 +1224,9 @@ impl Hierarchy {
             if p == NO_IDX {
                 break;
             }
-            let mask = self.groups[child as usize].groupmask.load(Ordering::Relaxed);
+            let mask = self.groups[child as usize]
+                .groupmask
+                .load(Ordering::Relaxed);
             if self.inactive_up(p, Some(child), mask, data, cpu) {
                 break;
             }

@@ -104,6 +104,8 @@ pub struct SimConfig {
     pub nodes: Option<Vec<u32>>,
     /// Timer ids.
     pub max_timers: u32,
+    /// Isolated vCPUs ([`ServiceConfig::isolated`]).
+    pub isolated: Vec<CpuId>,
 }
 
 /// Decodes bytes into a configuration and operations (never fails).
@@ -123,6 +125,14 @@ pub fn ops_from_bytes(data: &[u8], max_cpus: u32) -> (SimConfig, Vec<Op>) {
         (0..possible).map(|c| c % nn).collect()
     });
     let max_timers = 64;
+    // Isolated vCPUs (every third one from vCPU 1) when the first byte is
+    // 0xc0 or above: the policy still comes from `b(0) % 3`, and byte
+    // strings below that decode as they always did.
+    let isolated = if b(0) >= 0xc0 {
+        (0..possible).filter(|c| c % 3 == 1).collect()
+    } else {
+        Vec::new()
+    };
     let cfg = SimConfig {
         policy,
         possible,
@@ -130,6 +140,7 @@ pub fn ops_from_bytes(data: &[u8], max_cpus: u32) -> (SimConfig, Vec<Op>) {
         group_size,
         nodes,
         max_timers,
+        isolated,
     };
     let mut ops = Vec::new();
     for ch in data.get(6..).unwrap_or(&[]).chunks(4) {
@@ -178,6 +189,8 @@ pub struct Model {
     pub running: Vec<bool>,
     /// Pending timers: deadline and kind.
     pub pending: HashMap<TimerId, (u64, TimerKind)>,
+    /// Isolated flag per vCPU.
+    pub isolated: Vec<bool>,
 }
 
 impl Model {
@@ -199,6 +212,15 @@ impl Model {
             .iter()
             .zip(&self.online)
             .filter(|(r, o)| **r && **o)
+            .count()
+    }
+
+    /// Number of running vCPUs that are not isolated (those in the hierarchy under Pull).
+    pub fn running_in_hier(&self) -> usize {
+        (0..self.online.len())
+            .filter(|&c| {
+                self.running[c] && self.online[c] && !self.isolated.get(c).copied().unwrap_or(false)
+            })
             .count()
     }
 }
@@ -243,6 +265,7 @@ impl Sim {
                 group_size: cfg.group_size,
                 nodes: cfg.nodes.clone(),
                 max_cpus: None,
+                isolated: cfg.isolated.clone(),
             },
             clock.clone(),
             cfg.initially_online,
@@ -252,6 +275,7 @@ impl Sim {
             online: vec![false; n],
             running: vec![false; n],
             pending: HashMap::new(),
+            isolated: (0..n as CpuId).map(|c| cfg.isolated.contains(&c)).collect(),
         };
         for c in 0..cfg.initially_online as usize {
             model.online[c] = true;
@@ -318,6 +342,11 @@ impl Sim {
                 return Err(format!("{e:?} expired early at {now}"));
             }
             if e.owner != cpu {
+                if self.model.isolated[cpu as usize] {
+                    return Err(format!(
+                        "{e:?} expired on isolated cpu {cpu}, not its owner"
+                    ));
+                }
                 if self.svc.policy() != Policy::Pull || e.kind != TimerKind::Movable {
                     return Err(format!("{e:?} expired on cpu {cpu}, not its owner"));
                 }
@@ -382,8 +411,15 @@ impl Sim {
                 if was != model_was {
                     return Err(format!("arm returned {was}, model says {model_was}"));
                 }
-                if self.svc.timer_owner(id).map(|o| o.1) != Some(kind) {
-                    return Err(format!("armed timer {id} not queued as {kind:?}"));
+                match self.svc.timer_owner(id) {
+                    Some((owner, k)) if k == kind => {
+                        if owner != cpu && self.model.isolated[owner as usize] {
+                            return Err(format!(
+                                "timer {id} armed by {cpu} placed on isolated cpu {owner}"
+                            ));
+                        }
+                    }
+                    _ => return Err(format!("armed timer {id} not queued as {kind:?}")),
                 }
             }
             Op::Cancel { id } => {
@@ -397,11 +433,19 @@ impl Sim {
                 if !run(self, cpu) {
                     return Ok(());
                 }
-                let others_running = self.model.running_count() > 1;
+                let others_running = self.model.running_in_hier() > 1;
                 let w = self.svc.vcpu_halt(cpu);
                 self.model.running[cpu as usize] = false;
                 self.told[cpu as usize] = w;
                 match self.svc.policy() {
+                    _ if self.model.isolated[cpu as usize] => {
+                        let own = self.first_own(cpu);
+                        if w != own {
+                            return Err(format!(
+                                "isolated cpu halt returned {w}, own first timer is {own}"
+                            ));
+                        }
+                    }
                     Policy::Local | Policy::Push => {
                         let own = self.first_own(cpu);
                         if w != own {
@@ -454,13 +498,41 @@ impl Sim {
                 if !on(self, cpu) || online < 2 {
                     return Ok(());
                 }
+                let own: Vec<TimerId> = self
+                    .model
+                    .pending
+                    .keys()
+                    .copied()
+                    .filter(|&id| self.svc.timer_owner(id).map(|o| o.0) == Some(cpu))
+                    .collect();
                 let forced = self.svc.vcpu_offline(cpu);
                 self.model.online[cpu as usize] = false;
                 self.model.running[cpu as usize] = false;
                 self.told[cpu as usize] = KTIME_MAX;
+                let all_isolated = (0..self.model.online.len())
+                    .all(|c| !self.model.online[c] || self.model.isolated[c]);
+                for id in own {
+                    match self.svc.timer_owner(id) {
+                        Some((o, _)) if o != cpu && on(self, o) => {
+                            if self.model.isolated[o as usize] && !all_isolated {
+                                return Err(format!(
+                                    "timer {id} of offlined cpu {cpu} handed to isolated cpu {o}"
+                                ));
+                            }
+                        }
+                        other => {
+                            return Err(format!(
+                                "timer {id} of offlined cpu {cpu} now at {other:?}"
+                            ))
+                        }
+                    }
+                }
                 if let Some(o) = forced {
                     if !on(self, o) || o == cpu {
                         return Err(format!("offline forced {o} active, which is not online"));
+                    }
+                    if self.model.isolated[o as usize] {
+                        return Err(format!("offline forced isolated cpu {o} active"));
                     }
                     if !run(self, o) {
                         self.wake(o)?;

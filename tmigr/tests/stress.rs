@@ -154,6 +154,7 @@ fn stress(policy: Policy, millis: u64) {
                 group_size: 2,
                 nodes: None,
                 max_cpus: None,
+                isolated: Vec::new(),
             },
             MonotonicClock::new(),
             CPUS,

@@ -64,6 +64,7 @@ proptest! {
             group_size: gs,
             nodes: None,
             max_timers: 32,
+            isolated: vec![],
         };
         Sim::run(&cfg, &ops).map_err(|e| TestCaseError::fail(format!("{cfg:?}\n{e}")))?;
     }

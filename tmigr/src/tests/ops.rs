@@ -14,6 +14,7 @@ fn regression_offline_then_idle_parent_keeps_event() {
         group_size: 3,
         nodes: None,
         max_timers: 32,
+        isolated: vec![],
     };
     let ops = [
         Online { cpu: 9 },

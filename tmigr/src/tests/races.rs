@@ -34,6 +34,7 @@ fn svc(n: u32, gs: usize) -> (Arc<Svc>, Arc<FakeClock>) {
             group_size: gs,
             nodes: None,
             max_cpus: None,
+            isolated: Vec::new(),
         },
         clock.clone(),
         n,
