@@ -11,9 +11,9 @@ use crate::hierarchy::{HierConfig, Hierarchy, Hook, TMIGR_NONE};
 use crate::service::{ServiceConfig, TimerService};
 use crate::types::{CpuId, Policy, TimerKind, KTIME_MAX};
 
-type Svc = TimerService<Arc<FakeClock>>;
+pub(super) type Svc = TimerService<Arc<FakeClock>>;
 
-fn hier(n: u32, gs: usize) -> Arc<Hierarchy> {
+pub(super) fn hier(n: u32, gs: usize) -> Arc<Hierarchy> {
     let h = Arc::new(Hierarchy::new(HierConfig {
         group_size: gs,
         nodes: None,
@@ -25,7 +25,7 @@ fn hier(n: u32, gs: usize) -> Arc<Hierarchy> {
     h
 }
 
-fn svc(n: u32, gs: usize) -> (Arc<Svc>, Arc<FakeClock>) {
+pub(super) fn svc(n: u32, gs: usize) -> (Arc<Svc>, Arc<FakeClock>) {
     let clock = Arc::new(FakeClock::new(1_000));
     let s = Arc::new(TimerService::new(
         ServiceConfig {
@@ -42,7 +42,7 @@ fn svc(n: u32, gs: usize) -> (Arc<Svc>, Arc<FakeClock>) {
     (s, clock)
 }
 
-fn set_hook_h(
+pub(super) fn set_hook_h(
     h: &Arc<Hierarchy>,
     pred: impl Fn(Hook) -> bool + Send + Sync + 'static,
     f: impl Fn(&Hierarchy) + Send + Sync + 'static,
@@ -60,7 +60,7 @@ fn set_hook_h(
     fired
 }
 
-fn set_hook_s(
+pub(super) fn set_hook_s(
     s: &Arc<Svc>,
     pred: impl Fn(Hook) -> bool + Send + Sync + 'static,
     f: impl Fn(&Svc) + Send + Sync + 'static,
