@@ -540,6 +540,12 @@ impl Hierarchy {
             }
             // LIFETIME: `parent` is published with Release after the parent is
             // fully initialised and after our `groupmask` is set; Acquire here.
+            // RACE (a parent link appearing mid-walk, the kernel's "Do not rely
+            // always on group->parent"): loaded only after the step said "go
+            // on", which it decided from its own load of the same link (set
+            // once, never cleared): both saw a parent. A load from before the
+            // step could still say "none" after the step saw a new root, and
+            // the walk would stop below the root it had decided to reach.
             let p = self.groups[g as usize].parent.load(Ordering::Acquire);
             if p == NO_IDX {
                 break;
@@ -694,6 +700,12 @@ impl Hierarchy {
 
     /// `tmigr_next_expired_groupevt`: dequeues and returns the first event if
     /// it is due at `now`.
+    ///
+    /// RACE (livelock in remote expiry, the kernel's "Fix livelock in
+    /// tmigr_handle_remote_up()"): the event is consumed here, before it is
+    /// handled, so a handler that backs off (owner awake, or already handled
+    /// by another migrator) cannot find it again; with `now` sampled once,
+    /// every iteration of `handle_remote` removes an event for good.
     fn next_expired_groupevt(&self, g: u32, gl: &mut GroupLocked, now: u64) -> Option<Evt> {
         let slot = self.next_groupevt(g, gl)?;
         let evt = gl.evts[slot];
@@ -934,8 +946,12 @@ impl Hierarchy {
             group: g,
             activating: false,
         });
-        // The walk goes on iff this group became idle (the kernel's rule);
-        // `update_events` re-reads both states under the locks regardless.
+        // The walk goes on iff this group became idle (the kernel's "Return
+        // early on deactivation"); `update_events` re-reads both states under
+        // the locks regardless. RACE (the kernel's "Fix ignored event due to
+        // missing CPU update"): the early return comes after the update, so
+        // the idling child's event is queued (not ignored) in the group that
+        // stays active, whose migrator then handles it.
         self.update_events(g, child, childmask, data);
         walk_done
     }
