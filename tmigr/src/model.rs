@@ -14,8 +14,12 @@
 //! movable timer of another vCPU only if that vCPU is halted; under Pull a
 //! halt returns a wake-up before the vCPU's own pinned timers only if it was
 //! the last running vCPU (only the root-idling vCPU wakes for movable
-//! events); after `Settle` nothing due is left (nothing missed); and the
-//! service's and hierarchy's invariants after every operation.
+//! events); an isolated vCPU never expires another's timer, never receives a
+//! Push placement, a hand-off or the forced-active role while a
+//! non-isolated vCPU is online, and wakes for its own timers; after `Settle`
+//! nothing due is left (nothing missed); and the service's and hierarchy's
+//! invariants after every operation (and after the `vcpu_prepare` that
+//! precedes each `vcpu_online`).
 //!
 //! [`ops_from_bytes`] decodes any byte string into a configuration and an
 //! operation sequence: the fuzz target, the proptests and fixed unit tests
@@ -488,6 +492,16 @@ impl Sim {
                 if on(self, cpu) {
                     return Ok(());
                 }
+                // The VMM prepares a vCPU's place in the hierarchy before it
+                // runs (an even one prepares the next one too, ahead of time,
+                // so groups of never-online vCPUs exist while others run).
+                self.svc.vcpu_prepare(cpu);
+                if cpu % 2 == 0 && ((cpu + 1) as usize) < self.model.online.len() {
+                    self.svc.vcpu_prepare(cpu + 1);
+                }
+                self.svc
+                    .check_invariants()
+                    .map_err(|e| format!("invariant after prepare: {e}"))?;
                 self.svc.vcpu_online(cpu);
                 self.model.online[cpu as usize] = true;
                 self.model.running[cpu as usize] = true;
