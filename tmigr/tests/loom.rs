@@ -226,10 +226,10 @@ fn loom_kernel_fix_hotplug_vs_idle_exit() {
 
 /// The kernel's "timers/migration: Fix endless timer requeue after idle
 /// interrupts" and the audit's double root wake-up: vCPU 0 idles the root
-/// for vCPU 2's event; vCPUs 1 (woken by an interrupt) halts again while
+/// for vCPU 2's event; vCPU 1 (woken by an interrupt) halts again while
 /// vCPU 0 wakes. Whatever the interleaving, the event is covered (a waking
 /// vCPU, or the migrator vCPU 0) even when vCPU 1 leaves the wake-up to
-/// vCPU 0's stored one.
+/// vCPU 0's stored one; and when vCPU 0 halts again only one of them wakes.
 #[test]
 fn loom_kernel_fix_endless_requeue_after_idle_interrupts() {
     builder().check(|| {
@@ -245,5 +245,14 @@ fn loom_kernel_fix_endless_requeue_after_idle_interrupts() {
         h.check_invariants(&|c| if c == 2 { EVT } else { KTIME_MAX })
             .unwrap();
         assert_covered(&h, &[w1], &[0]);
+        // vCPU 0 halts again: it or vCPU 1 (by its stored wake-up) wakes.
+        let w0 = h.deactivate(0, KTIME_MAX).firstexp;
+        h.check_invariants(&|c| if c == 2 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[w0, w1], &[]);
+        assert!(
+            w0 == KTIME_MAX || w1 == KTIME_MAX,
+            "both vCPUs wake for the root: {w0}, {w1}"
+        );
     });
 }

@@ -97,7 +97,9 @@ fn check_shape(h: &Hierarchy, nodes: Option<&[u32]>) -> Result<(), String> {
 /// per vCPU that idled the root".
 /// Re-break: in `Hierarchy::deactivate`, `if data.firstexp != KTIME_MAX &&
 /// self.wakeup_covered(..)` -> `if false && ...`: every round then has two
-/// wake-ups and the test fails.
+/// wake-ups and the test fails (and so does the loom model
+/// `loom_kernel_fix_endless_requeue_after_idle_interrupts`, which checks
+/// the change never loses an event under any interleaving).
 #[test]
 fn kernel_fix_endless_requeue_after_idle_interrupts() {
     const PERIOD: u64 = 1_000;
