@@ -68,6 +68,7 @@ fn bench_service(pending: u32, iters: u32) -> f64 {
             group_size: 8,
             nodes: None,
             max_cpus: None,
+            isolated: Vec::new(),
         },
         FakeClock::new(0),
         8,

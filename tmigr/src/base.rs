@@ -19,8 +19,8 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use crate::service::{CpuId, Expired, TimerId, TimerKind, KTIME_MAX};
 use crate::sync::{AtomicU32, Ordering};
+use crate::types::{CpuId, Expired, TimerId, TimerKind, KTIME_MAX};
 
 /// `loc` value of a timer that is pending nowhere.
 const LOC_NONE: u32 = u32::MAX;

@@ -4,10 +4,10 @@
 //! lifetime and memory-ordering rules; every known race is walked through in a
 //! `RACE:` comment next to the code that prevents it.
 
-use crate::service::{CpuId, KTIME_MAX};
 use crate::sync::{
     fence, lock, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Mutex, Ordering, StatCounter,
 };
+use crate::types::{CpuId, KTIME_MAX};
 
 /// `migrator` value of a group without migrator (the kernel's `TMIGR_NONE`).
 pub const TMIGR_NONE: u8 = 0xff;
@@ -540,6 +540,12 @@ impl Hierarchy {
             }
             // LIFETIME: `parent` is published with Release after the parent is
             // fully initialised and after our `groupmask` is set; Acquire here.
+            // RACE (a parent link appearing mid-walk, the kernel's "Do not rely
+            // always on group->parent"): loaded only after the step said "go
+            // on", which it decided from its own load of the same link (set
+            // once, never cleared): both saw a parent. A load from before the
+            // step could still say "none" after the step saw a new root, and
+            // the walk would stop below the root it had decided to reach.
             let p = self.groups[g as usize].parent.load(Ordering::Acquire);
             if p == NO_IDX {
                 break;
@@ -556,13 +562,45 @@ impl Hierarchy {
     /// must call [`handle_remote`](Self::handle_remote) at `now`.
     pub fn requires_handle_remote(&self, cpu: CpuId, now: u64) -> bool {
         let tmc = &self.cpus[cpu as usize];
-        if !tmc.online.load(Ordering::Acquire) {
+        // An idle cpu never handles remote timers: one woken at its root
+        // wake-up activates first and expires as the migrator (the kernel's
+        // "Remove dead code handling idle CPU checking for remote timers").
+        // Were an idle cpu let through, `check_migrator` would accept every
+        // idle group (no migrator) on its path and it would expire other idle
+        // cpus' timers while itself idle.
+        if !tmc.online.load(Ordering::Acquire) || tmc.idle.load(Ordering::Acquire) {
             return false;
         }
-        if tmc.idle.load(Ordering::Acquire) {
-            return now >= tmc.wakeup.load(Ordering::Acquire);
-        }
         self.next_remote_expiry(cpu) <= now
+    }
+
+    /// True if an online idle cpu other than `cpu` already wakes at or
+    /// before `t` (its stored root wake-up). Such a cpu, once awake,
+    /// activates and becomes the root's migrator, or recomputes the
+    /// hierarchy's first expiry when it halts again: either way the events
+    /// up to `t` are covered and `cpu` need not wake for them.
+    ///
+    /// RACE (two vCPUs waking for the same root expiry, found by an outside
+    /// audit after the kernel's "Fix endless timer requeue after idle
+    /// interrupts"): vCPU A idles the root and wakes at T; B wakes for its own
+    /// reasons and idles the root again, for the same T. Without this check
+    /// both wake at T, one after the other; each then idles the root again
+    /// for the next expiry, because the other is idle, and so on for ever:
+    /// two wake-ups for every root expiry. A stored wake-up is honoured: it
+    /// is written under the cpu lock by the walk that computed it, the
+    /// service programs the cpu's sleep at or before it (or kicks it), and
+    /// it is cleared only when the cpu activates (then it is the migrator),
+    /// goes offline (then its walk hands the root's events on) or is
+    /// remotely handled (by an active migrator). A concurrent activation
+    /// that we do not see yet makes that cpu the root's migrator: covered.
+    /// O(max_cpus) lockless loads, only when a walk idles the root.
+    pub fn wakeup_covered(&self, cpu: CpuId, t: u64) -> bool {
+        self.cpus.iter().enumerate().any(|(c, tmc)| {
+            c != cpu as usize
+                && tmc.online.load(Ordering::Acquire)
+                && tmc.idle.load(Ordering::Acquire)
+                && tmc.wakeup.load(Ordering::Acquire) <= t
+        })
     }
 
     /// First event of the groups `cpu` is migrator of, walking up as long as
@@ -662,6 +700,12 @@ impl Hierarchy {
 
     /// `tmigr_next_expired_groupevt`: dequeues and returns the first event if
     /// it is due at `now`.
+    ///
+    /// RACE (livelock in remote expiry, the kernel's "Fix livelock in
+    /// tmigr_handle_remote_up()"): the event is consumed here, before it is
+    /// handled, so a handler that backs off (owner awake, or already handled
+    /// by another migrator) cannot find it again; with `now` sampled once,
+    /// every iteration of `handle_remote` removes an event for good.
     fn next_expired_groupevt(&self, g: u32, gl: &mut GroupLocked, now: u64) -> Option<Evt> {
         let slot = self.next_groupevt(g, gl)?;
         let evt = gl.evts[slot];
@@ -902,8 +946,12 @@ impl Hierarchy {
             group: g,
             activating: false,
         });
-        // The walk goes on iff this group became idle (the kernel's rule);
-        // `update_events` re-reads both states under the locks regardless.
+        // The walk goes on iff this group became idle (the kernel's "Return
+        // early on deactivation"); `update_events` re-reads both states under
+        // the locks regardless. RACE (the kernel's "Fix ignored event due to
+        // missing CPU update"): the early return comes after the update, so
+        // the idling child's event is queued (not ignored) in the group that
+        // stays active, whose migrator then handles it.
         self.update_events(g, child, childmask, data);
         walk_done
     }
@@ -946,6 +994,10 @@ impl Hierarchy {
         let levels = self.walk_groups(cpu, |g, child, mask| {
             self.inactive_up(g, child, mask, &mut data, cpu)
         });
+        // Another idle cpu already wakes by then: one wake-up is enough.
+        if data.firstexp != KTIME_MAX && self.wakeup_covered(cpu, data.firstexp) {
+            data.firstexp = KTIME_MAX;
+        }
         l.wakeup = data.firstexp;
         tmc.wakeup.store(data.firstexp, Ordering::Release);
         self.stats.deactivate_walks.add(1);
@@ -976,8 +1028,15 @@ impl Hierarchy {
         let levels = self.walk_groups(cpu, |g, child, mask| {
             self.update_events(g, child, mask, &mut data)
         });
-        l.wakeup = data.firstexp;
-        tmc.wakeup.store(data.firstexp, Ordering::Release);
+        if data.firstexp != KTIME_MAX && self.wakeup_covered(cpu, data.firstexp) {
+            data.firstexp = KTIME_MAX;
+        }
+        // The wake-up this cpu's sleep is programmed for still holds (its
+        // thread sleeps until then or a kick): others may rely on it, so a
+        // walk that did not reach an idle root does not forget it.
+        l.wakeup = l.wakeup.min(data.firstexp);
+        tmc.wakeup.store(l.wakeup, Ordering::Release);
+        data.firstexp = l.wakeup;
         self.stats.new_timer_walks.add(1);
         Some(WalkResult {
             firstexp: data.firstexp,
@@ -1100,22 +1159,43 @@ impl Hierarchy {
         }
     }
 
-    /// `tmigr_cpu_online` (+ `tmigr_setup_groups` the first time): `cpu`
-    /// joins, growing the hierarchy if needed, and becomes active. The result
-    /// says where the reconciliation of a new root stopped (kick its migrator)
-    /// and, in `firstexp`, a wake-up someone must honour if the hierarchy
-    /// turned out idle meanwhile (the onlined cpu went idle concurrently).
-    pub fn online(&self, cpu: CpuId) -> WalkResult {
+    /// `tmigr_cpu_prepare`: sets up the groups of `cpu` (growing the
+    /// hierarchy if needed) before it ever runs, without making it active.
+    /// Callable from any thread (the VMM's control thread, another vCPU), as
+    /// the kernel's prepare callback runs on an online CPU; idempotent. The
+    /// result says where the reconciliation of a new root stopped (kick its
+    /// migrator) and, in `firstexp`, a wake-up someone must honour if the
+    /// new root turned out idle with events and no idle cpu already wakes
+    /// for them (see [`Hierarchy::wakeup_covered`]).
+    pub fn prepare(&self, cpu: CpuId) -> WalkResult {
         assert!(
             (cpu as usize) < self.cpus.len(),
             "cpu {cpu} beyond max_cpus"
         );
         let mut setup = lock(&self.setup);
-        let new_root = if self.cpus[cpu as usize].group.load(Ordering::Acquire) == NO_IDX {
-            self.setup_groups(&mut setup, cpu)
-        } else {
-            None
-        };
+        if self.cpus[cpu as usize].group.load(Ordering::Acquire) != NO_IDX {
+            return WalkResult::NONE;
+        }
+        let mut res = WalkResult::NONE;
+        if let Some((old, _new)) = self.setup_groups(&mut setup, cpu) {
+            let mut data = WalkData::new(KTIME_MAX, cpu);
+            self.reconcile_new_root(old, &mut data, cpu);
+            if data.firstexp != KTIME_MAX && self.wakeup_covered(cpu, data.firstexp) {
+                data.firstexp = KTIME_MAX;
+            }
+            res.firstexp = data.firstexp;
+            res.stopped_at = data.stopped_at;
+        }
+        drop(setup);
+        res
+    }
+
+    /// `tmigr_cpu_online`: `cpu` joins ([`prepare`](Self::prepare) first if
+    /// nobody prepared it: the groups are then set up on the caller's thread)
+    /// and becomes active. The result is the preparation's (see `prepare`),
+    /// with the levels of the activation walk.
+    pub fn online(&self, cpu: CpuId) -> WalkResult {
+        let mut res = self.prepare(cpu);
         {
             let tmc = &self.cpus[cpu as usize];
             let mut l = lock(&tmc.lock);
@@ -1127,39 +1207,47 @@ impl Hierarchy {
             l.wakeup = KTIME_MAX;
             tmc.online.store(true, Ordering::Release);
         }
-        let levels = self.activate(cpu);
-        let mut res = WalkResult {
-            levels,
-            ..WalkResult::NONE
-        };
-        if let Some((old, new)) = new_root {
-            let mut data = WalkData::new(KTIME_MAX, cpu);
-            self.reconcile_new_root(old, new, &mut data, cpu);
-            res.firstexp = data.firstexp;
-            res.stopped_at = data.stopped_at;
-        }
-        drop(setup);
+        res.levels = self.activate(cpu);
         res
     }
 
     /// RACE (a new root published before its mask is set): the old root may
     /// be active or idle when a new root is put above it, and walkers of the
-    /// old root's subtree run concurrently. The new root is created with the
-    /// old root's bit active and as migrator (its mask set at creation, never
-    /// zero), and published only then. Here, after the publication, the old
-    /// root's real state is reconciled: a read-modify-write on the old root's
-    /// state (a seq bump, AcqRel) is totally ordered with a walker's CAS that
-    /// idles it. If ours comes first, that walker's CAS reads our value
-    /// (Acquire), synchronises with our Release, and so sees the published
-    /// parent and propagates to the new root itself. If the walker's comes
-    /// first, we read the old root idle and `inactive_up` clears its bit and
-    /// queues its first event in the new root. Either way no bogus active bit
-    /// or migrator survives and no idle event is left out.
-    fn reconcile_new_root(&self, old: u32, new: u32, data: &mut WalkData, cpu: CpuId) {
+    /// old root's subtree run concurrently. Every new group above the old
+    /// root (one new root, or with nodes a chain of the old root's node up
+    /// to the crossnode level) is created with the bit of the group below
+    /// it active and as migrator (its mask set at creation, never zero), and
+    /// published only then. Here, after the publication, the old root's real
+    /// state is reconciled: a read-modify-write on the old root's state (a
+    /// seq bump, AcqRel) is totally ordered with a walker's CAS that idles
+    /// it. If ours comes first, that walker's CAS reads our value (Acquire),
+    /// synchronises with our Release, and so sees the published parent and
+    /// propagates upwards itself. If the walker's comes first, we read the
+    /// old root idle and `inactive_up` clears its bit and queues its first
+    /// event above, going up while the groups become idle. Either way no
+    /// bogus active bit or migrator survives and no idle event is left out.
+    ///
+    /// RACE (hotplug against idle entry/exit, the kernel's "Fix another race
+    /// between hotplug and idle entry/exit"): this is why the reconciliation
+    /// is a read-modify-write and not a plain load of the old root's state;
+    /// `tests/loom.rs` (`loom_kernel_fix_hotplug_vs_idle`) fails without it.
+    fn reconcile_new_root(&self, old: u32, data: &mut WalkData, cpu: CpuId) {
         let old_grp = &self.groups[old as usize];
         old_grp.state.fetch_add(1 << 16, Ordering::AcqRel);
-        let mask = old_grp.groupmask.load(Ordering::Relaxed);
-        self.inactive_up(new, Some(old), mask, data, cpu);
+        let mut child = old;
+        loop {
+            let p = self.groups[child as usize].parent.load(Ordering::Acquire);
+            if p == NO_IDX {
+                break;
+            }
+            let mask = self.groups[child as usize]
+                .groupmask
+                .load(Ordering::Relaxed);
+            if self.inactive_up(p, Some(child), mask, data, cpu) {
+                break;
+            }
+            child = p;
+        }
     }
 
     fn alloc_group(&self, s: &mut Setup, level: usize, node: u32) -> u32 {
@@ -1196,11 +1284,18 @@ impl Hierarchy {
     }
 
     /// `tmigr_setup_groups`: attach `cpu` to a level-0 group with room (same
-    /// node below the crossnode level), creating groups upwards as needed;
-    /// a new root is created above the old one when the top level overflows.
-    /// Links are published top-down, the cpu's own link last, so every group
-    /// a walker can reach is connected up to the root. Returns (old root, new
-    /// root) when a new root was created.
+    /// node below the crossnode level), creating groups upwards as needed.
+    /// When the new chain reaches the old root's level without finding room,
+    /// it is joined with the old root under a new root one level up; below
+    /// the crossnode level a group never takes children of two nodes, so if
+    /// the nodes differ both the old root and the new chain get a parent of
+    /// their own node, level by level, until the crossnode level, where the
+    /// new root takes both (the kernel's "Fix imbalanced NUMA trees"; every
+    /// vCPU stays at the same depth, the old root's chain climbs exactly one
+    /// level per group: "Fix off-by-one root mis-connection"). Links are
+    /// published top-down, the cpu's own link last, so every group a walker
+    /// can reach is connected up to the root. Returns (old root, new root)
+    /// when a new root was created.
     fn setup_groups(&self, s: &mut Setup, cpu: CpuId) -> Option<(u32, u32)> {
         #[derive(Clone, Copy)]
         enum Ch {
@@ -1216,6 +1311,9 @@ impl Hierarchy {
             Ch::Cpu(c) => c,
             Ch::Group(g) => g,
         };
+        let old_root = s.root;
+        let root_level = (old_root != NO_IDX)
+            .then(|| self.groups[old_root as usize].level.load(Ordering::Relaxed) as usize);
         loop {
             let cand = s.levels.get(lvl).and_then(|v| {
                 v.iter().copied().find(|&g| {
@@ -1230,35 +1328,58 @@ impl Hierarchy {
                 links.push((cur, g, slot));
                 break;
             }
-            let level_empty = s.levels.get(lvl).is_none_or(|v| v.is_empty());
             let g = self.alloc_group(s, lvl, node);
-            if level_empty && lvl > 0 {
-                // `cur` is a new group beside the old root: `g` is the new
-                // root above both, created with the old root's bit active and
-                // as migrator (see `reconcile_new_root`).
-                let old = s.root;
-                let old_slot = self.add_child(g, old);
-                self.groups[g as usize].state.store(
+            let slot = self.add_child(g, child_idx(cur));
+            links.push((cur, g, slot));
+            let Some(rl) = root_level else {
+                // The first group: the root.
+                s.root = g;
+                self.root.store(g, Ordering::Release);
+                break;
+            };
+            if lvl < rl {
+                cur = Ch::Group(g);
+                lvl += 1;
+                continue;
+            }
+            // `g` is a new group beside the old root, at its level: join them.
+            debug_assert_eq!(lvl, rl);
+            let (mut o, mut c) = (old_root, g);
+            let mut k = lvl + 1;
+            loop {
+                let o_node = self.groups[o as usize].node.load(Ordering::Relaxed);
+                let single = k >= self.crossnode_level || o_node == node;
+                // The old root's side: created with `o`'s bit active and as
+                // migrator (see `reconcile_new_root`).
+                let po = self.alloc_group(s, k, if single { node } else { o_node });
+                let o_slot = self.add_child(po, o);
+                self.groups[po as usize].state.store(
                     TmigrState {
-                        active: 1 << old_slot,
-                        migrator: 1 << old_slot,
+                        active: 1 << o_slot,
+                        migrator: 1 << o_slot,
                         seq: 0,
                     }
                     .pack(),
                     Ordering::Relaxed,
                 );
-                links.push((Ch::Group(old), g, old_slot));
-                new_root = Some((old, g));
+                links.push((Ch::Group(o), po, o_slot));
+                let pc = if single {
+                    po
+                } else {
+                    self.alloc_group(s, k, node)
+                };
+                let c_slot = self.add_child(pc, c);
+                links.push((Ch::Group(c), pc, c_slot));
+                if single {
+                    s.root = po;
+                    self.root.store(po, Ordering::Release);
+                    new_root = Some((old_root, po));
+                    break;
+                }
+                (o, c) = (po, pc);
+                k += 1;
             }
-            let slot = self.add_child(g, child_idx(cur));
-            links.push((cur, g, slot));
-            if level_empty {
-                s.root = g;
-                self.root.store(g, Ordering::Release);
-                break;
-            }
-            cur = Ch::Group(g);
-            lvl += 1;
+            break;
         }
         // Publish top-down; every store below is Release so that a walker's
         // Acquire of a link sees the fully initialised target.

@@ -8,7 +8,10 @@
 //! ("pull"), so idle vCPUs stay asleep. [`service::TimerService`] is the API
 //! the VMM uses (with the calling contract and the kick protocol in its
 //! module docs); [`model`] is the reference model and simulator the tests
-//! compare it with.
+//! compare it with. The basic types are in [`types`], which depends on
+//! nothing else: the modules form the chain `types` <- `base` <-
+//! `hierarchy` <- `service` <- `model`, without cycles. No `unsafe` anywhere
+//! (`forbid(unsafe_code)`, with or without `--cfg loom`).
 //!
 //! ## The hierarchy
 //!
@@ -56,12 +59,23 @@
 //! in the parent (`tmigr_update_events`) and go up; the vCPU that idles the
 //! root gets the hierarchy's first expiry back and wakes for it);
 //! **new timer while idle** (`tmigr_new_timer_up`); **requires_handle_remote**
-//! (lockless: is any group I am migrator of due?); **handle_remote** (pop due
-//! events of the groups I am migrator of; for each, expire that idle vCPU's
-//! due movable timers and re-queue its next expiry); **online** (grow the
-//! hierarchy, `tmigr_setup_groups`); **offline** (deactivate with no event,
-//! and report if this was the last active vCPU with events pending:
+//! (lockless: is any group I am migrator of due? never for an idle vCPU);
+//! **handle_remote** (pop due events of the groups I am migrator of; for
+//! each, expire that idle vCPU's due movable timers and re-queue its next
+//! expiry); **prepare** (grow the hierarchy for a vCPU before it runs, from
+//! any thread: `tmigr_cpu_prepare` + `tmigr_setup_groups`); **online**
+//! (prepare if nobody did, then activate); **offline** (deactivate with no
+//! event, and report if this was the last active vCPU with events pending:
 //! `tmigr_trigger_active`).
+//!
+//! Growth keeps the tree balanced: every vCPU at the same depth, each parent
+//! exactly one level up, and below the crossnode level no group with vCPUs
+//! of two nodes. When a vCPU's chain reaches the old root's level without
+//! room, the old root and the chain are joined one level up, or, if their
+//! nodes differ below the crossnode level, each gets parents of its own node
+//! up to the crossnode level, where the new root takes both
+//! (`Hierarchy::setup_groups`; the kernel's "Fix imbalanced NUMA trees" and
+//! "Fix off-by-one root mis-connection").
 //!
 //! ## Locking rules
 //!
@@ -146,10 +160,33 @@
 //!   names a vCPU to force active;
 //! * a new root published before its mask is set:
 //!   `Hierarchy::setup_groups` and `Hierarchy::reconcile_new_root`;
-//! * livelock in remote expiry: [`hierarchy::Hierarchy::handle_remote`];
+//! * livelock in remote expiry: [`hierarchy::Hierarchy::handle_remote`]
+//!   samples `now` once, and `Hierarchy::next_expired_groupevt` consumes an
+//!   event before it is handled, so a back-off cannot find it again;
 //! * chasing stale wake-ups: `wakeup` is cleared on activate and recomputed
 //!   by every walk ([`hierarchy::Hierarchy::cpu_wakeup`]); `vcpu_halt`
-//!   always recomputes.
+//!   always recomputes;
+//! * two vCPUs waking for the same root expiry for ever (an outside audit,
+//!   after the kernel's "Fix endless timer requeue after idle interrupts"):
+//!   a vCPU that idles the root leaves the wake-up to another halted vCPU
+//!   already waking by then, [`hierarchy::Hierarchy::wakeup_covered`] (why
+//!   that keeps invariant 4 is walked through there);
+//! * a new top level racing with idle entry and exit (the kernel's "Move
+//!   hierarchy setup into cpuhotplug prepare callback", "Fix another race
+//!   between hotplug and idle entry/exit", "Enforce group initialization
+//!   visibility to tree walkers"): groups above the old root are created
+//!   with the bit below active and as migrator, published top-down, and the
+//!   old root's state is reconciled by a read-modify-write,
+//!   `Hierarchy::reconcile_new_root`;
+//! * a parent link appearing in the middle of a walk (the kernel's "Do not
+//!   rely always on group->parent"): `Hierarchy::walk_groups`;
+//! * an idling vCPU's event left ignored by an early return (the kernel's
+//!   "Fix ignored event due to missing CPU update"): `Hierarchy::inactive_up`
+//!   updates the events before it returns.
+//!
+//! Every fix the kernel's hierarchy needed since 6.9 has a test named
+//! `kernel_fix_*` in `src/tests/kernel_fixes.rs` (and `loom_kernel_fix_*` in
+//! `tests/loom.rs`); the crate README has the table.
 //!
 //! ## Differences from the kernel
 //!
@@ -161,6 +198,14 @@
 //! * `new_timer` always walks (no "same expiry" shortcut); update walks go
 //!   up while groups are idle (no "first event unchanged" shortcut).
 //! * The event queue of a group is an array by child slot (at most 8).
+//! * Isolated vCPUs ([`service::ServiceConfig::isolated`]) are left out of the
+//!   hierarchy from the start, as the kernel leaves out isolated CPUs; there
+//!   is no run-time (un)isolation.
+//! * The last halting vCPU does not wake for the root's first expiry if
+//!   another halted vCPU already wakes by then (the kernel's last CPU always
+//!   programs its own wake-up).
+
+#![forbid(unsafe_code)]
 
 pub mod base;
 pub mod clock;
@@ -168,12 +213,11 @@ pub mod hierarchy;
 pub mod model;
 pub mod service;
 pub(crate) mod sync;
+pub mod types;
 
 pub use clock::{Clock, FakeClock, MonotonicClock};
-pub use service::{
-    CpuId, Expired, Policy, ServiceConfig, ServiceStats, TimerId, TimerKind, TimerService,
-    KTIME_MAX,
-};
+pub use service::{ServiceConfig, ServiceStats, TimerService};
+pub use types::{CpuId, Expired, Policy, TimerId, TimerKind, KTIME_MAX};
 
 // Unit and race tests need the std primitives and the hooks (not loom).
 #[cfg(all(test, not(loom)))]

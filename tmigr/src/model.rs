@@ -14,8 +14,12 @@
 //! movable timer of another vCPU only if that vCPU is halted; under Pull a
 //! halt returns a wake-up before the vCPU's own pinned timers only if it was
 //! the last running vCPU (only the root-idling vCPU wakes for movable
-//! events); after `Settle` nothing due is left (nothing missed); and the
-//! service's and hierarchy's invariants after every operation.
+//! events); an isolated vCPU never expires another's timer, never receives a
+//! Push placement, a hand-off or the forced-active role while a
+//! non-isolated vCPU is online, and wakes for its own timers; after `Settle`
+//! nothing due is left (nothing missed); and the service's and hierarchy's
+//! invariants after every operation (and after the `vcpu_prepare` that
+//! precedes each `vcpu_online`).
 //!
 //! [`ops_from_bytes`] decodes any byte string into a configuration and an
 //! operation sequence: the fuzz target, the proptests and fixed unit tests
@@ -25,9 +29,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::clock::{Clock, FakeClock};
-use crate::service::{
-    CpuId, Expired, Policy, ServiceConfig, TimerId, TimerKind, TimerService, KTIME_MAX,
-};
+use crate::service::{ServiceConfig, TimerService};
+use crate::types::{CpuId, Expired, Policy, TimerId, TimerKind, KTIME_MAX};
 
 /// One step of a simulation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +108,8 @@ pub struct SimConfig {
     pub nodes: Option<Vec<u32>>,
     /// Timer ids.
     pub max_timers: u32,
+    /// Isolated vCPUs ([`ServiceConfig::isolated`]).
+    pub isolated: Vec<CpuId>,
 }
 
 /// Decodes bytes into a configuration and operations (never fails).
@@ -124,6 +129,14 @@ pub fn ops_from_bytes(data: &[u8], max_cpus: u32) -> (SimConfig, Vec<Op>) {
         (0..possible).map(|c| c % nn).collect()
     });
     let max_timers = 64;
+    // Isolated vCPUs (every third one from vCPU 1) when the first byte is
+    // 0xc0 or above: the policy still comes from `b(0) % 3`, and byte
+    // strings below that decode as they always did.
+    let isolated = if b(0) >= 0xc0 {
+        (0..possible).filter(|c| c % 3 == 1).collect()
+    } else {
+        Vec::new()
+    };
     let cfg = SimConfig {
         policy,
         possible,
@@ -131,6 +144,7 @@ pub fn ops_from_bytes(data: &[u8], max_cpus: u32) -> (SimConfig, Vec<Op>) {
         group_size,
         nodes,
         max_timers,
+        isolated,
     };
     let mut ops = Vec::new();
     for ch in data.get(6..).unwrap_or(&[]).chunks(4) {
@@ -179,6 +193,8 @@ pub struct Model {
     pub running: Vec<bool>,
     /// Pending timers: deadline and kind.
     pub pending: HashMap<TimerId, (u64, TimerKind)>,
+    /// Isolated flag per vCPU.
+    pub isolated: Vec<bool>,
 }
 
 impl Model {
@@ -200,6 +216,15 @@ impl Model {
             .iter()
             .zip(&self.online)
             .filter(|(r, o)| **r && **o)
+            .count()
+    }
+
+    /// Number of running vCPUs that are not isolated (those in the hierarchy under Pull).
+    pub fn running_in_hier(&self) -> usize {
+        (0..self.online.len())
+            .filter(|&c| {
+                self.running[c] && self.online[c] && !self.isolated.get(c).copied().unwrap_or(false)
+            })
             .count()
     }
 }
@@ -244,6 +269,7 @@ impl Sim {
                 group_size: cfg.group_size,
                 nodes: cfg.nodes.clone(),
                 max_cpus: None,
+                isolated: cfg.isolated.clone(),
             },
             clock.clone(),
             cfg.initially_online,
@@ -253,6 +279,7 @@ impl Sim {
             online: vec![false; n],
             running: vec![false; n],
             pending: HashMap::new(),
+            isolated: (0..n as CpuId).map(|c| cfg.isolated.contains(&c)).collect(),
         };
         for c in 0..cfg.initially_online as usize {
             model.online[c] = true;
@@ -319,6 +346,11 @@ impl Sim {
                 return Err(format!("{e:?} expired early at {now}"));
             }
             if e.owner != cpu {
+                if self.model.isolated[cpu as usize] {
+                    return Err(format!(
+                        "{e:?} expired on isolated cpu {cpu}, not its owner"
+                    ));
+                }
                 if self.svc.policy() != Policy::Pull || e.kind != TimerKind::Movable {
                     return Err(format!("{e:?} expired on cpu {cpu}, not its owner"));
                 }
@@ -383,8 +415,15 @@ impl Sim {
                 if was != model_was {
                     return Err(format!("arm returned {was}, model says {model_was}"));
                 }
-                if self.svc.timer_owner(id).map(|o| o.1) != Some(kind) {
-                    return Err(format!("armed timer {id} not queued as {kind:?}"));
+                match self.svc.timer_owner(id) {
+                    Some((owner, k)) if k == kind => {
+                        if owner != cpu && self.model.isolated[owner as usize] {
+                            return Err(format!(
+                                "timer {id} armed by {cpu} placed on isolated cpu {owner}"
+                            ));
+                        }
+                    }
+                    _ => return Err(format!("armed timer {id} not queued as {kind:?}")),
                 }
             }
             Op::Cancel { id } => {
@@ -398,11 +437,19 @@ impl Sim {
                 if !run(self, cpu) {
                     return Ok(());
                 }
-                let others_running = self.model.running_count() > 1;
+                let others_running = self.model.running_in_hier() > 1;
                 let w = self.svc.vcpu_halt(cpu);
                 self.model.running[cpu as usize] = false;
                 self.told[cpu as usize] = w;
                 match self.svc.policy() {
+                    _ if self.model.isolated[cpu as usize] => {
+                        let own = self.first_own(cpu);
+                        if w != own {
+                            return Err(format!(
+                                "isolated cpu halt returned {w}, own first timer is {own}"
+                            ));
+                        }
+                    }
                     Policy::Local | Policy::Push => {
                         let own = self.first_own(cpu);
                         if w != own {
@@ -445,6 +492,16 @@ impl Sim {
                 if on(self, cpu) {
                     return Ok(());
                 }
+                // The VMM prepares a vCPU's place in the hierarchy before it
+                // runs (an even one prepares the next one too, ahead of time,
+                // so groups of never-online vCPUs exist while others run).
+                self.svc.vcpu_prepare(cpu);
+                if cpu % 2 == 0 && ((cpu + 1) as usize) < self.model.online.len() {
+                    self.svc.vcpu_prepare(cpu + 1);
+                }
+                self.svc
+                    .check_invariants()
+                    .map_err(|e| format!("invariant after prepare: {e}"))?;
                 self.svc.vcpu_online(cpu);
                 self.model.online[cpu as usize] = true;
                 self.model.running[cpu as usize] = true;
@@ -455,13 +512,41 @@ impl Sim {
                 if !on(self, cpu) || online < 2 {
                     return Ok(());
                 }
+                let own: Vec<TimerId> = self
+                    .model
+                    .pending
+                    .keys()
+                    .copied()
+                    .filter(|&id| self.svc.timer_owner(id).map(|o| o.0) == Some(cpu))
+                    .collect();
                 let forced = self.svc.vcpu_offline(cpu);
                 self.model.online[cpu as usize] = false;
                 self.model.running[cpu as usize] = false;
                 self.told[cpu as usize] = KTIME_MAX;
+                let all_isolated = (0..self.model.online.len())
+                    .all(|c| !self.model.online[c] || self.model.isolated[c]);
+                for id in own {
+                    match self.svc.timer_owner(id) {
+                        Some((o, _)) if o != cpu && on(self, o) => {
+                            if self.model.isolated[o as usize] && !all_isolated {
+                                return Err(format!(
+                                    "timer {id} of offlined cpu {cpu} handed to isolated cpu {o}"
+                                ));
+                            }
+                        }
+                        other => {
+                            return Err(format!(
+                                "timer {id} of offlined cpu {cpu} now at {other:?}"
+                            ))
+                        }
+                    }
+                }
                 if let Some(o) = forced {
                     if !on(self, o) || o == cpu {
                         return Err(format!("offline forced {o} active, which is not online"));
+                    }
+                    if self.model.isolated[o as usize] {
+                        return Err(format!("offline forced isolated cpu {o} active"));
                     }
                     if !run(self, o) {
                         self.wake(o)?;

@@ -46,67 +46,18 @@
 //!   migrator changed meanwhile, whoever changed it ran the same check after
 //!   its own change.
 
-use std::fmt;
-use std::str::FromStr;
-
 use crate::base::{BaseCounters, TimerBase, TimerSlots};
 use crate::clock::Clock;
 use crate::hierarchy::{HierConfig, HierStatsSnapshot, Hierarchy, RemoteExpiry, WalkResult};
 use crate::sync::{lock, AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering, StatCounter};
 
-/// A vCPU index.
-pub type CpuId = u32;
-/// A timer id, caller-chosen, dense in `0..max_timers`.
-pub type TimerId = u32;
-/// "Never" (the kernel's `KTIME_MAX`).
-pub const KTIME_MAX: u64 = u64::MAX;
+// The basic types live in `types`; re-exported here so `tmigr::service::{...}`
+// paths keep working (new code uses `tmigr::types` or the crate root).
+pub use crate::types::{CpuId, Expired, Policy, TimerId, TimerKind, KTIME_MAX};
+
 /// Slots allocated for vCPUs when neither `cpus_online` nor `nodes` asks for
 /// more (KVM's `KVM_CAP_MAX_VCPUS` here). `vcpu_online` panics beyond it.
 pub const DEFAULT_MAX_CPUS: u32 = 1024;
-
-/// Where a timer may expire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TimerKind {
-    /// Always expires on the vCPU whose base it is queued on.
-    Pinned,
-    /// May be expired by any vCPU (the pull model's global timers).
-    Movable,
-}
-
-/// How movable timers are placed and expired.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Policy {
-    /// Every timer expires on its base; a halted vCPU wakes for its own timers.
-    Local,
-    /// Movable timers armed by a vCPU that counts as idle are queued on the
-    /// nearest running vCPU (the kernel's old `get_nohz_timer_target`).
-    Push,
-    /// The timer-migration hierarchy: idle vCPUs' movable timers are pulled
-    /// by a running migrator at expiry.
-    Pull,
-}
-
-impl FromStr for Policy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "local" => Ok(Policy::Local),
-            "push" => Ok(Policy::Push),
-            "pull" => Ok(Policy::Pull),
-            _ => Err(format!("unknown timer policy {s:?} (local, push, pull)")),
-        }
-    }
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Policy::Local => "local",
-            Policy::Push => "push",
-            Policy::Pull => "pull",
-        })
-    }
-}
 
 /// Service configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +76,18 @@ pub struct ServiceConfig {
     /// [`DEFAULT_MAX_CPUS`]. A VMM that knows its vCPU count passes it, so a
     /// small VM does not carry state for a thousand vCPUs.
     pub max_cpus: Option<u32>,
+    /// Isolated vCPUs (ids; duplicates and ids `>= max_cpus` are ignored),
+    /// as the kernel's `isolcpus=`/`nohz_full` CPUs are excluded from its
+    /// hierarchy ("timers/migration: Exclude isolated cpus from hierarchy").
+    /// Under every policy an isolated vCPU: is never in the hierarchy, so it
+    /// never becomes a migrator and never expires another vCPU's timer; has
+    /// its own movable timers expire on itself, like pinned ones (a halted
+    /// isolated vCPU wakes for them); is never chosen by Push as the place
+    /// of another vCPU's timer; and is never the recipient of an offlined
+    /// vCPU's timers or the vCPU forced active by `vcpu_offline`, unless
+    /// every other online vCPU is isolated (see
+    /// [`TimerService::handoff_target`]). Empty: none.
+    pub isolated: Vec<CpuId>,
 }
 
 impl Default for ServiceConfig {
@@ -135,21 +98,9 @@ impl Default for ServiceConfig {
             group_size: 8,
             nodes: None,
             max_cpus: None,
+            isolated: Vec::new(),
         }
     }
-}
-
-/// A timer handed to the caller by [`TimerService::expire`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Expired {
-    /// The timer.
-    pub id: TimerId,
-    /// The vCPU whose base it was queued on.
-    pub owner: CpuId,
-    /// Its deadline (`<=` the time `expire` sampled).
-    pub deadline: u64,
-    /// Its kind.
-    pub kind: TimerKind,
 }
 
 /// Counters (monotonic since creation).
@@ -187,6 +138,8 @@ struct VCpu {
     /// P: see "How kicks are computed".
     programmed: AtomicU64,
     kick_pending: AtomicBool,
+    /// Out of the hierarchy (see [`ServiceConfig::isolated`]); fixed.
+    isolated: bool,
 }
 
 /// The timer service (see the module docs for the calling contract).
@@ -263,6 +216,7 @@ impl<C: Clock> TimerService<C> {
                     push_idle: AtomicBool::new(false),
                     programmed: AtomicU64::new(KTIME_MAX),
                     kick_pending: AtomicBool::new(false),
+                    isolated: cfg.isolated.contains(&c),
                 })
                 .collect(),
             hier,
@@ -315,6 +269,37 @@ impl<C: Clock> TimerService<C> {
         self.cpus[cpu as usize].online.load(Ordering::Acquire)
     }
 
+    /// True if `cpu` is isolated ([`ServiceConfig::isolated`]).
+    pub fn is_isolated(&self, cpu: CpuId) -> bool {
+        self.cpus.get(cpu as usize).is_some_and(|v| v.isolated)
+    }
+
+    /// `cpu` takes part in the hierarchy: Pull and not isolated.
+    fn in_hier(&self, cpu: CpuId) -> bool {
+        self.policy == Policy::Pull && !self.cpus[cpu as usize].isolated
+    }
+
+    /// Where the timers (and, in the VMM, the pending deliveries) of `from`
+    /// go when it goes offline, and the vCPU `vcpu_offline` forces active:
+    /// the nearest busy (running, not push-idle) online vCPU other than
+    /// `from` that is not isolated; else the lowest-numbered online one
+    /// that is not isolated; else, only if every other online vCPU is
+    /// isolated, the lowest-numbered online one (its timers then expire on
+    /// that isolated vCPU, which wakes for them as for its own; with no
+    /// non-isolated vCPU online the hierarchy holds nothing to hand on).
+    /// `from` itself if no other vCPU is online. A snapshot: `vcpu_offline`
+    /// computes it again when it moves the timers.
+    pub fn handoff_target(&self, from: CpuId) -> CpuId {
+        let n = self.ncpus.load(Ordering::Acquire) as usize;
+        let others = || (0..n).filter(move |&c| c != from as usize);
+        others()
+            .filter(|&c| self.busy(c))
+            .min_by_key(|&c| (c as i64 - from as i64).abs())
+            .or_else(|| others().find(|&c| self.is_online(c as CpuId) && !self.cpus[c].isolated))
+            .or_else(|| others().find(|&c| self.is_online(c as CpuId)))
+            .map_or(from, |c| c as CpuId)
+    }
+
     /// The time `cpu` was last given (P in the module docs).
     pub fn programmed(&self, cpu: CpuId) -> u64 {
         self.cpus[cpu as usize].programmed.load(Ordering::SeqCst)
@@ -329,9 +314,12 @@ impl<C: Clock> TimerService<C> {
             .store(idle, Ordering::Release);
     }
 
+    /// Online, running, not push-idle and not isolated: a place for Push
+    /// and a first choice for hand-offs.
     fn busy(&self, cpu: usize) -> bool {
         let v = &self.cpus[cpu];
-        v.online.load(Ordering::Acquire)
+        !v.isolated
+            && v.online.load(Ordering::Acquire)
             && v.running.load(Ordering::Acquire)
             && !v.push_idle.load(Ordering::Acquire)
     }
@@ -395,10 +383,7 @@ impl<C: Clock> TimerService<C> {
         kind: TimerKind,
     ) -> (bool, Option<WalkResult>) {
         let p = self.cpus[target as usize].programmed.load(Ordering::SeqCst);
-        if self.policy == Policy::Pull
-            && kind == TimerKind::Movable
-            && self.hier.cpu_is_idle(target)
-        {
+        if self.in_hier(target) && kind == TimerKind::Movable && self.hier.cpu_is_idle(target) {
             // New timer while idle: the migrator (or this vCPU, if the whole
             // hierarchy is idle) must learn about it.
             let ev = b.global_event(&self.slots);
@@ -491,7 +476,8 @@ impl<C: Clock> TimerService<C> {
     /// at (`KTIME_MAX`: until kicked): its first pinned expiry; under
     /// Local/Push also its first movable one; under Pull, the hierarchy's
     /// first expiry if this vCPU idled the root (it is then the one vCPU that
-    /// wakes for the idle vCPUs' movable timers), else nothing more.
+    /// wakes for the idle vCPUs' movable timers) and no other halted vCPU
+    /// already wakes by then, else nothing more.
     pub fn vcpu_halt(&self, cpu: CpuId) -> u64 {
         let v = &self.cpus[cpu as usize];
         self.halts.add(1);
@@ -499,6 +485,7 @@ impl<C: Clock> TimerService<C> {
         v.running.store(false, Ordering::Release);
         let pinned = b.first(&self.slots, TimerKind::Pinned);
         let (wake, res) = match self.policy {
+            _ if v.isolated => (pinned.min(b.first(&self.slots, TimerKind::Movable)), None),
             Policy::Local | Policy::Push => {
                 (pinned.min(b.first(&self.slots, TimerKind::Movable)), None)
             }
@@ -522,7 +509,7 @@ impl<C: Clock> TimerService<C> {
         let v = &self.cpus[cpu as usize];
         v.programmed.store(0, Ordering::SeqCst);
         v.running.store(true, Ordering::Release);
-        if self.policy == Policy::Pull {
+        if self.in_hier(cpu) {
             self.hier.activate(cpu);
         }
     }
@@ -542,7 +529,7 @@ impl<C: Clock> TimerService<C> {
                 + b.pop_due(&self.slots, TimerKind::Movable, now, out);
             b.counters.local_expiries += n as u64;
         }
-        if self.policy == Policy::Pull && self.hier.requires_handle_remote(cpu, now) {
+        if self.in_hier(cpu) && self.hier.requires_handle_remote(cpu, now) {
             let mut rx = Remote {
                 svc: self,
                 out,
@@ -560,7 +547,7 @@ impl<C: Clock> TimerService<C> {
     /// it is migrator of). `KTIME_MAX` if none. Records it as P.
     pub fn next_event(&self, cpu: CpuId) -> u64 {
         let v = &self.cpus[cpu as usize];
-        let pull = self.policy == Policy::Pull;
+        let pull = self.in_hier(cpu);
         let t = {
             let mut b = lock(&v.base);
             let mut t = b
@@ -598,26 +585,26 @@ impl<C: Clock> TimerService<C> {
         }
     }
 
-    /// `cpu` leaves. Its timers (pinned and movable) move to the nearest busy
-    /// online vCPU, else to another online one (the kernel's
-    /// `timers_dead_cpu`); a halted recipient is kicked if it must wake
-    /// earlier. Returns `Some(other)` if `cpu` was the last active vCPU and
-    /// movable events are pending: `other` must be woken and run now (it is
-    /// also queued as a kick), or they would be owned by nobody
-    /// (`tmigr_trigger_active`).
+    /// `cpu` leaves. Its timers (pinned and movable) move to
+    /// [`handoff_target`](Self::handoff_target)`(cpu)` (the kernel's
+    /// `timers_dead_cpu`): never an isolated vCPU unless every other online
+    /// vCPU is isolated; a halted recipient is kicked if it must wake
+    /// earlier. Returns `Some(other)` if `cpu` was the last active vCPU of
+    /// the hierarchy and movable events are pending: `other` (the hand-off
+    /// target if it is not isolated, else the lowest-numbered online vCPU
+    /// that is not) must be woken and run now (it is also queued as a
+    /// kick), or they would be owned by nobody (`tmigr_trigger_active`).
+    /// Never an isolated vCPU: if no other online vCPU is in the hierarchy,
+    /// nothing is pending in it (every timer of the vCPUs that left it was
+    /// handed on) and `None` is returned.
     pub fn vcpu_offline(&self, cpu: CpuId) -> Option<CpuId> {
         let v = &self.cpus[cpu as usize];
         if !v.online.swap(false, Ordering::AcqRel) {
             return None;
         }
         v.running.store(false, Ordering::Release);
-        let res = (self.policy == Policy::Pull).then(|| self.hier.offline(cpu));
-        let n = self.ncpus.load(Ordering::Acquire) as usize;
-        let target = (0..n)
-            .filter(|&c| c != cpu as usize && self.busy(c))
-            .min_by_key(|&c| (c as i64 - cpu as i64).abs())
-            .or_else(|| (0..n).find(|&c| c != cpu as usize && self.is_online(c as CpuId)))
-            .map(|c| c as CpuId);
+        let res = self.in_hier(cpu).then(|| self.hier.offline(cpu));
+        let target = Some(self.handoff_target(cpu)).filter(|&t| t != cpu);
         if let Some(t) = target {
             let (lo, hi) = (cpu.min(t), cpu.max(t));
             let mut g_lo = lock(&self.cpus[lo as usize].base);
@@ -635,7 +622,7 @@ impl<C: Clock> TimerService<C> {
             }
             if let Some(&(_, deadline, kind)) = moved.first() {
                 (kick, walk) = self.after_insert(t, tb, deadline, kind);
-                if kind == TimerKind::Pinned && self.policy == Policy::Pull {
+                if kind == TimerKind::Pinned && self.in_hier(t) {
                     // The first one is pinned; a movable one may still need
                     // the hierarchy.
                     if let Some(&(_, d, k)) = moved.iter().find(|m| m.2 == TimerKind::Movable) {
@@ -656,7 +643,9 @@ impl<C: Clock> TimerService<C> {
         self.after_walk(res);
         if res.is_some_and(|r| r.firstexp != KTIME_MAX) {
             let n = self.ncpus.load(Ordering::Acquire) as usize;
-            let other = target.or_else(|| (0..n as u32).find(|&c| c != cpu && self.is_online(c)));
+            let other = target.filter(|&t| !self.is_isolated(t)).or_else(|| {
+                (0..n as u32).find(|&c| c != cpu && self.is_online(c) && !self.is_isolated(c))
+            });
             if let Some(o) = other {
                 self.forced_active.add(1);
                 self.kick(o);
@@ -666,8 +655,36 @@ impl<C: Clock> TimerService<C> {
         None
     }
 
-    /// `cpu` comes online (growing the hierarchy if needed) and runs. Follow
-    /// with `expire` and `next_event` on its thread.
+    /// Sets up `cpu`'s place in the hierarchy (growing it if needed) before
+    /// `cpu` ever runs, from any thread: the VMM calls it when it creates or
+    /// plugs a vCPU, before starting its thread (the kernel moved this into
+    /// a prepare callback, "timers/migration: Move hierarchy setup into
+    /// cpuhotplug prepare callback"). Optional: `vcpu_online` does it on its
+    /// own thread otherwise. Idempotent; a no-op for isolated vCPUs and
+    /// policies other than Pull. May queue kicks (the migrator of a new root,
+    /// or an online vCPU if the grown hierarchy is idle with events nobody
+    /// wakes for).
+    pub fn vcpu_prepare(&self, cpu: CpuId) {
+        assert!(
+            (cpu as usize) < self.cpus.len(),
+            "cpu {cpu} beyond capacity"
+        );
+        if !self.in_hier(cpu) {
+            return;
+        }
+        let r = self.hier.prepare(cpu);
+        self.after_walk(Some(r));
+        if r.firstexp != KTIME_MAX {
+            let n = self.ncpus.load(Ordering::Acquire);
+            if let Some(o) = (0..n).find(|&c| self.is_online(c) && !self.is_isolated(c)) {
+                self.kick(o);
+            }
+        }
+    }
+
+    /// `cpu` comes online (setting up its place in the hierarchy if
+    /// `vcpu_prepare` did not) and runs. Follow with `expire` and
+    /// `next_event` on its thread.
     pub fn vcpu_online(&self, cpu: CpuId) {
         let v = &self.cpus[cpu as usize];
         assert!(
@@ -681,7 +698,7 @@ impl<C: Clock> TimerService<C> {
         v.programmed.store(0, Ordering::SeqCst);
         v.running.store(true, Ordering::Release);
         v.online.store(true, Ordering::Release);
-        if self.policy == Policy::Pull {
+        if self.in_hier(cpu) {
             let r = self.hier.online(cpu);
             self.after_walk(Some(r));
             if r.firstexp != KTIME_MAX {
@@ -720,8 +737,9 @@ impl<C: Clock> TimerService<C> {
     /// hierarchy's (see [`Hierarchy::check_invariants`]), with an idle vCPU's
     /// movable event required in the hierarchy unless its own programmed
     /// wake-up comes first; for all policies, that running/online flags agree
-    /// with the hierarchy and that no timer is left on an offline base while
-    /// a vCPU is online.
+    /// with the hierarchy, that no timer is left on an offline base while
+    /// a vCPU is online, and that an isolated vCPU is not in the hierarchy
+    /// and, halted, wakes for its own first timer of either kind.
     pub fn check_invariants(&self) -> Result<(), String> {
         let n = self.ncpus.load(Ordering::Acquire);
         let any_online = (0..n).any(|c| self.is_online(c));
@@ -730,6 +748,27 @@ impl<C: Clock> TimerService<C> {
             let online = v.online.load(Ordering::Acquire);
             if any_online && !online && !lock(&v.base).is_empty() {
                 return Err(format!("offline cpu {c} still has timers"));
+            }
+            if v.isolated {
+                // Out of the hierarchy, and a halted one wakes for all its
+                // own timers, movable ones included.
+                if self.hier.cpu_group(c).is_some() || self.hier.cpu_is_online(c) {
+                    return Err(format!("isolated cpu {c} is in the hierarchy"));
+                }
+                if online && !v.running.load(Ordering::Acquire) {
+                    let mut b = lock(&v.base);
+                    let first = b
+                        .first(&self.slots, TimerKind::Pinned)
+                        .min(b.first(&self.slots, TimerKind::Movable));
+                    if first < v.programmed.load(Ordering::SeqCst)
+                        && !v.kick_pending.load(Ordering::SeqCst)
+                    {
+                        return Err(format!(
+                            "halted isolated cpu {c} does not wake for its own timer at {first}"
+                        ));
+                    }
+                }
+                continue;
             }
             if self.policy == Policy::Pull && online {
                 let running = v.running.load(Ordering::Acquire);

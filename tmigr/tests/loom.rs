@@ -165,3 +165,94 @@ fn loom_offline_last_active_cpu() {
             .unwrap();
     });
 }
+
+/// The kernel's "timers/migration: Fix another race between hotplug and
+/// idle entry/exit" (and "Enforce group initialization visibility to tree
+/// walkers"): vCPU 2 is prepared (a new root put above the old one, from
+/// another thread) while vCPU 0, the last active vCPU of the old root, goes
+/// idle and vCPU 1 has an event. The old root's state is reconciled with a
+/// read-modify-write after the publication: without it (a plain load) the
+/// preparing thread can read the old root still active while vCPU 0 read
+/// "no parent", leaving a bogus active bit and migrator in the new root and
+/// nobody on the way to vCPU 1's event. The non-loom twin is
+/// `kernel_fix_hotplug_vs_idle_entry_exit` (src/tests/kernel_fixes.rs).
+#[test]
+fn loom_kernel_fix_hotplug_vs_idle() {
+    builder().check(|| {
+        let h = Arc::new(Hierarchy::new(HierConfig {
+            group_size: 2,
+            nodes: None,
+            max_cpus: 3,
+        }));
+        h.online(0);
+        h.online(1);
+        h.deactivate(1, EVT);
+        let h1 = h.clone();
+        let t = thread::spawn(move || h1.prepare(2).firstexp);
+        let w0 = h.deactivate(0, KTIME_MAX).firstexp;
+        let wp = t.join().unwrap();
+        h.check_invariants(&|c| if c == 1 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[w0, wp], &[]);
+        // vCPU 2 comes online: it is the migrator and sees the event.
+        h.online(2);
+        assert_covered(&h, &[], &[2]);
+    });
+}
+
+/// The same with idle exit: vCPU 1 wakes while vCPU 2 is prepared and vCPU 0
+/// goes idle; the new root must end up with vCPU 1's subtree as migrator.
+#[test]
+fn loom_kernel_fix_hotplug_vs_idle_exit() {
+    builder().check(|| {
+        let h = Arc::new(Hierarchy::new(HierConfig {
+            group_size: 2,
+            nodes: None,
+            max_cpus: 3,
+        }));
+        h.online(0);
+        h.online(1);
+        h.deactivate(1, KTIME_MAX);
+        h.deactivate(0, EVT);
+        let h1 = h.clone();
+        let t = thread::spawn(move || h1.prepare(2).firstexp);
+        h.activate(1);
+        let wp = t.join().unwrap();
+        h.check_invariants(&|c| if c == 0 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[wp], &[1]);
+    });
+}
+
+/// The kernel's "timers/migration: Fix endless timer requeue after idle
+/// interrupts" and the audit's double root wake-up: vCPU 0 idles the root
+/// for vCPU 2's event; vCPU 1 (woken by an interrupt) halts again while
+/// vCPU 0 wakes. Whatever the interleaving, the event is covered (a waking
+/// vCPU, or the migrator vCPU 0) even when vCPU 1 leaves the wake-up to
+/// vCPU 0's stored one; and when vCPU 0 halts again only one of them wakes.
+#[test]
+fn loom_kernel_fix_endless_requeue_after_idle_interrupts() {
+    builder().check(|| {
+        let h = hier(3, 2);
+        h.deactivate(2, EVT);
+        h.deactivate(1, KTIME_MAX);
+        assert_eq!(h.deactivate(0, KTIME_MAX).firstexp, EVT);
+        h.activate(1);
+        let h1 = h.clone();
+        let t = thread::spawn(move || h1.deactivate(1, KTIME_MAX).firstexp);
+        h.activate(0);
+        let w1 = t.join().unwrap();
+        h.check_invariants(&|c| if c == 2 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[w1], &[0]);
+        // vCPU 0 halts again: it or vCPU 1 (by its stored wake-up) wakes.
+        let w0 = h.deactivate(0, KTIME_MAX).firstexp;
+        h.check_invariants(&|c| if c == 2 { EVT } else { KTIME_MAX })
+            .unwrap();
+        assert_covered(&h, &[w0, w1], &[]);
+        assert!(
+            w0 == KTIME_MAX || w1 == KTIME_MAX,
+            "both vCPUs wake for the root: {w0}, {w1}"
+        );
+    });
+}

@@ -38,6 +38,9 @@ impl World {
         let now = self.svc.clock().now_ns();
         for e in out {
             assert!(e.deadline <= now, "early: {e:?} at {now}");
+            if self.svc.is_isolated(cpu) {
+                assert_eq!(e.owner, cpu, "isolated vCPU {cpu} expired {e:?}");
+            }
             if self.svc.policy() != Policy::Pull {
                 assert_eq!(
                     e.owner,
@@ -146,6 +149,10 @@ fn vcpu_thread(w: Arc<World>, cpu: u32, seed: u64) {
 }
 
 fn stress(policy: Policy, millis: u64) {
+    stress_isolated(policy, millis, &[]);
+}
+
+fn stress_isolated(policy: Policy, millis: u64, isolated: &[u32]) {
     let w = Arc::new(World {
         svc: TimerService::new(
             ServiceConfig {
@@ -154,6 +161,7 @@ fn stress(policy: Policy, millis: u64) {
                 group_size: 2,
                 nodes: None,
                 max_cpus: None,
+                isolated: isolated.to_vec(),
             },
             MonotonicClock::new(),
             CPUS,
@@ -225,6 +233,13 @@ fn stress(policy: Policy, millis: u64) {
 #[test]
 fn stress_pull_real_threads() {
     stress(Policy::Pull, 1500);
+}
+
+/// vCPUs 1 and 4 isolated: out of the hierarchy, they expire only their own
+/// timers, and nothing is missed.
+#[test]
+fn stress_pull_isolated_real_threads() {
+    stress_isolated(Policy::Pull, 600, &[1, 4]);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 
 use crate::model::{ops_from_bytes, Op, Sim, SimConfig};
-use crate::service::{Policy, TimerKind};
+use crate::types::{Policy, TimerKind};
 
 fn run_bytes(bytes: &[u8], max_cpus: u32) -> Result<(), TestCaseError> {
     let (cfg, ops) = ops_from_bytes(bytes, max_cpus);
@@ -64,6 +64,7 @@ proptest! {
             group_size: gs,
             nodes: None,
             max_timers: 32,
+            isolated: vec![],
         };
         Sim::run(&cfg, &ops).map_err(|e| TestCaseError::fail(format!("{cfg:?}\n{e}")))?;
     }

@@ -2,7 +2,7 @@
 
 use crate::clock::Clock;
 use crate::model::{Op, Sim, SimConfig};
-use crate::service::{Policy, TimerKind};
+use crate::types::{Policy, TimerKind};
 
 #[test]
 fn regression_offline_then_idle_parent_keeps_event() {
@@ -14,6 +14,7 @@ fn regression_offline_then_idle_parent_keeps_event() {
         group_size: 3,
         nodes: None,
         max_timers: 32,
+        isolated: vec![],
     };
     let ops = [
         Online { cpu: 9 },
@@ -78,7 +79,7 @@ fn hierarchy_grows_levels_for_many_cpus_and_small_capacities() {
             h.online(c);
         }
         assert_eq!(h.levels(), levels, "{n} cpus, group size {gs}");
-        h.check_invariants(&|_| crate::service::KTIME_MAX).unwrap();
+        h.check_invariants(&|_| crate::types::KTIME_MAX).unwrap();
     }
 }
 
@@ -106,5 +107,5 @@ fn nodes_keep_groups_apart_below_crossnode_level() {
             }
         }
     }
-    h.check_invariants(&|_| crate::service::KTIME_MAX).unwrap();
+    h.check_invariants(&|_| crate::types::KTIME_MAX).unwrap();
 }

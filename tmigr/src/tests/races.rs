@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 
 use crate::clock::{Clock, FakeClock};
 use crate::hierarchy::{HierConfig, Hierarchy, Hook, TMIGR_NONE};
-use crate::service::{CpuId, Policy, ServiceConfig, TimerKind, TimerService, KTIME_MAX};
+use crate::service::{ServiceConfig, TimerService};
+use crate::types::{CpuId, Policy, TimerKind, KTIME_MAX};
 
-type Svc = TimerService<Arc<FakeClock>>;
+pub(super) type Svc = TimerService<Arc<FakeClock>>;
 
-fn hier(n: u32, gs: usize) -> Arc<Hierarchy> {
+pub(super) fn hier(n: u32, gs: usize) -> Arc<Hierarchy> {
     let h = Arc::new(Hierarchy::new(HierConfig {
         group_size: gs,
         nodes: None,
@@ -24,7 +25,7 @@ fn hier(n: u32, gs: usize) -> Arc<Hierarchy> {
     h
 }
 
-fn svc(n: u32, gs: usize) -> (Arc<Svc>, Arc<FakeClock>) {
+pub(super) fn svc(n: u32, gs: usize) -> (Arc<Svc>, Arc<FakeClock>) {
     let clock = Arc::new(FakeClock::new(1_000));
     let s = Arc::new(TimerService::new(
         ServiceConfig {
@@ -33,6 +34,7 @@ fn svc(n: u32, gs: usize) -> (Arc<Svc>, Arc<FakeClock>) {
             group_size: gs,
             nodes: None,
             max_cpus: None,
+            isolated: Vec::new(),
         },
         clock.clone(),
         n,
@@ -40,7 +42,7 @@ fn svc(n: u32, gs: usize) -> (Arc<Svc>, Arc<FakeClock>) {
     (s, clock)
 }
 
-fn set_hook_h(
+pub(super) fn set_hook_h(
     h: &Arc<Hierarchy>,
     pred: impl Fn(Hook) -> bool + Send + Sync + 'static,
     f: impl Fn(&Hierarchy) + Send + Sync + 'static,
@@ -58,7 +60,7 @@ fn set_hook_h(
     fired
 }
 
-fn set_hook_s(
+pub(super) fn set_hook_s(
     s: &Arc<Svc>,
     pred: impl Fn(Hook) -> bool + Send + Sync + 'static,
     f: impl Fn(&Svc) + Send + Sync + 'static,
