@@ -19,4 +19,5 @@ pub mod rand;
 pub mod soft_timers;
 pub mod sync;
 pub mod time;
+pub mod timer_abi;
 pub mod vm;
