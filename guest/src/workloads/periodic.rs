@@ -10,7 +10,6 @@
 
 use crate::checks::Book;
 use crate::runtime::arena::{self, Zeroable};
-use crate::runtime::boot;
 use crate::runtime::device::{status, Expired};
 use crate::runtime::rand::Rng;
 use crate::runtime::sync::Published;
@@ -81,8 +80,8 @@ pub fn create(
     max_period: u64,
     flags_of: impl Fn(u32) -> u32,
 ) -> &'static PeriodicSet {
-    let min_period = boot::arg_u64("period_min_us", min_period / US) * US;
-    let max_period = boot::arg_u64("period_max_us", max_period / US) * US;
+    let min_period = super::arg_u64("period_min_us", min_period / US) * US;
+    let max_period = super::arg_u64("period_max_us", max_period / US) * US;
     if min_period == 0 || max_period <= min_period {
         crate::runtime::vm::usage_error(format_args!(
             "guest: need 0 < period_min_us < period_max_us"

@@ -9,13 +9,13 @@ use crate::checks;
 use crate::runtime::device::{Expired, PINNED};
 use crate::runtime::rand::Rng;
 use crate::runtime::time::{self, MS, US};
-use crate::runtime::{boot, vm};
+use crate::runtime::vm;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 static DONE: AtomicU32 = AtomicU32::new(0);
 
 pub fn run(env: &Env) -> ! {
-    let per_cpu = boot::arg_u64("timers", 4) as u32;
+    let per_cpu = super::arg_u64("timers", 4) as u32;
     let mine = env.ids_of(per_cpu, env.cpu);
     if env.cpu == 0 {
         checks::create_book();
