@@ -25,7 +25,7 @@ pub fn run(env: &Env) -> ! {
             let burst_end = now + rng.range(MS, 5 * MS);
             while time::now() < burst_end {
                 if !busy::short_unit() {
-                    crate::fail!("busy work gave a wrong result (unit {})", units);
+                    checks::fail!("busy work gave a wrong result (unit {})", units);
                 }
                 units += 1;
             }

@@ -193,7 +193,7 @@ pub fn on_timer(expired: &Expired) {
 }
 
 fn unexpected(expired: &Expired) {
-    fail!(
+    checks::fail!(
         "unexpected timer {} fired (owner {})",
         expired.id,
         expired.owner

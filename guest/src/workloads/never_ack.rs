@@ -49,7 +49,7 @@ pub fn run(env: &Env) -> ! {
     book.arm(hostile, PINNED, time::now() + MS);
     let limit = env.start + env.duration + 5_000 * MS;
     if !time::poll_until(limit, MS, || DONE.load(Ordering::Acquire)) {
-        crate::fail!("the hostile timer's re-arming never fired after its callback ended");
+        checks::fail!("the hostile timer's re-arming never fired after its callback ended");
     }
     let (timers, fires, skips) = set.stop_and_check();
     super::finish(
@@ -81,7 +81,7 @@ pub fn on_timer(expired: &Expired) {
     } else {
         let stall_end = STALL_END.load(Ordering::Acquire);
         if expired.fired_at < stall_end {
-            crate::fail!(
+            checks::fail!(
                 "the hostile timer's re-arming fired at {} while its previous callback still ran (until {})",
                 expired.fired_at,
                 stall_end

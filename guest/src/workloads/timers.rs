@@ -46,7 +46,7 @@ pub fn run(env: &Env) -> ! {
         }
         let all_done = || mine.clone().all(|id| !book.outstanding(id));
         if !time::wait_until(Some(latest + 500 * MS), all_done) {
-            crate::fail!(
+            checks::fail!(
                 "round {}: timers {:?} did not all fire within 500 ms of their deadlines",
                 rounds,
                 mine
