@@ -121,8 +121,8 @@ impl fmt::Write for TextBuf {
     }
 }
 
-/// Records a failed check: prints it (the first few) and counts it.
-pub fn fail(args: fmt::Arguments) {
+/// Records a failed check: prints it (the first few) and counts it. Called through [`fail!`].
+pub fn record_failure(args: fmt::Arguments) {
     let n = ERRORS.fetch_add(1, Ordering::Relaxed);
     if n == 0 {
         let _ = fmt::Write::write_fmt(&mut *FIRST_ERROR.lock(), args);
@@ -133,10 +133,11 @@ pub fn fail(args: fmt::Arguments) {
     }
 }
 
-#[macro_export]
+/// `checks::fail!("...", ...)`: records a failed check, formatted as `println!` does.
 macro_rules! fail {
-    ($($arg:tt)*) => { $crate::checks::fail(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::checks::record_failure(format_args!($($arg)*)) };
 }
+pub(crate) use fail;
 
 pub fn errors() -> u64 {
     ERRORS.load(Ordering::Relaxed)

@@ -15,7 +15,6 @@
 #[macro_use]
 mod runtime;
 mod arch;
-#[macro_use]
 mod checks;
 mod workloads;
 

@@ -77,11 +77,13 @@ const RFLAGS_USER: u64 = (1 << 9) | 2;
 /// `rax` value that makes a ring-3 `ud2` end in a triple fault (`triple_fault`).
 const TRIPLE_FAULT_MAGIC: u64 = 0x5452_4950_4c45_4621;
 
-// Provided by the layers above (see the module docs); called only from the assembly.
+// Provided by the layers above (see the module docs); called from the assembly, and the doorbell
+// handler also from `run_doorbell_handler`.
 extern "C" {
     /// The ring-3 entry, `guest_main(cpu index, boot info address) -> !`, entered by `iretq`.
     fn guest_main(cpu: u64, info: *const quietvm_abi::boot::BootInfo) -> !;
-    /// The doorbell handler the upcall trampoline calls (with the doorbell unmasked when it rang).
+    /// The doorbell handler the upcall trampoline calls (with the doorbell unmasked when it rang), and
+    /// [`run_doorbell_handler`] (for one that rang masked).
     fn quietvm_doorbell();
 }
 
@@ -125,6 +127,15 @@ pub fn unmask_and_halt() {
     // SAFETY: the #GP stub steps over the hlt and returns here with every register preserved (the upcall
     // saves what the doorbell handler clobbers); memory may change meanwhile, hence no `nomem`.
     unsafe { asm!("hlt", options(nostack)) };
+}
+
+/// Runs the doorbell handler that the layer above provides (`quietvm_doorbell`), as the upcall
+/// trampoline does: for a doorbell that rang while masked, when ring 3 unmasks (`runtime::irq`).
+#[inline(always)]
+pub fn run_doorbell_handler() {
+    // SAFETY: an ordinary ring-3 function without arguments or preconditions (the runtime's doorbell
+    // handler), the same one the upcall trampoline calls.
+    unsafe { quietvm_doorbell() }
 }
 
 #[inline(always)]

@@ -56,16 +56,12 @@ pub fn arg(key: &str) -> Option<&'static str> {
     found
 }
 
-/// A numeric argument (decimal, or hex with `0x`); a malformed one ends the VM with a usage error.
-pub fn arg_u64(key: &str, default: u64) -> u64 {
+/// A numeric argument (decimal, or hex with `0x`), `default` if absent; `Err` with the text if it is
+/// malformed (`workloads::arg_u64` ends the VM with a usage error then).
+pub fn arg_u64(key: &str, default: u64) -> Result<u64, &'static str> {
     match arg(key) {
-        None => default,
-        Some(text) => parse_u64(text).unwrap_or_else(|| {
-            crate::runtime::vm::usage_error(format_args!(
-                "guest: argument {}={} is not a number",
-                key, text
-            ))
-        }),
+        None => Ok(default),
+        Some(text) => parse_u64(text).ok_or(text),
     }
 }
 

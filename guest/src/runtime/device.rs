@@ -10,19 +10,8 @@ use crate::arch;
 use core::ptr::{addr_of, addr_of_mut};
 use quietvm_abi::timer as abi;
 
-/// "No timer" (the `id` of a `POP` when no callback runs).
-pub use abi::NO_TIMER as NONE;
-pub use abi::{FLAG_MOVABLE as MOVABLE, FLAG_PINNED as PINNED};
-
-/// The command numbers (quietvm-abi's `CMD_*`).
-pub mod command {
-    /// The guest agrees to an offline request; returns when the vCPU is back online.
-    pub use quietvm_abi::timer::CMD_OFFLINE_ACK as OFFLINE_ACK;
-    pub use quietvm_abi::timer::{
-        CMD_ACK as ACK, CMD_ARM as ARM, CMD_CANCEL as CANCEL, CMD_CANCEL_SYNC as CANCEL_SYNC,
-        CMD_NOW as NOW, CMD_POP as POP,
-    };
-}
+// The commands, statuses and flags, and what a command answers: shared with the software device.
+pub use super::timer_abi::{command, status, Expired, Reply, MOVABLE, NONE, PINNED};
 
 /// The `control` word of the device page (docs/api.md, vCPU hotplug).
 pub mod control {
@@ -36,47 +25,8 @@ pub mod control {
 /// never writes back a stale value over one quietvm wrote meanwhile.
 const CONTROL_OFFSET: u64 = abi::OFF_CONTROL;
 
-pub mod status {
-    pub use quietvm_abi::timer::{
-        BAD_ACCESS, BAD_ACK, DEADLOCK, EMPTY, INVALID, OK, PAST, RUNNING, UNKNOWN_COMMAND,
-    };
-
-    pub fn name(status: u32) -> &'static str {
-        match status {
-            OK => "OK",
-            EMPTY => "EMPTY",
-            PAST => "PAST",
-            RUNNING => "RUNNING",
-            DEADLOCK => "DEADLOCK",
-            BAD_ACK => "BAD_ACK",
-            INVALID => "INVALID",
-            UNKNOWN_COMMAND => "UNKNOWN_COMMAND",
-            BAD_ACCESS => "BAD_ACCESS",
-            _ => "(unknown status)",
-        }
-    }
-}
-
 /// The first 64 bytes of a device page (the ABI's command block).
 pub use abi::Page;
-
-/// What every command answers.
-#[derive(Clone, Copy, Debug)]
-pub struct Reply {
-    pub status: u32,
-    pub value: u64,
-    pub now: u64,
-}
-
-/// A timer handed over by `POP`: its callback now runs on this vCPU.
-#[derive(Clone, Copy, Debug)]
-pub struct Expired {
-    pub id: u32,
-    /// The vCPU on whose queue it was armed.
-    pub owner: u32,
-    pub deadline: u64,
-    pub fired_at: u64,
-}
 
 fn page() -> *mut Page {
     let info = boot::info();

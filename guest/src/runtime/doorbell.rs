@@ -8,7 +8,8 @@ use super::sync::Published;
 use super::{percpu, time};
 use core::sync::atomic::Ordering;
 
-/// Entry from the upcall trampoline (the doorbell was unmasked when it rang): the symbol arch/ needs.
+/// Entry from the upcall trampoline (the doorbell was unmasked when it rang), and from `irq::unmask`
+/// for one that rang masked (through `arch::run_doorbell_handler`): the symbol arch/ needs.
 #[no_mangle]
 pub extern "C" fn quietvm_doorbell() {
     handle();
@@ -23,7 +24,7 @@ pub fn set_timer_callback(callback: &'static fn(&Expired)) {
 }
 
 /// Runs the callbacks of all expired timers, masked; returns unmasked.
-pub fn handle() {
+fn handle() {
     let cpu = percpu::this();
     // Put back what interrupted code may have been in the middle of (like a signal handler and errno).
     let saved = device::save_page();

@@ -4,10 +4,15 @@
 //! handler. Code that a callback on the same vCPU could also enter (a lock, a device page sequence)
 //! runs masked; callbacks themselves run masked, one at a time.
 //!
+//! The handler is `runtime::doorbell`'s, which stands above this module (locks mask, and the handler's
+//! callbacks take locks): [`unmask`] calls it as the upcall trampoline does, through the symbol that
+//! arch/ names (`arch::run_doorbell_handler`).
+//!
 //! Only this vCPU and its own interrupt stubs touch its flags, so the atomics only have to keep the
 //! compiler from moving memory accesses across them (SeqCst does).
 
-use super::{doorbell, percpu};
+use super::percpu;
+use crate::arch;
 use core::sync::atomic::Ordering;
 
 /// Masks the doorbell on this vCPU; returns true if it was unmasked (for [`restore`]).
@@ -22,7 +27,7 @@ pub fn unmask() {
     let cpu = percpu::this();
     cpu.irq_masked.store(0, Ordering::SeqCst);
     if cpu.irq_pending.load(Ordering::SeqCst) != 0 {
-        doorbell::handle();
+        arch::run_doorbell_handler();
     }
 }
 

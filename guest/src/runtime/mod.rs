@@ -1,6 +1,17 @@
 //! The ring-3 runtime every workload builds on: boot info, console, the timer device client, the
 //! doorbell handler, per-vCPU data, locks, memory, time and randomness; and for `policy=kvm-lapic`
 //! the timer device in software on top of the vCPU's own LAPIC timer (`soft_timers`, `lapic`).
+//!
+//! Its modules import one another in one direction only, layer on layer from the bottom up:
+//! - primitives, on arch/ alone: `boot` (boot info and arguments), `percpu`, `irq` (the software
+//!   interrupt mask), `arena`, `sync` (locks, which mask), `serial`, `rand`, `mem`;
+//! - the timer device: its vocabulary (`timer_abi`), the LAPIC (`lapic`) and the software device on
+//!   it (`soft_timers`), the client (`device`), and going offline on a halt (`hotplug`);
+//! - waiting (`time`), and ending the VM (`vm`, which hands over the software device's report first);
+//! - the doorbell handler (`doorbell`), which runs the sleep timers' callbacks and the workload's.
+//!
+//! `irq::unmask` runs the doorbell handler as the upcall trampoline does, through the symbol that
+//! arch/ names, not by importing `doorbell`.
 
 // First: its print!/println! macros are used by the modules below.
 #[macro_use]
@@ -19,4 +30,5 @@ pub mod rand;
 pub mod soft_timers;
 pub mod sync;
 pub mod time;
+pub mod timer_abi;
 pub mod vm;

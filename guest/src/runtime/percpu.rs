@@ -3,6 +3,7 @@
 //! (the upcall too), and there is no cheaper per-CPU register at ring 3 without ring-0 help.
 
 use super::boot;
+use super::timer_abi::NONE;
 use crate::arch::{self, layout};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -12,7 +13,7 @@ pub struct PerCpu {
     pub irq_masked: AtomicU32,
     /// A doorbell came while masked; set by the ring-0 doorbell stub.
     pub irq_pending: AtomicU32,
-    /// The timer whose callback this vCPU runs now (`device::NONE` between callbacks).
+    /// The timer whose callback this vCPU runs now (`timer_abi::NONE` between callbacks).
     pub running: AtomicU32,
     /// Set by the callback of this vCPU's sleep timer (`time`).
     pub sleep_fired: AtomicBool,
@@ -57,7 +58,5 @@ pub fn this() -> &'static PerCpu {
 }
 
 pub fn init(cpu: u32) {
-    of(cpu)
-        .running
-        .store(super::device::NONE, Ordering::Relaxed);
+    of(cpu).running.store(NONE, Ordering::Relaxed);
 }

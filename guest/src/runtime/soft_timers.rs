@@ -22,8 +22,8 @@
 //! "The timer report").
 
 use super::arena::{self, Zeroable};
-use super::device::{command, status, Expired, Reply, MOVABLE, NONE, PINNED};
 use super::sync::{Published, SpinLock};
+use super::timer_abi::{command, status, Expired, Reply, MOVABLE, NONE, PINNED};
 use super::{boot, irq, lapic};
 use crate::arch;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};

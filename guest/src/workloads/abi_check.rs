@@ -7,6 +7,7 @@
 
 use super::Env;
 use crate::arch;
+use crate::checks;
 use crate::runtime::device::{self, command, status, Expired, Reply, MOVABLE, NONE, PINNED};
 use crate::runtime::doorbell;
 use crate::runtime::time::{self, MS};
@@ -38,7 +39,7 @@ static W_OWNER: AtomicU32 = AtomicU32::new(0);
 fn check(what: &str, ok: bool, got: impl core::fmt::Debug) {
     CHECKS.fetch_add(1, Ordering::Relaxed);
     if !ok {
-        crate::fail!("{}: got {:?}", what, got);
+        checks::fail!("{}: got {:?}", what, got);
     }
 }
 

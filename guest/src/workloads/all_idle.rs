@@ -7,10 +7,10 @@ use super::{periodic, Env};
 use crate::checks;
 use crate::runtime::device::MOVABLE;
 use crate::runtime::time;
-use crate::runtime::{boot, vm};
+use crate::runtime::vm;
 
 pub fn run(env: &Env) -> ! {
-    let per_cpu = boot::arg_u64("timers", 2) as u32;
+    let per_cpu = super::arg_u64("timers", 2) as u32;
     run_halting(env, per_cpu, |_| MOVABLE)
 }
 

@@ -50,7 +50,7 @@ pub fn run(env: &Env) -> ! {
             LOST.fetch_add(1, Ordering::Relaxed);
             // It fired or will: its callback must run (maybe on another vCPU, hence polling).
             if !time::poll_until(deadline + 500 * MS, 200 * US, || !book.outstanding(id)) {
-                crate::fail!(
+                checks::fail!(
                     "timer {}: the cancel answered 0 (fired) but no callback ran within 500 ms",
                     id
                 );

@@ -8,10 +8,9 @@
 //! was armed, and each timer's count for its period (periodic.rs, checks.rs).
 
 use super::{all_idle, Env};
-use crate::runtime::boot;
 use crate::runtime::device::{MOVABLE, PINNED};
 
 pub fn run(env: &Env) -> ! {
-    let per_cpu = 2 * boot::arg_u64("timers", 2) as u32;
+    let per_cpu = 2 * super::arg_u64("timers", 2) as u32;
     all_idle::run_halting(env, per_cpu, |i| if i & 1 == 0 { PINNED } else { MOVABLE })
 }

@@ -9,10 +9,10 @@ use crate::checks;
 use crate::runtime::device::MOVABLE;
 use crate::runtime::rand::Rng;
 use crate::runtime::time::{self, MS};
-use crate::runtime::{boot, vm};
+use crate::runtime::vm;
 
 pub fn run(env: &Env) -> ! {
-    let per_cpu = boot::arg_u64("timers", 2) as u32;
+    let per_cpu = super::arg_u64("timers", 2) as u32;
     let owners = env.vcpus.saturating_sub(1).max(1);
     let ids = env.ids(per_cpu * owners);
     // Timers of vCPU c (c >= 1) are c-1's share; with one vCPU, vCPU 0 has them.
@@ -45,7 +45,7 @@ pub fn run(env: &Env) -> ! {
     let mut units = 0u64;
     while time::now() < end {
         if !busy::work_unit() {
-            crate::fail!("busy work gave a wrong result (unit {})", units);
+            checks::fail!("busy work gave a wrong result (unit {})", units);
         }
         units += 1;
     }

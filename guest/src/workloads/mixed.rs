@@ -8,10 +8,10 @@ use crate::checks;
 use crate::runtime::device::{MOVABLE, PINNED};
 use crate::runtime::rand::Rng;
 use crate::runtime::time::{self, MS};
-use crate::runtime::{boot, vm};
+use crate::runtime::vm;
 
 pub fn run(env: &Env) -> ! {
-    let per_cpu = 2 * boot::arg_u64("timers", 2) as u32;
+    let per_cpu = 2 * super::arg_u64("timers", 2) as u32;
     let set = periodic::start_per_cpu(env, per_cpu, |i| if i & 1 == 0 { PINNED } else { MOVABLE });
     let end = env.start + env.duration;
     let mut units = 0u64;
@@ -25,7 +25,7 @@ pub fn run(env: &Env) -> ! {
             let burst_end = now + rng.range(MS, 5 * MS);
             while time::now() < burst_end {
                 if !busy::short_unit() {
-                    crate::fail!("busy work gave a wrong result (unit {})", units);
+                    checks::fail!("busy work gave a wrong result (unit {})", units);
                 }
                 units += 1;
             }

@@ -62,6 +62,17 @@ impl Env {
     }
 }
 
+/// A numeric launch argument (decimal, or hex with `0x`), `default` if absent; a malformed one ends the
+/// VM with a usage error.
+pub fn arg_u64(key: &str, default: u64) -> u64 {
+    boot::arg_u64(key, default).unwrap_or_else(|text| {
+        vm::usage_error(format_args!(
+            "guest: argument {}={} is not a number",
+            key, text
+        ))
+    })
+}
+
 struct Workload {
     name: &'static str,
     run: fn(&Env) -> !,
@@ -165,8 +176,8 @@ pub fn run(cpu: u32) -> ! {
     let env = Env {
         cpu,
         vcpus: info.vcpus,
-        duration: boot::arg_u64("duration_ms", 1000).saturating_mul(MS),
-        seed: boot::arg_u64("seed", 1),
+        duration: arg_u64("duration_ms", 1000).saturating_mul(MS),
+        seed: arg_u64("seed", 1),
         start: 0,
     };
     let env = Env {
@@ -182,7 +193,7 @@ pub fn on_timer(expired: &Expired) {
 }
 
 fn unexpected(expired: &Expired) {
-    fail!(
+    checks::fail!(
         "unexpected timer {} fired (owner {})",
         expired.id,
         expired.owner

@@ -9,7 +9,7 @@ use crate::checks;
 use crate::runtime::device::{Expired, MOVABLE, PINNED};
 use crate::runtime::rand::Rng;
 use crate::runtime::time::{self, MS};
-use crate::runtime::{boot, vm};
+use crate::runtime::vm;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// H's id: after the periodic timers.
@@ -20,7 +20,7 @@ static STALL_END: AtomicU64 = AtomicU64::new(0);
 static DONE: AtomicBool = AtomicBool::new(false);
 
 pub fn run(env: &Env) -> ! {
-    let per_cpu = boot::arg_u64("timers", 2) as u32;
+    let per_cpu = super::arg_u64("timers", 2) as u32;
     let others = env.vcpus - 1;
     let hostile = per_cpu * others;
     env.ids(hostile + 1);
@@ -49,7 +49,7 @@ pub fn run(env: &Env) -> ! {
     book.arm(hostile, PINNED, time::now() + MS);
     let limit = env.start + env.duration + 5_000 * MS;
     if !time::poll_until(limit, MS, || DONE.load(Ordering::Acquire)) {
-        crate::fail!("the hostile timer's re-arming never fired after its callback ended");
+        checks::fail!("the hostile timer's re-arming never fired after its callback ended");
     }
     let (timers, fires, skips) = set.stop_and_check();
     super::finish(
@@ -81,7 +81,7 @@ pub fn on_timer(expired: &Expired) {
     } else {
         let stall_end = STALL_END.load(Ordering::Acquire);
         if expired.fired_at < stall_end {
-            crate::fail!(
+            checks::fail!(
                 "the hostile timer's re-arming fired at {} while its previous callback still ran (until {})",
                 expired.fired_at,
                 stall_end

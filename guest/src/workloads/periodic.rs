@@ -8,13 +8,13 @@
 //! N - 1 - skips - lost <= fired <= N + 1. An arming already due at T but still pending when it is
 //! cancelled was late, not lost by quietvm: its periods up to T count as lost too.
 
-use crate::checks::Book;
+use crate::checks::{self, Book};
 use crate::runtime::arena::{self, Zeroable};
-use crate::runtime::boot;
 use crate::runtime::device::{status, Expired};
 use crate::runtime::rand::Rng;
 use crate::runtime::sync::Published;
 use crate::runtime::time::{self, US};
+use crate::runtime::vm;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 pub struct Periodic {
@@ -81,10 +81,10 @@ pub fn create(
     max_period: u64,
     flags_of: impl Fn(u32) -> u32,
 ) -> &'static PeriodicSet {
-    let min_period = boot::arg_u64("period_min_us", min_period / US) * US;
-    let max_period = boot::arg_u64("period_max_us", max_period / US) * US;
+    let min_period = super::arg_u64("period_min_us", min_period / US) * US;
+    let max_period = super::arg_u64("period_max_us", max_period / US) * US;
     if min_period == 0 || max_period <= min_period {
-        crate::runtime::vm::usage_error(format_args!(
+        vm::usage_error(format_args!(
             "guest: need 0 < period_min_us < period_max_us"
         ));
     }
@@ -116,7 +116,7 @@ pub fn set() -> &'static PeriodicSet {
 /// The workload callback for a set's timers.
 pub fn on_timer(expired: &Expired) {
     if !set().on_timer(expired) {
-        crate::fail!("timer {} is not one of the periodic timers", expired.id);
+        checks::fail!("timer {} is not one of the periodic timers", expired.id);
     }
 }
 
@@ -212,7 +212,7 @@ impl PeriodicSet {
             let n = stop.saturating_sub(t0) / period;
             let low = n.saturating_sub(1 + skipped + lost);
             if fired < low || fired > n + 1 {
-                crate::fail!(
+                checks::fail!(
                     "periodic timer {} (period {} us, {} skips losing {} periods) fired {} times in {} us, expected {}..={}",
                     id,
                     period / US,

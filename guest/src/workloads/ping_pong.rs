@@ -54,7 +54,7 @@ pub fn run(env: &Env) -> ! {
         if !time::poll_until(deadline + 500 * MS, 200 * US, || {
             state.expired[cpu].load(Ordering::Acquire)
         }) {
-            crate::fail!(
+            checks::fail!(
                 "timer {} (deadline {}) did not fire within 500 ms",
                 id,
                 deadline

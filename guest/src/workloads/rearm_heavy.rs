@@ -11,7 +11,7 @@ use crate::runtime::device::{Expired, MOVABLE, PINNED};
 use crate::runtime::rand::{self, Rng};
 use crate::runtime::sync::Published;
 use crate::runtime::time::{self, MS};
-use crate::runtime::{boot, percpu, vm};
+use crate::runtime::{percpu, vm};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 struct State {
@@ -33,7 +33,7 @@ fn flags_of(id: u32) -> u32 {
 }
 
 pub fn run(env: &Env) -> ! {
-    let set_size = (boot::arg_u64("timers", 8) as u32).max(5);
+    let set_size = (super::arg_u64("timers", 8) as u32).max(5);
     let mine = env.ids_of(set_size, env.cpu);
     if env.cpu == 0 {
         let book = checks::create_book();

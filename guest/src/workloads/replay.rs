@@ -128,7 +128,7 @@ pub fn run(env: &Env) -> ! {
         until(idle, at);
         let (kind, flags, id) = (op[6], op[7], u32_at(op, 8));
         if (kind == ARM || kind == CANCEL) && !ids.contains(&id) {
-            crate::fail!("replay: timer id {} beyond the header's {}", id, t.timers);
+            checks::fail!("replay: timer id {} beyond the header's {}", id, t.timers);
             continue;
         }
         match kind {
@@ -148,7 +148,7 @@ pub fn run(env: &Env) -> ! {
             CANCEL => {
                 book.cancel(id);
             }
-            k => crate::fail!("replay: unknown operation kind {}", k),
+            k => checks::fail!("replay: unknown operation kind {}", k),
         }
         done += 1;
     }

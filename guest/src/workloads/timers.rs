@@ -9,13 +9,13 @@ use crate::checks;
 use crate::runtime::device::{Expired, PINNED};
 use crate::runtime::rand::Rng;
 use crate::runtime::time::{self, MS, US};
-use crate::runtime::{boot, vm};
+use crate::runtime::vm;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 static DONE: AtomicU32 = AtomicU32::new(0);
 
 pub fn run(env: &Env) -> ! {
-    let per_cpu = boot::arg_u64("timers", 4) as u32;
+    let per_cpu = super::arg_u64("timers", 4) as u32;
     let mine = env.ids_of(per_cpu, env.cpu);
     if env.cpu == 0 {
         checks::create_book();
@@ -46,7 +46,7 @@ pub fn run(env: &Env) -> ! {
         }
         let all_done = || mine.clone().all(|id| !book.outstanding(id));
         if !time::wait_until(Some(latest + 500 * MS), all_done) {
-            crate::fail!(
+            checks::fail!(
                 "round {}: timers {:?} did not all fire within 500 ms of their deadlines",
                 rounds,
                 mine
