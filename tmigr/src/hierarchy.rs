@@ -256,6 +256,7 @@ struct HierStats {
     new_timer_walks: StatCounter,
     remote_cpu_handled: StatCounter,
     remote_backoffs: StatCounter,
+    cross_node_below_crossnode: StatCounter,
 }
 
 /// A snapshot of the hierarchy counters.
@@ -275,6 +276,10 @@ pub struct HierStatsSnapshot {
     pub remote_cpu_handled: u64,
     /// `handle_remote_cpu` calls that backed off (owner woke, offline, or already remote).
     pub remote_backoffs: u64,
+    /// Events of another node's vCPU that a migrator took from a group below the crossnode level
+    /// (must be 0: such groups hold one node's vCPUs; "timers/migration: Fix imbalanced NUMA
+    /// trees").
+    pub cross_node_below_crossnode: u64,
 }
 
 /// What a migrator needs from the timer bases to expire an idle cpu's timers
@@ -450,6 +455,7 @@ impl Hierarchy {
             cas_retries: s.cas_retries.get(),
             new_timer_walks: s.new_timer_walks.get(),
             remote_cpu_handled: s.remote_cpu_handled.get(),
+            cross_node_below_crossnode: s.cross_node_below_crossnode.get(),
             remote_backoffs: s.remote_backoffs.get(),
         }
     }
@@ -1072,6 +1078,10 @@ impl Hierarchy {
             };
             match evt {
                 Some(e) => {
+                    let level = self.groups[g as usize].level.load(Ordering::Relaxed) as usize;
+                    if level < self.crossnode_level && self.node_of(e.cpu) != self.node_of(cpu) {
+                        self.stats.cross_node_below_crossnode.add(1);
+                    }
                     if self.handle_remote_cpu(e.cpu, now, cpu, rx) {
                         handled += 1;
                     }

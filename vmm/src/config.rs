@@ -105,6 +105,9 @@ pub struct VmConfig {
     /// The NUMA node of each vCPU (`vcpu_nodes[i]`), from `vcpu-nodes` or `numa-nodes`; empty: one
     /// node. Hierarchy groups below the cross-node level hold one node's vCPUs.
     pub vcpu_nodes: Vec<u32>,
+    /// Children per hierarchy group (2..=8; the kernel's 8). Smaller groups build deeper trees from
+    /// few vCPUs, to try hierarchy shapes on KVM.
+    pub hierarchy_group_size: u32,
 }
 
 impl Default for VmConfig {
@@ -124,6 +127,7 @@ impl Default for VmConfig {
             payload: None,
             isolated_vcpus: Vec::new(),
             vcpu_nodes: Vec::new(),
+            hierarchy_group_size: 8,
         }
     }
 }
@@ -163,6 +167,8 @@ pub enum ConfigError {
     BadNodeCount(usize, u32),
     #[error("NUMA node {0} is out of range (at most {max})", max = MAX_NUMA_NODES - 1)]
     BadNode(u32),
+    #[error("hierarchy-group-size must be 2..=8, not {0}")]
+    BadGroupSize(u32),
 }
 
 /// The most NUMA nodes a VM may have.
@@ -277,6 +283,8 @@ impl VmConfig {
             numa_nodes: Option<u32>,
             #[serde(alias = "vcpu_nodes")]
             vcpu_nodes: Option<Vec<u32>>,
+            #[serde(alias = "hierarchy_group_size")]
+            hierarchy_group_size: Option<u32>,
         }
         let p: Partial = toml::from_str(text).map_err(|e| e.message().to_string())?;
         let d = VmConfig::default();
@@ -309,6 +317,7 @@ impl VmConfig {
                 None => Vec::new(),
             },
             vcpu_nodes,
+            hierarchy_group_size: p.hierarchy_group_size.unwrap_or(d.hierarchy_group_size),
         })
     }
 
@@ -343,6 +352,9 @@ impl VmConfig {
         }
         if !(2..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::BadMemory);
+        }
+        if !(2..=8).contains(&self.hierarchy_group_size) {
+            return Err(ConfigError::BadGroupSize(self.hierarchy_group_size));
         }
         if let Some(&bad) = self.isolated_vcpus.iter().find(|&&c| c >= self.vcpus) {
             return Err(ConfigError::BadIsolated(bad, self.vcpus));

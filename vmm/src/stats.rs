@@ -89,6 +89,14 @@ pub struct TimerStats {
     /// Expiries held back because the timer's previous callback was still running.
     pub serialized: u64,
     pub lateness_ns: Lateness,
+    /// Another NUMA node's timers taken by a migrator below the hierarchy's cross-node level (must be
+    /// 0; always 0 with one node).
+    #[serde(default)]
+    pub cross_node_below_crossnode: u64,
+    /// The hierarchy's invariants checked when the VM ended: "ok", or what is broken ("" where
+    /// quietvm keeps no hierarchy: `kvm-lapic`, and live figures).
+    #[serde(default)]
+    pub hierarchy_check: String,
 }
 
 /// Everything quietvm reports about one run.

@@ -41,6 +41,10 @@ pub struct SimulateArgs {
     /// exit cost, plus one per callback it runs, before it halts again.
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     pub exit_cost_us: f64,
+    /// vCPUs kept out of the hierarchy, e.g. `0-63` (as `quietvm run --isolated-vcpus`): they never
+    /// expire another vCPU's timer; checked.
+    #[arg(long, value_name = "LIST")]
+    pub isolated_vcpus: Option<String>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -88,6 +92,10 @@ impl SimulateArgs {
         cfg.wake_latency_ns = micros("--wake-latency-us", self.wake_latency_us)?;
         cfg.exit_cost_ns = micros("--exit-cost-us", self.exit_cost_us)?;
         cfg.progress = !self.quiet;
+        if let Some(list) = &self.isolated_vcpus {
+            cfg.isolated = quietvm_vmm::config::parse_cpu_list(list, super::MAX_VCPUS)
+                .map_err(SimError::IsolatedList)?;
+        }
         cfg.validate()?;
         Ok((policies, cfg))
     }

@@ -105,6 +105,9 @@ pub struct SimConfig {
     pub check_every: u64,
     /// Print a progress line on stderr.
     pub progress: bool,
+    /// vCPUs kept out of the hierarchy (tmigr's `ServiceConfig::isolated`): they never expire
+    /// another vCPU's timer.
+    pub isolated: Vec<CpuId>,
 }
 
 impl SimConfig {
@@ -121,6 +124,7 @@ impl SimConfig {
             exit_cost_ns: 5_000,
             check_every: 0,
             progress: false,
+            isolated: Vec::new(),
         }
     }
 
@@ -143,6 +147,9 @@ impl SimConfig {
         if self.wake_latency_ns > MAX_COST_NS || self.exit_cost_ns > MAX_COST_NS {
             return Err(SimError::Costs);
         }
+        if let Some(&c) = self.isolated.iter().find(|&&c| c >= self.vcpus) {
+            return Err(SimError::Isolated(c, self.vcpus));
+        }
         Ok(())
     }
 }
@@ -162,6 +169,10 @@ pub enum SimError {
     },
     #[error("--wake-latency-us and --exit-cost-us must be at most 1 s")]
     Costs,
+    #[error("isolated vCPU {0} does not exist (the simulation has {1})")]
+    Isolated(CpuId, u32),
+    #[error("--isolated-vcpus: {0}")]
+    IsolatedList(String),
     #[error("{flag} must be 0..=1000000, not {value}")]
     Micros { flag: &'static str, value: f64 },
     #[error("unknown policy `{0}` (local, push, pull or all)")]
@@ -340,6 +351,7 @@ impl<'a> Engine<'a> {
             ServiceConfig {
                 policy,
                 max_timers: wl.max_timers(),
+                isolated: cfg.isolated.clone(),
                 ..ServiceConfig::default()
             },
             FakeClock::new(0),
@@ -718,6 +730,9 @@ impl<'a> Engine<'a> {
             }
             if armed_by != cpu {
                 self.timers.remote_expiries += 1;
+                if self.svc.is_isolated(cpu) {
+                    self.timers.isolated_remote_expiries += 1;
+                }
             }
             if self.last_expiry_instant != self.now {
                 self.last_expiry_instant = self.now;

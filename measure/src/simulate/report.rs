@@ -23,6 +23,8 @@ pub struct TimerFigures {
     pub remote_expiries: u64,
     /// Fired before their deadline (must be 0).
     pub early: u64,
+    /// Of `remote_expiries`, those run on an isolated vCPU (must be 0).
+    pub isolated_remote_expiries: u64,
     /// Still pending at the end although due long before it (must be 0).
     pub missed: u64,
     /// Expiries of a timer that was not pending with that deadline: cancelled, replaced, or fired
@@ -96,6 +98,10 @@ impl PolicyReport {
         let mut f = Vec::new();
         for (n, what) in [
             (t.early, "early"),
+            (
+                t.isolated_remote_expiries,
+                "other vCPUs' timers expired on isolated vCPUs",
+            ),
             (t.missed, "missed"),
             (t.bogus, "bogus expiries"),
             (t.api_mismatches, "arm/cancel mismatches"),

@@ -36,6 +36,9 @@ pub(crate) trait HotplugDevice {
     fn request_offline(&self, cpu: u32);
     /// Withdraws an unacknowledged request; `false` if the guest acknowledged meanwhile.
     fn withdraw_offline(&self, cpu: u32) -> bool;
+    /// Sets up the hierarchy's groups for a vCPU about to come online, on the caller's thread (the
+    /// kernel's hotplug "prepare" step), before the vCPU's own thread runs again.
+    fn prepare_online(&self, cpu: u32);
 }
 
 /// A running VM, for the API and the event loop.
@@ -188,6 +191,9 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
         let c = &self.shared.control[i];
         if c.is_online() {
             return Err(format!("vCPU {vcpu} is already online"));
+        }
+        if let Some(device) = self.shared.device.hotplug() {
+            device.prepare_online(vcpu);
         }
         c.wanted_online.store(true, Ordering::Release);
         self.shared.kicks.kick(vcpu, KickReasons::CONTROL);

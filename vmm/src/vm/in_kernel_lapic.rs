@@ -270,6 +270,7 @@ impl GuestReport {
             remote_expiries: u64_at(base + at::REMOTE_EXPIRIES)?,
             serialized: u64_at(base + at::SERIALIZED)?,
             lateness_ns: lateness.summary(),
+            ..TimerStats::default()
         };
         Ok(GuestReport { timers, per_vcpu })
     }

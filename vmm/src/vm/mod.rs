@@ -649,6 +649,10 @@ impl control::HotplugDevice for TimerDevice<GuestClock> {
     fn withdraw_offline(&self, cpu: u32) -> bool {
         TimerDevice::withdraw_offline(self, cpu)
     }
+
+    fn prepare_online(&self, cpu: u32) {
+        TimerDevice::prepare_online(self, cpu)
+    }
 }
 
 /// Runs one VM to its end and returns its statistics. `Err` means the VM could not be run at all.
@@ -685,9 +689,10 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         ServiceConfig {
             policy,
             max_timers: cfg.max_timers,
-            group_size: 8,
-            nodes: None,
+            group_size: cfg.hierarchy_group_size as usize,
+            nodes: (!cfg.vcpu_nodes.is_empty()).then(|| cfg.vcpu_nodes.clone()),
             max_cpus: Some(cfg.vcpus),
+            isolated: cfg.isolated_vcpus.clone(),
         },
         clock,
         cfg.vcpus,
@@ -712,6 +717,10 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
     for v in &mut ended.vcpus {
         ModeParts::vcpu_timer_counts(&shared.device, v);
     }
-    let timers = shared.device.timer_stats(ended.ended_at);
+    let mut timers = shared.device.timer_stats(ended.ended_at);
+    timers.hierarchy_check = shared.device.check_hierarchy();
+    if timers.hierarchy_check != "ok" {
+        log::error!("timer hierarchy: {}", timers.hierarchy_check);
+    }
     Ok(vm_stats(cfg, ended, timers))
 }

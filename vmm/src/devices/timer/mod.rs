@@ -431,7 +431,7 @@ impl<C: Clock> TimerDevice<C> {
                 abi::CMD_POP => self.pop(&mut st, port, now),
                 abi::CMD_ACK => {
                     let id = self.read_u32(cpu, abi::OFF_ID);
-                    (Self::end_callback(&mut st, port, id), 0)
+                    (Self::end_callback(&self.service, &mut st, port, id), 0)
                 }
                 abi::CMD_OFFLINE_ACK => {
                     let side = &st.vcpus[cpu as usize];
@@ -470,7 +470,8 @@ impl<C: Clock> TimerDevice<C> {
     pub fn go_offline(&self, port: &mut VcpuPort) {
         let cpu = port.cpu;
         let forced_active = self.service.vcpu_offline(cpu);
-        let to = forced_active.unwrap_or_else(|| self.handoff_target(cpu));
+        // Never an isolated vCPU while another can take them (tmigr's `handoff_target`).
+        let to = forced_active.unwrap_or_else(|| self.service.handoff_target(cpu));
         if let Some(o) = forced_active {
             // Also in the service's kick list; named here so the hand-off is explicit.
             port.kicks.push((o, KickReasons::HIERARCHY));
@@ -492,13 +493,17 @@ impl<C: Clock> TimerDevice<C> {
         self.send_kicks(port);
     }
 
-    /// The vCPU that takes over an offlined vCPU's delivery queue when the service names none: the
-    /// lowest-numbered other online vCPU (vCPU 0 never goes offline).
-    fn handoff_target(&self, from: CpuId) -> CpuId {
-        let st = self.lock();
-        (0..st.vcpus.len() as CpuId)
-            .find(|&c| c != from && st.vcpus[c as usize].online)
-            .unwrap_or(from)
+    /// Sets up the hierarchy for vCPU `cpu` before it comes online, on the calling thread (the control
+    /// plane's), so the vCPU's own thread does not build groups when it runs again (the kernel moved
+    /// this into its hotplug prepare step: "timers/migration: Move hierarchy setup into cpuhotplug
+    /// prepare callback").
+    pub fn prepare_online(&self, cpu: CpuId) {
+        self.service.vcpu_prepare(cpu);
+        let mut kicks = Vec::new();
+        self.service.take_kicks(&mut kicks);
+        for c in kicks {
+            self.kicker.kick(c, KickReasons::HIERARCHY);
+        }
     }
 
     /// The vCPU comes back (`vcpu-online`): it rejoins the service (the hierarchy grows if needed). A
@@ -561,6 +566,17 @@ impl<C: Clock> TimerDevice<C> {
             remote_expiries: st.remote_expiries,
             serialized: st.serialized,
             lateness_ns: st.lateness.summary(),
+            cross_node_below_crossnode: self.service.hierarchy().stats().cross_node_below_crossnode,
+            hierarchy_check: String::new(),
+        }
+    }
+
+    /// Checks the timer service's invariants (tmigr's `check_invariants`); for a VM whose vCPU threads
+    /// have all ended, when nothing moves. "ok", or what is broken.
+    pub fn check_hierarchy(&self) -> String {
+        match self.service.check_invariants() {
+            Ok(()) => "ok".into(),
+            Err(e) => e,
         }
     }
 
@@ -654,7 +670,12 @@ impl<C: Clock> TimerDevice<C> {
     }
 
     /// Ends the callback the port's vCPU runs, if `id` names it; releases an expiry held back for it.
-    fn end_callback(st: &mut DeviceState, port: &mut VcpuPort, id: TimerId) -> u32 {
+    fn end_callback(
+        service: &TimerService<C>,
+        st: &mut DeviceState,
+        port: &mut VcpuPort,
+        id: TimerId,
+    ) -> u32 {
         let cpu = port.cpu;
         let side = &mut st.vcpus[cpu as usize];
         match side.in_flight {
@@ -664,12 +685,18 @@ impl<C: Clock> TimerDevice<C> {
                 slot.running_on = None;
                 if let Some(e) = slot.held.take() {
                     // A pinned timer fires on its owner (if that is still online); a movable one
-                    // right here, on a running vCPU.
-                    let target = if e.kind == TimerKind::Pinned && st.vcpus[e.owner as usize].online
-                    {
+                    // right here, on a running vCPU, unless this vCPU is isolated and the timer is
+                    // another's: an isolated vCPU never runs another vCPU's callback, so it goes to
+                    // its owner, or where the owner's timers went if it is offline.
+                    let owner_online = st.vcpus[e.owner as usize].online;
+                    let target = if e.kind == TimerKind::Pinned && owner_online {
+                        e.owner
+                    } else if e.owner == cpu || !service.is_isolated(cpu) {
+                        cpu
+                    } else if owner_online {
                         e.owner
                     } else {
-                        cpu
+                        service.handoff_target(e.owner)
                     };
                     Self::enqueue(st, target, e);
                     port.kicks.push((target, KickReasons::DELIVERY));
@@ -689,7 +716,7 @@ impl<C: Clock> TimerDevice<C> {
     fn pop(&self, st: &mut DeviceState, port: &mut VcpuPort, now: u64) -> (u32, u64) {
         let cpu = port.cpu;
         let ack = self.read_u32(cpu, abi::OFF_ID);
-        let status = Self::end_callback(st, port, ack);
+        let status = Self::end_callback(&self.service, st, port, ack);
         if status != abi::OK {
             return (status, 0);
         }
