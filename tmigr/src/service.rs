@@ -14,9 +14,18 @@
 //!   [`TimerService::expire`] and [`TimerService::next_event`] as on any exit.
 //!   A vCPU woken at its root wake-up activates and, as the migrator, expires
 //!   the idle vCPUs' due movable timers.
+//! * **Hotplug**: before a vCPU's thread starts (boot or plug), any thread
+//!   may call [`TimerService::vcpu_prepare`] (else `vcpu_online` sets the
+//!   vCPU up on its own thread); the vCPU's thread then calls
+//!   [`TimerService::vcpu_online`]. A leaving vCPU calls
+//!   [`TimerService::vcpu_offline`]; whatever else it hands on (pending
+//!   deliveries) goes to [`TimerService::handoff_target`] (the rule
+//!   `vcpu_offline` applies to its timers: never an isolated vCPU while a
+//!   non-isolated one is online).
 //! * **Kicks**: after any call that mutates (`arm`, `cancel`, `vcpu_halt`,
-//!   `vcpu_run`, `expire`, `vcpu_online`, `vcpu_offline`), some thread calls
-//!   [`TimerService::take_kicks`] and kicks every vCPU it returns: a running one
+//!   `vcpu_run`, `expire`, `vcpu_prepare`, `vcpu_online`, `vcpu_offline`),
+//!   some thread calls [`TimerService::take_kicks`] and kicks every vCPU it
+//!   returns: a running one
 //!   is forced out of guest mode (then `expire` + `next_event`), a halted one is
 //!   woken (then `vcpu_run` + `expire` + `next_event`). Kicks are idempotent
 //!   and may be spurious; they are never lost: a vCPU is returned by
