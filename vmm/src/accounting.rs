@@ -217,7 +217,9 @@ pub struct Lateness {
     pub p99: u64,
     pub max: u64,
     /// `[upper_bound_ns, count]` pairs: bucket `i` counts samples in `(bound[i-1], bound[i]]`, with
-    /// bounds 1 us, 2 us, 4 us, ... (doubling); empty buckets at the top are left out.
+    /// bounds 1 us, 2 us, 4 us, ... (doubling); empty buckets at the top are left out. Recorded in
+    /// constant memory, each bound is known to 1% (a sample within 1% above a bound may count below
+    /// it).
     #[serde(default)]
     pub histogram: Vec<[u64; 2]>,
 }
@@ -304,17 +306,18 @@ impl LatenessRecorder {
         if self.hist.is_empty() {
             return Lateness::default();
         }
-        let mut histogram: Vec<[u64; 2]> = Vec::new();
-        let mut bound = 1_000u64;
-        let mut counted = 0u64;
-        while counted < self.hist.len() {
-            let upto = self.hist.count_between(0, bound);
-            histogram.push([bound, upto - counted]);
-            counted = upto;
-            if bound >= LATENESS_MAX_NS {
-                break;
+        // One pass over the recorded values, each into its doubling bucket.
+        let mut histogram: Vec<[u64; 2]> = vec![[1_000, 0]];
+        for v in self.hist.iter_recorded() {
+            let value = self.hist.highest_equivalent(v.value_iterated_to());
+            while value > histogram[histogram.len() - 1][0]
+                && histogram[histogram.len() - 1][0] < LATENESS_MAX_NS
+            {
+                let bound = histogram[histogram.len() - 1][0].saturating_mul(2);
+                histogram.push([bound, 0]);
             }
-            bound = bound.saturating_mul(2);
+            let last = histogram.len() - 1;
+            histogram[last][1] += v.count_at_value();
         }
         Lateness {
             p50: self.rank(0.50),

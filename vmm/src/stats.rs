@@ -49,6 +49,46 @@ impl VcpuStats {
         }
     }
 
+    /// Makes `self` equal to `other`, reusing `self`'s maps: no allocation once both have the same
+    /// keys (a vCPU thread publishes its figures this way at every halt).
+    pub fn copy_counts_from(&mut self, other: &VcpuStats) {
+        fn copy_map(to: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+            if to.len() > from.len() || from.keys().any(|k| !to.contains_key(k)) {
+                to.clone_from(from);
+                return;
+            }
+            for (k, v) in from {
+                if let Some(x) = to.get_mut(k) {
+                    *x = *v;
+                }
+            }
+        }
+        let VcpuStats {
+            index,
+            tid,
+            halts,
+            host_wakeups,
+            wakeup_causes,
+            kernel_voluntary_switches,
+            kernel_cpu_ns,
+            kernel_timeslices,
+            exits,
+            timers_fired,
+            remote_expiries,
+        } = other;
+        self.index = *index;
+        self.tid = *tid;
+        self.halts = *halts;
+        self.host_wakeups = *host_wakeups;
+        copy_map(&mut self.wakeup_causes, wakeup_causes);
+        self.kernel_voluntary_switches = *kernel_voluntary_switches;
+        self.kernel_cpu_ns = *kernel_cpu_ns;
+        self.kernel_timeslices = *kernel_timeslices;
+        copy_map(&mut self.exits, exits);
+        self.timers_fired = *timers_fired;
+        self.remote_expiries = *remote_expiries;
+    }
+
     pub fn count_exit(&mut self, kind: &'static str) {
         match self.exits.get_mut(kind) {
             Some(n) => *n += 1,
@@ -265,6 +305,21 @@ mod tests {
             vec![[1000, 1], [2000, 2], [4000, 0], [8000, 1]]
         );
         assert_eq!(of(&[]), Lateness::default());
+    }
+
+    #[test]
+    fn copying_counts_gives_an_equal_copy() {
+        let mut a = VcpuStats::new(3);
+        a.count_exit("hlt");
+        a.count_wakeup(WakeupCause::Spurious);
+        a.halts = 7;
+        let mut b = VcpuStats::new(3);
+        b.copy_counts_from(&a);
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        a.count_exit("hlt");
+        a.count_exit("io_timer");
+        b.copy_counts_from(&a);
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
     }
 
     #[test]

@@ -24,8 +24,8 @@ const ACT_WITHIN: Duration = Duration::from_secs(2);
 pub(crate) trait ModeParts: Send + Sync + 'static {
     /// The timer figures so far, with `missed` counted at `now`.
     fn live_timers(&self, now: u64) -> TimerStats;
-    /// Fills in `vcpu`'s timer counts (callbacks handed to it, remote expiries) so far.
-    fn vcpu_timer_counts(&self, vcpu: &mut VcpuStats);
+    /// Fills in each vCPU's timer counts (callbacks handed to it, remote expiries) so far.
+    fn vcpu_timer_counts(&self, vcpus: &mut [VcpuStats]);
     /// The hotplug side of the timer device; `None` where the mode has no device (kvm-lapic).
     fn hotplug(&self) -> Option<&dyn HotplugDevice>;
 }
@@ -70,8 +70,7 @@ impl<D: ModeParts> VmHandle<D> {
             process_system_ns: system,
             vcpus: {
                 let mut v = self.shared.live_vcpu_stats();
-                v.iter_mut()
-                    .for_each(|s| self.shared.device.vcpu_timer_counts(s));
+                self.shared.device.vcpu_timer_counts(&mut v);
                 v
             },
             timers: self.shared.device.live_timers(now),

@@ -42,7 +42,7 @@ impl super::control::ModeParts for LapicVm {
     }
 
     /// Likewise per vCPU: the counts arrive with the report.
-    fn vcpu_timer_counts(&self, _vcpu: &mut VcpuStats) {}
+    fn vcpu_timer_counts(&self, _vcpus: &mut [VcpuStats]) {}
 
     fn hotplug(&self) -> Option<&dyn super::control::HotplugDevice> {
         None

@@ -160,6 +160,10 @@ pub enum VcpuRunState {
     Parked = 3,
     /// Taken offline at its guest's `OFFLINE_ACK`, parked until `vcpu-online`.
     Offline = 4,
+    /// Between two of the states above, changing the timer service on its way: a vCPU started with
+    /// `--vcpus-online` before it parks, or one leaving its park for `vcpu-online`. Neither online
+    /// nor parked, so neither a pause nor a hotplug request counts it as done.
+    Changing = 5,
 }
 
 impl VcpuRunState {
@@ -169,6 +173,7 @@ impl VcpuRunState {
             2 => VcpuRunState::Paused,
             3 => VcpuRunState::Parked,
             4 => VcpuRunState::Offline,
+            5 => VcpuRunState::Changing,
             _ => VcpuRunState::Running,
         }
     }
@@ -182,10 +187,16 @@ pub(crate) struct VcpuControl {
 }
 
 impl VcpuControl {
-    fn new(state: VcpuRunState) -> Self {
+    /// A vCPU that starts running (`online`), or that starts parked until `vcpu-online`.
+    fn new(online: bool) -> Self {
+        let state = if online {
+            VcpuRunState::Running
+        } else {
+            VcpuRunState::Changing
+        };
         VcpuControl {
             state: AtomicU8::new(state as u8),
-            wanted_online: AtomicBool::new(state != VcpuRunState::Parked),
+            wanted_online: AtomicBool::new(online),
         }
     }
 
@@ -198,9 +209,12 @@ impl VcpuControl {
         self.state.store(state as u8, Ordering::Release);
     }
 
-    /// The vCPU runs guest code (it is neither offline nor waiting parked for its first start).
+    /// The vCPU runs guest code (it is not offline, parked, or on its way between the two).
     pub(crate) fn is_online(&self) -> bool {
-        !matches!(self.state(), VcpuRunState::Parked | VcpuRunState::Offline)
+        matches!(
+            self.state(),
+            VcpuRunState::Running | VcpuRunState::Halted | VcpuRunState::Paused
+        )
     }
 
     /// The thread is out of the guest and parked (paused, offline, or not started yet).
@@ -238,13 +252,7 @@ impl<D> VmShared<D> {
                 })
                 .collect(),
             control: (0..vcpus)
-                .map(|i| {
-                    VcpuControl::new(if i < vcpus_online {
-                        VcpuRunState::Running
-                    } else {
-                        VcpuRunState::Parked
-                    })
-                })
+                .map(|i| VcpuControl::new(i < vcpus_online))
                 .collect(),
             paused: AtomicBool::new(false),
             finished: AtomicU32::new(0),
@@ -256,7 +264,7 @@ impl<D> VmShared<D> {
         self.live[stats.index as usize]
             .lock()
             .stats
-            .clone_from(stats);
+            .copy_counts_from(stats);
     }
 
     /// Every vCPU's figures now, with the kernel's counters read now for threads still running.
@@ -631,9 +639,12 @@ impl ModeParts for TimerDevice<GuestClock> {
         self.timer_stats(now)
     }
 
-    fn vcpu_timer_counts(&self, vcpu: &mut VcpuStats) {
-        (vcpu.timers_fired, vcpu.remote_expiries) =
-            TimerDevice::vcpu_timer_counts(self, vcpu.index);
+    fn vcpu_timer_counts(&self, vcpus: &mut [VcpuStats]) {
+        self.each_vcpu_timer_counts(|cpu, fired, remote| {
+            if let Some(v) = vcpus.get_mut(cpu as usize).filter(|v| v.index == cpu) {
+                (v.timers_fired, v.remote_expiries) = (fired, remote);
+            }
+        });
     }
 
     fn hotplug(&self) -> Option<&dyn control::HotplugDevice> {
@@ -714,9 +725,7 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
     )?);
     let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, VcpuThread::run)?;
 
-    for v in &mut ended.vcpus {
-        ModeParts::vcpu_timer_counts(&shared.device, v);
-    }
+    ModeParts::vcpu_timer_counts(&shared.device, &mut ended.vcpus);
     let mut timers = shared.device.timer_stats(ended.ended_at);
     timers.hierarchy_check = shared.device.check_hierarchy();
     if timers.hierarchy_check != "ok" {

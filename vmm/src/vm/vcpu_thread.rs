@@ -66,7 +66,10 @@ impl VcpuThread {
             stats,
             unpublished_exits: 0,
         };
-        if thread.control_state() == VcpuRunState::Parked {
+        if !thread.shared.control[index as usize]
+            .wanted_online
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             thread.start_parked();
         }
         if let Err(outcome) = thread.run_loop() {
@@ -75,10 +78,6 @@ impl VcpuThread {
         end_vcpu_run(&thread.shared, &mut thread.stats, &kernel_at_start);
         thread.shared.publish(&thread.stats);
         thread.stats
-    }
-
-    fn control_state(&self) -> VcpuRunState {
-        self.shared.control[self.index as usize].state()
     }
 
     fn set_state(&self, state: VcpuRunState) {
@@ -125,6 +124,9 @@ impl VcpuThread {
                 Exit::IoIn { .. } => {}
                 Exit::Hlt => {
                     self.stats.halts += 1;
+                    // Its first HLT joins it to timer expiry even if a pause or stop cuts the
+                    // halt short.
+                    self.shared.device.join(&mut self.port);
                     self.halt();
                 }
                 Exit::Interrupted => drain_kicks(),
@@ -209,6 +211,7 @@ impl VcpuThread {
         if self.shared.stopping() {
             return;
         }
+        self.set_state(VcpuRunState::Changing);
         self.shared.device.come_online(&mut self.port);
         self.set_state(VcpuRunState::Running);
     }
@@ -218,6 +221,7 @@ impl VcpuThread {
         self.shared.device.go_offline(&mut self.port);
         self.park_until_wanted(VcpuRunState::Parked);
         if !self.shared.stopping() {
+            self.set_state(VcpuRunState::Changing);
             self.shared.device.come_online(&mut self.port);
             self.set_state(VcpuRunState::Running);
         }

@@ -359,14 +359,18 @@ impl<C: Clock> TimerDevice<C> {
         if self.lock().vcpus[port.cpu as usize].doorbell_due() {
             return HaltPlan::Resume;
         }
+        // No doorbell waits, so no retry of one either: a stale retry time would cut the sleep short
+        // for nothing.
+        port.doorbell_retry_at = NO_DEADLINE;
         let wake_at = self.service.vcpu_halt(port.cpu);
-        self.send_kicks(port);
-        if wake_at <= self.now() {
+        // Another vCPU may have moved this one's required time earlier between `vcpu_halt` and
+        // here (a hotplug hand-off, a push placement): that kick is this vCPU's own, in the
+        // service's list, and must not be dropped as "the caller looks anyway".
+        let kicked_self = self.send_kicks(port);
+        if kicked_self || wake_at <= self.now() {
             HaltPlan::Recheck
         } else {
-            HaltPlan::Sleep {
-                until: wake_at.min(port.doorbell_retry_at),
-            }
+            HaltPlan::Sleep { until: wake_at }
         }
     }
 
@@ -463,10 +467,11 @@ impl<C: Clock> TimerDevice<C> {
 
     // ---- Hotplug -----------------------------------------------------------------------------
 
-    /// The vCPU leaves (its guest acknowledged with `OFFLINE_ACK`, or it starts parked): its queued
-    /// timers (pinned too) go to another vCPU, it leaves the hierarchy (if it was the last active one
-    /// with movable events pending, the service names another to run now, which is kicked), and the
-    /// expired timers waiting in its delivery queue go to that vCPU too.
+    /// The vCPU leaves (its guest acknowledged with `OFFLINE_ACK`, or it starts parked): the service
+    /// moves its queued timers (pinned too) to its hand-off target and takes it out of the hierarchy
+    /// (if it was the last active one with movable events pending, the service names another to run
+    /// now, which is kicked); the expired timers waiting in its delivery queue go to that forced-active
+    /// vCPU, or else to the hand-off target.
     pub fn go_offline(&self, port: &mut VcpuPort) {
         let cpu = port.cpu;
         let forced_active = self.service.vcpu_offline(cpu);
@@ -482,7 +487,11 @@ impl<C: Clock> TimerDevice<C> {
             side.online = false;
             side.offline_requested = false;
             side.doorbell_armed = true;
-            side.in_wake_handler = false;
+            if side.in_wake_handler {
+                // Left mid-handler: it is not idle-for-push once it is back.
+                side.in_wake_handler = false;
+                self.service.set_push_idle(cpu, false);
+            }
             if to != cpu && !st.vcpus[cpu as usize].queue.is_empty() {
                 while let Some(e) = st.vcpus[cpu as usize].queue.pop_front() {
                     Self::enqueue(&mut st, to, e);
@@ -588,9 +597,20 @@ impl<C: Clock> TimerDevice<C> {
             .map_or((0, 0), |v| (v.fired, v.remote_expiries))
     }
 
+    /// [`Self::vcpu_timer_counts`] of every vCPU in `out` (indexed by vCPU), under one lock: a
+    /// consistent snapshot.
+    pub fn each_vcpu_timer_counts(&self, mut out: impl FnMut(CpuId, u64, u64)) {
+        let st = self.lock();
+        for (i, v) in st.vcpus.iter().enumerate() {
+            out(i as CpuId, v.fired, v.remote_expiries);
+        }
+    }
+
     // ---- Internals -----------------------------------------------------------------------------
 
-    fn join(&self, port: &mut VcpuPort) {
+    /// The guest takes part in timer expiry from now on (its first timer command or `HLT`; see
+    /// "Joining"). Idempotent.
+    pub fn join(&self, port: &mut VcpuPort) {
         if !port.joined {
             port.joined = true;
             self.service.vcpu_run(port.cpu);
@@ -600,12 +620,16 @@ impl<C: Clock> TimerDevice<C> {
 
     /// Kicks what this call left to kick: the deliveries it made and the service's list (all but the
     /// caller, which re-reads its own next event anyway). Never under the device lock.
-    fn send_kicks(&self, port: &mut VcpuPort) {
+    /// Returns whether the service's list named the caller itself.
+    fn send_kicks(&self, port: &mut VcpuPort) -> bool {
         port.service_kicks.clear();
         self.service.take_kicks(&mut port.service_kicks);
+        let mut kicked_self = false;
         for &c in &port.service_kicks {
             if c != port.cpu {
                 self.kicker.kick(c, KickReasons::HIERARCHY);
+            } else {
+                kicked_self = true;
             }
         }
         for (c, why) in port.kicks.drain(..) {
@@ -613,6 +637,7 @@ impl<C: Clock> TimerDevice<C> {
                 self.kicker.kick(c, why);
             }
         }
+        kicked_self
     }
 
     fn arm(&self, st: &mut DeviceState, cpu: CpuId, now: u64) -> (u32, u64) {

@@ -318,15 +318,18 @@ fn an_offlined_vcpu_hands_its_delivery_queue_and_timers_to_another() {
     vm.kicker.take();
     vm.dev.go_offline(&mut vm.ports[2]);
     let kicks = vm.kicker.take();
-    assert!(
-        kicks.contains(&(0, KickReasons::DELIVERY)),
-        "the recipient is told: {kicks:?}"
-    );
-    assert!(vm.entry(0).inject_doorbell);
-    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(1));
-    assert_eq!(vm.get_u32(0, abi::OFF_EXP_OWNER), 2);
-    assert_eq!(vm.pop(0, 1), None);
+    let to = kicks
+        .iter()
+        .find(|&&(_, why)| why == KickReasons::DELIVERY)
+        .map(|&(c, _)| c)
+        .unwrap_or_else(|| panic!("the recipient is told: {kicks:?}"));
+    assert_ne!(to, 2);
+    assert!(vm.entry(to).inject_doorbell);
+    assert_eq!(vm.pop(to, abi::NO_TIMER), Some(1));
+    assert_eq!(vm.get_u32(to, abi::OFF_EXP_OWNER), 2);
+    assert_eq!(vm.pop(to, 1), None);
     // Its pinned timer moved too, and fires elsewhere while it is offline.
+    vm.entry(0);
     vm.entry(1);
     vm.clock.set(9_000);
     let fired_on: Vec<u32> = (0..2u32)
@@ -355,4 +358,58 @@ fn an_unacknowledged_offline_request_is_withdrawn() {
     assert!(vm.dev.withdraw_offline(1));
     assert_eq!(vm.get_u32(1, abi::OFF_CONTROL), abi::CONTROL_NONE);
     assert_eq!(vm.cmd(1, abi::CMD_OFFLINE_ACK).0, abi::INVALID);
+}
+
+#[test]
+fn an_isolated_vcpu_hands_a_held_expiry_of_another_owner_back_to_it() {
+    let clock = Arc::new(FakeClock::new(1_000));
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let service = TimerService::new(
+        ServiceConfig {
+            policy: Policy::Pull,
+            max_timers: 16,
+            max_cpus: Some(2),
+            isolated: vec![1],
+            ..ServiceConfig::default()
+        },
+        Arc::clone(&clock),
+        2,
+    );
+    let kicker = Arc::new(RecordingKicker::default());
+    let dev = TimerDevice::new(
+        service,
+        mem.clone(),
+        PAGES,
+        2,
+        Arc::clone(&kicker) as Arc<dyn VcpuKicker>,
+    );
+    let ports = (0..2).map(|c| dev.attach(c)).collect();
+    let mut vm = Vm {
+        dev,
+        clock,
+        mem,
+        ports,
+        kicker,
+    };
+    vm.cmd(0, abi::CMD_NOW);
+    // Timer 5 fires on isolated vCPU 1, its owner; while its callback runs, vCPU 0 re-arms it.
+    vm.arm(1, 5, abi::FLAG_MOVABLE, 2_000);
+    vm.clock.set(2_000);
+    assert!(vm.entry(1).inject_doorbell);
+    assert_eq!(vm.pop(1, abi::NO_TIMER), Some(5));
+    vm.arm(0, 5, abi::FLAG_MOVABLE, 3_000);
+    vm.clock.set(3_000);
+    vm.entry(0);
+    assert_eq!(vm.dev.timer_stats(3_000).serialized, 1, "held back");
+    vm.kicker.take();
+    // vCPU 1 ends the callback: the held expiry belongs to vCPU 0 and goes there, not to vCPU 1.
+    assert_eq!(vm.pop(1, 5), None);
+    assert!(vm.kicker.take().contains(&(0, KickReasons::DELIVERY)));
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(5));
+    assert_eq!(
+        vm.dev.vcpu_timer_counts(1),
+        (1, 0),
+        "vCPU 1 ran only its own"
+    );
 }
