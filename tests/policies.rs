@@ -70,9 +70,13 @@ fn local_wakes_each_halted_vcpu_about_once_per_timer_and_does_the_same_work_as_p
         let fired = u64_of(&v["timers_fired"]);
         let woke = cause(v, "own_movable_timer");
         assert!(fired > 20, "vCPU {} fired only {fired}", v["index"]);
-        // One wakeup per expiry, fewer only where two of its timers fell due together.
+        // One wakeup per expiry, fewer only where two of its timers fell due together. How often
+        // they do depends on how slow the host is (a callback costs several exits): on a loaded
+        // 2-core host the vCPU with the shortest periods measured 0.57-0.67 wakeups per timer (the
+        // same before and after the timer device owned the halt protocol), so the bound is 1/2,
+        // still three orders of magnitude above pull's.
         assert!(
-            woke <= fired && woke * 10 >= fired * 7,
+            woke <= fired && woke * 2 >= fired,
             "vCPU {}: {woke} wakeups for {fired} timers",
             v["index"]
         );
