@@ -420,6 +420,7 @@ mod tests {
                 ..Default::default()
             }],
             timers: Default::default(),
+            console_dropped_bytes: 0,
         });
         a.max_rss_kib = Some(5000);
         a.memory = Some(MemSample {

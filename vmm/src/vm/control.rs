@@ -52,7 +52,7 @@ impl<D: ModeParts> VmHandle<D> {
         let (user, system) = crate::sys::os::process_cpu_ns();
         VmStats {
             policy: self.cfg.policy.to_string(),
-            workload: self.cfg.workload.clone(),
+            workload: self.cfg.workload_label(),
             exit_code: 0,
             outcome: if self.shared.paused() {
                 "paused"
@@ -65,6 +65,7 @@ impl<D: ModeParts> VmHandle<D> {
             process_system_ns: system,
             vcpus: self.shared.live_vcpu_stats(),
             timers: self.shared.device.live_timers(now),
+            console_dropped_bytes: self.shared.serial.dropped_bytes(),
         }
     }
 
@@ -215,6 +216,7 @@ impl<D: ModeParts> LoopTarget for VmHandle<D> {
         let name = match signal {
             libc::SIGTERM => "SIGTERM".to_owned(),
             libc::SIGINT => "SIGINT".to_owned(),
+            libc::SIGHUP => "SIGHUP".to_owned(),
             s => format!("signal {s}"),
         };
         self.shared.end(Outcome::Shutdown(name));
