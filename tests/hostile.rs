@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -278,6 +278,237 @@ fn finding_11_sighup_is_treated_like_sigterm() {
     assert!(!sock.exists(), "the socket file was left behind");
 }
 
+/// A VM that runs until stopped (a guest that halts forever), with an API socket.
+struct ApiVm {
+    child: Child,
+    sock: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl ApiVm {
+    fn start(extra: &[&str], shell_prefix: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let guest = guest_elf(dir.path(), "halt.elf", HALT_FOREVER);
+        let sock = dir.path().join("api.sock");
+        let mut args: Vec<String> = vec!["run".into(), "--guest".into()];
+        args.push(guest.to_str().unwrap().into());
+        args.extend(["--api-sock".into(), sock.to_str().unwrap().into()]);
+        args.push("--quiet".into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = match shell_prefix {
+            None => quietvm()
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+            Some(prefix) => Command::new("sh")
+                .arg("-c")
+                .arg(format!("{prefix}; exec \"$0\" \"$@\""))
+                .arg(env!("CARGO_BIN_EXE_quietvm"))
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        };
+        wait_for_socket(&sock);
+        ApiVm { child, sock, dir }
+    }
+
+    /// One request on a fresh connection; the answer within `limit`, or `None`.
+    fn ask(&self, line: &str, limit: Duration) -> Option<serde_json::Value> {
+        let mut s = UnixStream::connect(&self.sock).ok()?;
+        s.set_read_timeout(Some(limit)).unwrap();
+        s.write_all(format!("{line}\n").as_bytes()).ok()?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).ok()?;
+        serde_json::from_str(&answer).ok()
+    }
+
+    /// A client that sends `n` copies of `line` and never reads (its writes go on in a thread,
+    /// since the VMM stops reading from it).
+    fn flood(&self, line: &str, n: usize) -> UnixStream {
+        let s = UnixStream::connect(&self.sock).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let text = format!("{line}\n").repeat(n);
+        std::thread::spawn(move || {
+            let _ = w.write_all(text.as_bytes());
+        });
+        s
+    }
+}
+
+#[test]
+fn finding_2_sigterm_with_five_clients_that_never_read() {
+    let mut vm = ApiVm::start(&["--timeout-ms", "120000"], None);
+    let hogs: Vec<UnixStream> = (0..5)
+        .map(|_| vm.flood(r#"{"op":"stats"}"#, 5000))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let answer = vm.ask(r#"{"op":"stats"}"#, Duration::from_secs(5));
+    assert!(
+        answer.is_some_and(|a| a["ok"] == true),
+        "another client's stats was not answered within 5 s"
+    );
+    eprintln!(
+        "stats answered in {:?} beside 5 clients that never read",
+        t.elapsed()
+    );
+    signal(&vm.child, libc::SIGTERM);
+    let t = Instant::now();
+    let status = wait_with_limit(&mut vm.child, Duration::from_secs(10));
+    eprintln!("SIGTERM ended the VM in {:?}", t.elapsed());
+    assert_eq!(status, Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    drop(hogs);
+}
+
+#[test]
+fn finding_2_a_slow_reader_does_not_stretch_the_timeout() {
+    let mut vm = ApiVm::start(&["--timeout-ms", "3000"], None);
+    let s = vm.flood(r#"{"op":"stats"}"#, 5000);
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+            line.clear();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let t = Instant::now();
+    let status = wait_with_limit(&mut vm.child, Duration::from_secs(15));
+    eprintln!(
+        "--timeout-ms 3000 ended the VM after {:?} more",
+        t.elapsed()
+    );
+    assert_eq!(status, Some(100));
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
+    let _ = reader.join();
+}
+
+#[test]
+fn finding_2_pipelined_offline_requests_do_not_hold_the_loop() {
+    // A guest that halts with interrupts off never acknowledges an offline request.
+    let mut vm = ApiVm::start(&["--vcpus", "2", "--timeout-ms", "4000"], None);
+    let started = Instant::now();
+    let ten = format!("{}\n", r#"{"op":"vcpu-offline","vcpu":1}"#).repeat(10);
+    let mut s = UnixStream::connect(&vm.sock).unwrap();
+    s.write_all(ten.as_bytes()).unwrap();
+    // While those wait for the guest, another client is answered at once.
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let a = vm.ask(r#"{"op":"stats"}"#, Duration::from_secs(5));
+    assert!(a.is_some_and(|a| a["ok"] == true), "stats not answered");
+    eprintln!(
+        "stats answered in {:?} while offline requests wait",
+        t.elapsed()
+    );
+    let status = wait_with_limit(&mut vm.child, Duration::from_secs(20));
+    eprintln!(
+        "--timeout-ms 4000 ended the VM {:?} after start",
+        started.elapsed()
+    );
+    assert_eq!(status, Some(100));
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "took {:?}",
+        started.elapsed()
+    );
+    let mut answers = String::new();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = std::io::Read::read_to_string(&mut s, &mut answers);
+    assert!(answers.contains("did not acknowledge"), "{answers}");
+}
+
+#[test]
+fn finding_4_fd_exhaustion_does_not_spin_and_recovers() {
+    // How many descriptors a VM like this one uses, then a limit just above it.
+    let probe = ApiVm::start(&["--timeout-ms", "120000"], None);
+    let used = std::fs::read_dir(format!("/proc/{}/fd", probe.child.id()))
+        .unwrap()
+        .count();
+    drop_vm(probe);
+    let vm = ApiVm::start(
+        &["--timeout-ms", "120000"],
+        Some(&format!("ulimit -n {}", used + 2)),
+    );
+    let pid = vm.child.id();
+    let hogs: Vec<UnixStream> = (0..8)
+        .filter_map(|_| UnixStream::connect(&vm.sock).ok())
+        .collect();
+    let cpu0 = cpu_ms(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu = cpu_ms(pid) - cpu0;
+    eprintln!("CPU over 3 s at the descriptor limit: {cpu} ms");
+    assert!(
+        cpu < 1000,
+        "quietvm spun at the fd limit: {cpu} ms of CPU in 3 s"
+    );
+    drop(hogs);
+    let answer = vm.ask(r#"{"op":"stats"}"#, Duration::from_secs(5));
+    assert!(
+        answer.is_some_and(|a| a["ok"] == true),
+        "no stats answered once descriptors were free"
+    );
+    let mut child = vm.child;
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_with_limit(&mut child, Duration::from_secs(10)),
+        Some(0)
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.lines().count() < 20,
+        "{} lines of stderr:\n{}",
+        stderr.lines().count(),
+        &stderr[..stderr.len().min(2000)]
+    );
+    drop(vm.dir);
+}
+
+#[test]
+fn finding_11_duplicate_json_keys_are_refused() {
+    let mut vm = ApiVm::start(&["--timeout-ms", "120000"], None);
+    let a = vm
+        .ask(r#"{"op":"stats","op":"shutdown"}"#, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(a["ok"], false, "{a}");
+    assert!(a["error"].as_str().unwrap().contains("duplicate"), "{a}");
+    // Nothing happened: the VM still runs and answers.
+    let a = vm.ask(r#"{"op":"stats"}"#, Duration::from_secs(5)).unwrap();
+    assert_eq!(a["ok"], true);
+    signal(&vm.child, libc::SIGTERM);
+    assert_eq!(
+        wait_with_limit(&mut vm.child, Duration::from_secs(10)),
+        Some(0)
+    );
+}
+
+fn drop_vm(mut vm: ApiVm) {
+    signal(&vm.child, libc::SIGTERM);
+    let _ = wait_with_limit(&mut vm.child, Duration::from_secs(10));
+}
+
+/// User plus system CPU time of a process, in ms.
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks * 10
+}
+
 // ---- helpers
 
 fn signal(child: &Child, sig: i32) {
@@ -321,13 +552,3 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
-
-#[allow(dead_code)]
-fn read_line(s: &mut BufReader<UnixStream>) -> String {
-    let mut line = String::new();
-    s.read_line(&mut line).unwrap();
-    line
-}
-
-#[allow(dead_code)]
-fn unused(_: &mut dyn Read, _: &mut dyn Write) {}

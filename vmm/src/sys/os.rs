@@ -232,3 +232,21 @@ pub fn poll_readable(fd: std::os::unix::io::RawFd, timeout: std::time::Duration)
 pub fn write_stderr_within(buf: &[u8], deadline: std::time::Instant) {
     let _ = write_within(libc::STDERR_FILENO, buf, deadline);
 }
+
+/// Sets `O_NONBLOCK` on a descriptor quietvm created itself (never on an inherited one).
+pub fn set_nonblocking(fd: std::os::unix::io::RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL only read and set the flags of `fd`; no memory is passed.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
