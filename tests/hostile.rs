@@ -495,6 +495,67 @@ fn finding_11_duplicate_json_keys_are_refused() {
     );
 }
 
+#[test]
+fn finding_10_hotplug_storm_under_the_timers_workload() {
+    // 500 fast vcpu-offline / vcpu-online requests for random vCPUs 1..3 while the `timers` workload
+    // runs on 4 vCPUs. The fault was the guest's (docs/limits.md, "Finding 10"): a sleep timer that
+    // fired on another vCPU after an offline set that vCPU's flag, and a vCPU back from offline
+    // halted with its sleep timer left on another vCPU, never to be woken.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut child = quietvm()
+        .args([
+            "run",
+            "--workload",
+            "timers",
+            "--vcpus",
+            "4",
+            "--duration-ms",
+            "4000",
+        ])
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(["--timeout-ms", "60000", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    let s = UnixStream::connect(&sock).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut ok = 0;
+    for _ in 0..500 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let vcpu = 1 + seed % 3;
+        let op = if (seed >> 8) % 2 == 0 {
+            "vcpu-offline"
+        } else {
+            "vcpu-online"
+        };
+        writeln!(w, r#"{{"op":"{op}","vcpu":{vcpu}}}"#).unwrap();
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        ok += line.contains("\"ok\":true") as u32;
+    }
+    for vcpu in 1..4 {
+        writeln!(w, r#"{{"op":"vcpu-online","vcpu":{vcpu}}}"#).unwrap();
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+    }
+    let status = wait_with_limit(&mut child, Duration::from_secs(60));
+    let mut out = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out);
+    assert!(ok > 100, "only {ok} requests succeeded");
+    assert_eq!(status, Some(0), "{out}");
+    assert!(out.contains("timers: ok"), "{out}");
+}
+
 fn drop_vm(mut vm: ApiVm) {
     signal(&vm.child, libc::SIGTERM);
     let _ = wait_with_limit(&mut vm.child, Duration::from_secs(10));
