@@ -20,7 +20,7 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// The largest trace `quietvm replay` reads.
 pub const MAX_TRACE_BYTES: u64 = 2 << 30;
 /// The most CPUs a trace may name (its `#P:N` / `cpus=N` header, or a CPU number in an event).
-pub const MAX_TRACE_CPUS: u32 = 8192;
+pub const MAX_TRACE_CPUS: u32 = 4096;
 
 /// The longest API request line; a longer one closes the connection.
 pub const API_MAX_LINE: usize = 64 * 1024;
