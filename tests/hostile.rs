@@ -556,6 +556,122 @@ fn finding_10_hotplug_storm_under_the_timers_workload() {
     assert!(out.contains("timers: ok"), "{out}");
 }
 
+/// `quietvm fleet` of 3 long VMs with its temp directory under `tmp`; returns once all 3 run.
+fn start_fleet(tmp: &Path, json: &Path) -> Child {
+    let child = quietvm()
+        .args(["fleet", "configs/quickstart.toml", "--vms", "3"])
+        .args(["--workload", "all-idle", "--duration-ms", "60000"])
+        .args(["--timeout-ms", "120000", "--json"])
+        .arg(json)
+        .env("TMPDIR", tmp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vm_children(child.id()).len() < 3 {
+        assert!(Instant::now() < deadline, "the fleet's VMs never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Let them boot (a VM that is still starting cannot tell a shutdown from a crash).
+    std::thread::sleep(Duration::from_millis(1000));
+    child
+}
+
+/// The pids of the child processes of `pid`.
+fn vm_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            out.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+fn fleet_dirs(tmp: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("quietvm-fleet-")
+        })
+        .collect()
+}
+
+#[test]
+fn finding_8_fleet_interrupted_counts_its_vms_as_failed_and_cleans_up() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let tmp = tempfile::tempdir().unwrap();
+        let json = tmp.path().join("fleet.json");
+        let mut fleet = start_fleet(tmp.path(), &json);
+        signal(&fleet, sig);
+        let status = wait_with_limit(&mut fleet, Duration::from_secs(30));
+        assert_eq!(status, Some(130), "signal {sig}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(
+            report["aggregate"]["ok"], 0,
+            "signal {sig}: {}",
+            report["aggregate"]
+        );
+        assert_eq!(report["aggregate"]["failed"], 3, "signal {sig}");
+        for vm in report["per_vm"].as_array().unwrap() {
+            let e = vm["error"].as_str().unwrap_or_default();
+            assert!(e.contains("shut down by SIGTERM"), "signal {sig}: {e}");
+        }
+        assert!(
+            fleet_dirs(tmp.path()).is_empty(),
+            "signal {sig}: temp dir left behind"
+        );
+    }
+}
+
+#[test]
+fn finding_8_fleet_killed_leaves_no_vm_and_the_next_run_removes_its_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("fleet.json");
+    let mut fleet = start_fleet(tmp.path(), &json);
+    let vms = vm_children(fleet.id());
+    fleet.kill().unwrap();
+    fleet.wait().unwrap();
+    // Each VM got SIGTERM from PR_SET_PDEATHSIG and shuts down in order.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vms
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(Instant::now() < deadline, "VMs outlived their killed fleet");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fleet_dirs(tmp.path()).len(), 1, "SIGKILL cannot clean up");
+    // The next fleet run removes the directory of the dead one.
+    let out = quietvm()
+        .args(["fleet", "configs/quickstart.toml", "--vms", "1"])
+        .args(["--workload", "hello", "--timeout-ms", "60000"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        fleet_dirs(tmp.path()).is_empty(),
+        "{:?}",
+        fleet_dirs(tmp.path())
+    );
+}
+
 fn drop_vm(mut vm: ApiVm) {
     signal(&vm.child, libc::SIGTERM);
     let _ = wait_with_limit(&mut vm.child, Duration::from_secs(10));

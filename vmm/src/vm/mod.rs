@@ -61,6 +61,10 @@ pub enum VmmError {
     Setup(String),
 }
 
+/// How the outcome text of a VM ended on request (API `shutdown`, a signal) begins: the VM's exit
+/// code is 0, but its guest did not finish (`quietvm fleet` counts such a VM as failed).
+pub const SHUT_DOWN_PREFIX: &str = "shut down by ";
+
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -95,7 +99,7 @@ impl Outcome {
             Outcome::GuestCrash(why) => format!("guest crashed: {why}"),
             Outcome::Timeout(ms) => format!("guest did not end within --timeout-ms {ms}"),
             Outcome::VmmError(why) => format!("quietvm error: {why}"),
-            Outcome::Shutdown(by) => format!("shut down by {by} before the guest finished"),
+            Outcome::Shutdown(by) => format!("{SHUT_DOWN_PREFIX}{by} before the guest finished"),
         }
     }
 }
