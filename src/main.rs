@@ -186,10 +186,15 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            eprintln!(
-                "quietvm: {}: {}",
+            // Never held up by a stderr nobody reads: a line that cannot go out soon is dropped.
+            let line = format!(
+                "quietvm: {}: {}\n",
                 r.level().as_str().to_lowercase(),
                 r.args()
+            );
+            quietvm_vmm::sys::os::write_stderr_within(
+                line.as_bytes(),
+                std::time::Instant::now() + std::time::Duration::from_millis(100),
             );
         }
     }
@@ -201,26 +206,51 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(exit_code::VMM_ERROR as u8)
 }
 
+/// Checks that `--stats-json` can be written before the VM starts, not after its whole run: creates
+/// (or truncates) the file, without blocking on a FIFO.
+fn check_stats_json(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map(drop)
+        .map_err(|e| format!("--stats-json {}: {e}", path.display()))
+}
+
 fn run(args: RunArgs) -> ExitCode {
+    let started = std::time::Instant::now();
     let cfg = match args.config() {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    if let Some(path) = &args.stats_json {
+        if let Err(e) = check_stats_json(path) {
+            return fail(e);
+        }
+    }
     let opts = RunOptions {
         api_sock: args.api_sock.clone(),
         metrics: args.metrics.clone(),
         metrics_period: std::time::Duration::from_secs_f64(args.metrics_period_s),
+        started: Some(started),
     };
     let stats = match run_vm(&cfg, &opts) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    // The last words go to stderr without ever blocking on a reader that does not read.
+    let deadline = std::time::Instant::now() + quietvm_vmm::limits::EXIT_FLUSH;
+    let mut last_words = String::new();
     if stats.exit_code != 0 {
-        eprintln!("quietvm: {}", stats.outcome);
+        last_words += &format!("quietvm: {}\n", stats.outcome);
     }
     if !args.quiet {
-        eprint!("{}", stats.table());
+        last_words += &stats.table();
     }
+    quietvm_vmm::sys::os::write_stderr_within(last_words.as_bytes(), deadline);
     if let Some(path) = &args.stats_json {
         if let Err(e) = quietvm_vmm::stats::write_json(path, &stats) {
             return fail(e);

@@ -139,12 +139,9 @@ fn serialize_policy<S: serde::Serializer>(p: &VmPolicy, s: S) -> Result<S::Ok, S
 /// A configuration that cannot be used. Each variant is one line for the user.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The file could not be read (one line from [`crate::limits::read_input`]).
+    #[error("{0}")]
+    Read(String),
     #[error("config {path} does not parse: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("--vcpus must be at least 1")]
@@ -250,9 +247,11 @@ pub const MAX_VCPUS: u32 = 1024;
 impl VmConfig {
     /// Reads a TOML config file; keys left out keep their defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = crate::limits::read_input(path, crate::limits::InputKind::Config)
+            .map_err(ConfigError::Read)?;
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            message: "not UTF-8 text".into(),
         })?;
         Self::from_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
@@ -373,6 +372,15 @@ impl VmConfig {
     /// Sets `numa-nodes`: `nodes` nodes of consecutive vCPUs (as firmware numbers them).
     pub fn set_numa_nodes(&mut self, nodes: u32) {
         self.vcpu_nodes = nodes_in_blocks(self.vcpus, nodes);
+    }
+
+    /// What the statistics call the workload: the built-in guest's workload, or the path of a
+    /// `--guest` image (whose workload quietvm does not know).
+    pub fn workload_label(&self) -> String {
+        match &self.guest {
+            Some(path) => path.display().to_string(),
+            None => self.workload.clone(),
+        }
     }
 
     /// vCPUs online at boot.

@@ -22,6 +22,7 @@ pub mod api;
 pub mod config;
 pub mod devices;
 pub mod exit_code;
+pub mod limits;
 pub mod stats;
 pub mod sync;
 pub mod sys;

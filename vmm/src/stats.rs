@@ -155,6 +155,9 @@ pub struct VmStats {
     pub process_system_ns: u64,
     pub vcpus: Vec<VcpuStats>,
     pub timers: TimerStats,
+    /// Console bytes that could not be written to standard output (docs/stats.md).
+    #[serde(default)]
+    pub console_dropped_bytes: u64,
 }
 
 impl VmStats {

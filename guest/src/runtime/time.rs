@@ -24,12 +24,16 @@ fn sleep_timer(cpu: u32) -> u32 {
     workload_timers() + cpu
 }
 
-/// Called for every expired timer first: true if it was a sleep timer.
+/// Called for every expired timer first: true if it was a sleep timer. The flag set is the sleep
+/// timer's own vCPU's, not this one's: after a vCPU went offline its timers, its sleep timer too,
+/// fire on another vCPU (docs/api.md).
 pub fn on_timer(expired: &Expired) -> bool {
     if expired.id < workload_timers() {
         return false;
     }
-    percpu::this().sleep_fired.store(true, Ordering::Relaxed);
+    percpu::of(expired.id - workload_timers())
+        .sleep_fired
+        .store(true, Ordering::Relaxed);
     true
 }
 
@@ -60,12 +64,32 @@ pub fn wait_until(deadline: Option<u64>, done: impl Fn() -> bool) -> bool {
             irq::unmask();
             break false;
         }
+        let offline_before = pc.offline_count.load(Ordering::SeqCst);
         super::hotplug::go_offline_if_asked();
+        if pc.offline_count.load(Ordering::SeqCst) != offline_before {
+            // Back from offline. quietvm handed this vCPU's timers, the sleep timer too, to another
+            // vCPU, where they fire without waking this one: arm the sleep timer here again (an ARM
+            // places it on the arming vCPU), and look again before halting.
+            if let Some(deadline) = deadline {
+                if !pc.sleep_fired.load(Ordering::Relaxed) {
+                    match device::arm(sleep, PINNED, deadline).status {
+                        status::OK => {}
+                        status::PAST => pc.sleep_fired.store(true, Ordering::Relaxed),
+                        s => panic!("ARM of the sleep timer answered {}", status::name(s)),
+                    }
+                }
+            }
+            irq::unmask();
+            continue;
+        }
         arch::unmask_and_halt();
     };
     if deadline.is_some() && !pc.sleep_fired.load(Ordering::Relaxed) {
-        // Pinned to this vCPU, so it cannot be half-way through firing elsewhere.
-        device::cancel(sleep);
+        // After an offline it may be half-way through firing on another vCPU: wait for that
+        // callback, so it cannot set the flag of this vCPU's next wait.
+        while device::cancel_sync(sleep).status == status::RUNNING {
+            crate::arch::pause();
+        }
     }
     result
 }

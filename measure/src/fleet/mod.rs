@@ -88,7 +88,10 @@ pub fn main(args: FleetArgs) -> ExitCode {
                     ok = false;
                 }
             }
-            if ok {
+            if let Some(sig) = report.interrupted_by_signal {
+                eprintln!("quietvm: the fleet was interrupted by signal {sig}");
+                ExitCode::from(quietvm_vmm::exit_code::INTERRUPTED as u8)
+            } else if ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -97,6 +100,32 @@ pub fn main(args: FleetArgs) -> ExitCode {
         Err(e) => {
             eprintln!("quietvm: error: {e}");
             ExitCode::from(quietvm_vmm::exit_code::VMM_ERROR as u8)
+        }
+    }
+}
+
+/// Each fleet's directory of per-VM files: `DIR_PREFIX` + the fleet's pid, in the temp directory.
+const DIR_PREFIX: &str = "quietvm-fleet-";
+
+/// Removes the directories of fleets that are gone (killed with SIGKILL, which no cleanup survives):
+/// a directory whose pid is not a live process, or is one that is not quietvm.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim_end().starts_with("quietvm"));
+        if !alive && pid != std::process::id() {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -241,8 +270,22 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
     }
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the quietvm binary: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("quietvm-fleet-{}", std::process::id()));
+    remove_stale_dirs();
+    let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // SIGINT, SIGTERM, SIGHUP: stop launching, shut the running VMs down in order, report them as
+    // interrupted, and remove the directory (SIGKILL cannot be caught: the next fleet run removes
+    // the directory, and each VM is told by PR_SET_PDEATHSIG).
+    let signals = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+        .map_err(|e| format!("cannot create an eventfd: {e}"))?;
+    quietvm_vmm::sys::os::route_termination_signals(std::os::unix::io::AsRawFd::as_raw_fd(
+        &signals,
+    ))
+    .map_err(|e| format!("cannot install the signal handlers: {e}"))?;
+    // The handler may write to it until the process ends.
+    std::mem::forget(signals);
+    let mut interrupted: Option<i32> = None;
+    let mut reaped = vec![false; args.vms as usize];
     // Guest memory size of each config, to find its mapping in smaps (unknown if it does not parse:
     // that VM will fail and say why).
     let guest_kib: Vec<Option<u64>> = args
@@ -274,6 +317,24 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
         // Start every VM that is due: with --interval-ms 0, all of them now. Each VM's own thread
         // spawns it (a spawn waits for the child's exec, which takes long on a busy host), so the
         // spawns overlap.
+        if interrupted.is_none() {
+            if let Some(sig) = quietvm_vmm::sys::os::termination_signal() {
+                interrupted = Some(sig);
+                for (rec, done) in records.iter().zip(&reaped) {
+                    if let (Some(pid), false) = (rec.pid, done) {
+                        let _ = quietvm_vmm::sys::os::send_signal(pid, libc::SIGTERM);
+                    }
+                }
+                for rec in records.iter_mut().skip(launched) {
+                    rec.error = Some(format!(
+                        "not started: the fleet was interrupted (signal {sig})"
+                    ));
+                }
+                failed += n - launched;
+                ended += n - launched;
+                launched = n;
+            }
+        }
         while launched < n
             && (args.interval_ms == 0
                 || Instant::now()
@@ -305,7 +366,8 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
         if launched == n && starting + running == 0 {
             break;
         }
-        let mut wake = next_progress;
+        // Look at the signal flag at least every 100 ms.
+        let mut wake = next_progress.min(Instant::now() + Duration::from_millis(100));
         if launched < n {
             wake = wake.min(start + Duration::from_millis(args.interval_ms) * launched as u32);
         }
@@ -316,6 +378,9 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
             match event {
                 Event::Started { index, pid } => {
                     records[index].pid = Some(pid);
+                    if interrupted.is_some() {
+                        let _ = quietvm_vmm::sys::os::send_signal(pid, libc::SIGTERM);
+                    }
                     starting -= 1;
                     running += 1;
                 }
@@ -325,6 +390,7 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
                     result,
                 } => {
                     let rec = &mut records[index];
+                    reaped[index] = true;
                     rec.launched_at_ns = spawned_at.duration_since(start).as_nanos() as u64;
                     ended += 1;
                     match result {
@@ -362,7 +428,7 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
     for (rec, f) in records.iter_mut().zip(&files) {
         collect(rec, f);
     }
-    let _ = std::fs::remove_dir(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
     let host_cpus = std::thread::available_parallelism()
         .map(|c| c.get())
         .unwrap_or(1);
@@ -385,6 +451,7 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
         fleet_cpu_ns: user + system,
         aggregate: Aggregate::of(&records, wall_ns, host_cpus),
         per_vm: records,
+        interrupted_by_signal: interrupted,
     })
 }
 
@@ -417,6 +484,7 @@ fn command(args: &FleetArgs, exe: &Path, i: usize, files: &VmFiles) -> Command {
     if let Some(t) = args.timeout_ms {
         cmd.args(["--timeout-ms", &t.to_string()]);
     }
+    quietvm_vmm::sys::os::terminate_with_parent(&mut cmd);
     cmd.arg("--quiet")
         .arg("--stats-json")
         .arg(&files.stats)
@@ -594,6 +662,13 @@ fn collect(rec: &mut VmRecord, files: &VmFiles) {
     let _ = std::fs::remove_file(&files.stats);
     let _ = std::fs::remove_file(&files.stderr);
     let exited_ok = rec.exit_code == Some(0);
+    // Exit code 0 after a shutdown request (a signal, Ctrl-C reaching the whole process group) is an
+    // orderly end, not a guest that finished: not ok.
+    if let Ok(s) = &stats {
+        if rec.error.is_none() && s.outcome.starts_with(quietvm_vmm::vm::SHUT_DOWN_PREFIX) {
+            rec.error = Some(s.outcome.clone());
+        }
+    }
     rec.ok = exited_ok && stats.is_ok() && rec.error.is_none();
     if !rec.ok && rec.error.is_none() {
         rec.error = Some(match (rec.exit_code, rec.signal, &stats) {

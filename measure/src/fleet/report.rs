@@ -274,6 +274,10 @@ pub struct FleetReport {
     pub fleet_cpu_ns: u64,
     pub aggregate: Aggregate,
     pub per_vm: Vec<VmRecord>,
+    /// The signal (SIGINT, SIGTERM, SIGHUP) that interrupted the fleet: its running VMs were shut
+    /// down and count as failed, the ones not yet started were not started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted_by_signal: Option<i32>,
 }
 
 fn mib(kib: u64) -> f64 {
@@ -420,6 +424,7 @@ mod tests {
                 ..Default::default()
             }],
             timers: Default::default(),
+            console_dropped_bytes: 0,
         });
         a.max_rss_kib = Some(5000);
         a.memory = Some(MemSample {

@@ -551,8 +551,12 @@ impl<'a> Engine<'a> {
             base,
             kind,
         };
-        // The arming CPU re-reads its next event (as the VMM does after a timer command).
+        // The arming CPU expires what is due and re-reads its next event, as the VMM's vCPU loop
+        // does after every exit. Re-programming alone would push a due expiry back by one exit cost
+        // at each arm: on a dense trace (arms 2 us apart) it would never come, and be "missed".
         if !self.cpus[actor as usize].halted {
+            self.expire(actor);
+            self.deliver_kicks(actor);
             self.program(actor);
         }
     }

@@ -127,7 +127,7 @@ pub fn parse_policies(s: &str) -> Result<Vec<Policy>, String> {
 
 /// Reads, parses and prepares a trace file; errors are one line naming the file.
 pub fn load(path: &std::path::Path, hz: Option<u32>) -> Result<Timeline, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = quietvm_vmm::limits::read_input(path, quietvm_vmm::limits::InputKind::Trace)?;
     let text = String::from_utf8_lossy(&bytes);
     let parsed = parse::parse_trace(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     timeline::build(&parsed, hz).map_err(|e| format!("{}: {e}", path.display()))

@@ -510,3 +510,31 @@ fn the_guest_form_holds_every_operation() {
     let after = u32::from_le_bytes(o[12..16].try_into().unwrap());
     assert_eq!(u64::from(after), (24 * MS - TICK_SLACK_NS) / 1_000);
 }
+
+#[test]
+fn finding_7_a_huge_cpu_count_in_the_header_is_refused_at_once() {
+    for header in [
+        "# entries-in-buffer/entries-written: 1/1   #P:4294967295",
+        "cpus=4294967295",
+        "# entries-in-buffer/entries-written: 1/1   #P:4097",
+    ] {
+        let text = format!("# tracer: nop\n{header}\n{}\n", start(0, 0, 0xa, 5, ""));
+        let parsed = parse_trace(&text).expect("parses");
+        let e = build(&parsed, Some(250)).unwrap_err();
+        assert!(e.contains("CPUs"), "{header}: {e}");
+    }
+}
+
+#[test]
+fn finding_7_a_dense_trace_reports_no_false_misses() {
+    // 20,000 arms 2 us apart on one busy CPU, each of its own timer, due one tick later.
+    let mut lines = Vec::new();
+    for i in 0..20_000u64 {
+        lines.push(start(1_000 + 2_000 * i, 0, 0x10_0000 + i, 1, ""));
+    }
+    let tl = timeline(&lines);
+    for p in [Policy::Local, Policy::Push, Policy::Pull] {
+        let f = run(&tl, p);
+        assert_eq!(f.checks.missed, 0, "{p}: {:?}", f.checks);
+    }
+}

@@ -49,7 +49,7 @@ pub const KNOWN_HZ: [u32; 4] = [100, 250, 300, 1000];
 /// A deadline is put this much before the traced start of its jiffy (see the module docs).
 pub const TICK_SLACK_NS: u64 = 50_000;
 /// Most CPUs a trace may name.
-pub const MAX_CPUS: u32 = 4096;
+pub const MAX_CPUS: u32 = quietvm_vmm::limits::MAX_TRACE_CPUS;
 /// Most distinct timers a trace may hold.
 pub const MAX_TIMERS: usize = 1 << 20;
 
@@ -351,6 +351,11 @@ pub fn build(parsed: &ParsedTrace, hz: Option<u32>) -> Result<Timeline> {
             return Err(format!("line {}: CPU {c} is beyond {MAX_CPUS}", r.line));
         }
         max_cpu = max_cpu.max(c);
+    }
+    if let Some(h) = parsed.header_cpus.filter(|&h| h > MAX_CPUS) {
+        return Err(format!(
+            "the header names {h} CPUs; quietvm replays at most {MAX_CPUS} (docs/limits.md)"
+        ));
     }
     let cpus = parsed.header_cpus.unwrap_or(0).max(max_cpu + 1);
 

@@ -47,6 +47,13 @@ impl Response {
         }
     }
 
+    pub fn from_result(r: Result<Value, String>) -> Self {
+        match r {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e),
+        }
+    }
+
     pub fn err(msg: impl Into<String>) -> Self {
         Response {
             ok: false,
@@ -56,15 +63,98 @@ impl Response {
     }
 }
 
-/// What the API asks of a running VM. Each method answers at once (a refusal is an `Err` with one
-/// line for the user) and never half-does a change.
+/// A request that waits for the vCPU threads or the guest (pause, hotplug). The event loop never
+/// waits for it: it calls `check` again whenever it looks (about every millisecond while any such
+/// request is open), and `check` returns the answer once there is one. `check` keeps its own deadline
+/// and must return an answer by it (or as soon as the VM is ending).
+pub struct Waiting {
+    pub check: Box<dyn FnMut() -> Option<Result<Value, String>> + Send>,
+}
+
+/// The answer to a request: at once, or later ([`Waiting`]).
+pub enum Answer {
+    Now(Result<Value, String>),
+    Later(Waiting),
+}
+
+impl From<Result<Value, String>> for Answer {
+    fn from(r: Result<Value, String>) -> Self {
+        Answer::Now(r)
+    }
+}
+
+/// What the API asks of a running VM. A refusal is an `Err` with one line for the user; no request is
+/// ever half-done. No method blocks: what must wait is an [`Answer::Later`].
 pub trait VmControl {
     fn stats(&self) -> Value;
-    fn pause(&self) -> Result<Value, String>;
-    fn resume(&self) -> Result<Value, String>;
-    fn vcpu_offline(&self, vcpu: u32) -> Result<Value, String>;
-    fn vcpu_online(&self, vcpu: u32) -> Result<Value, String>;
-    fn shutdown(&self) -> Result<Value, String>;
+    fn pause(&self) -> Answer;
+    fn resume(&self) -> Answer;
+    fn vcpu_offline(&self, vcpu: u32) -> Answer;
+    fn vcpu_online(&self, vcpu: u32) -> Answer;
+    fn shutdown(&self) -> Answer;
+}
+
+/// A JSON value parsed strictly: an object with a key twice is refused (serde_json would keep the
+/// last one, so `{"op":"stats","op":"shutdown"}` would mean what a reader of the first key did not
+/// expect).
+struct StrictValue(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(StrictValue(x)) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if m.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            let StrictValue(v) = map.next_value()?;
+            m.insert(key, v);
+        }
+        Ok(Value::Object(m))
+    }
 }
 
 /// Why a live policy switch is refused (docs/api.md).
@@ -73,7 +163,7 @@ pub const SET_POLICY_REFUSAL: &str = "set-policy is refused: switching the place
 /// Parses a request line strictly: a JSON object with a known `op` and exactly that op's fields.
 /// (serde's `deny_unknown_fields` does not reach the unit variants of an internally tagged enum.)
 pub fn parse_request(line: &str) -> Result<Request, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let StrictValue(value) = serde_json::from_str(line).map_err(|e| e.to_string())?;
     let object = value.as_object().ok_or("a request is a JSON object")?;
     let op = object
         .get("op")
@@ -90,24 +180,38 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_value(value).map_err(|e| e.to_string())
 }
 
-/// Answers one request line.
-pub fn handle_line(vm: &dyn VmControl, line: &str) -> Response {
+/// Starts answering one request line: the response now, or a [`Waiting`] request.
+pub fn start_line(vm: &dyn VmControl, line: &str) -> Result<Response, Waiting> {
     let request = match parse_request(line) {
         Ok(r) => r,
-        Err(e) => return Response::err(format!("bad request: {e}")),
+        Err(e) => return Ok(Response::err(format!("bad request: {e}"))),
     };
     let answer = match request {
-        Request::Stats => Ok(vm.stats()),
+        Request::Stats => Answer::Now(Ok(vm.stats())),
         Request::Pause => vm.pause(),
         Request::Resume => vm.resume(),
         Request::VcpuOffline { vcpu } => vm.vcpu_offline(vcpu),
         Request::VcpuOnline { vcpu } => vm.vcpu_online(vcpu),
-        Request::SetPolicy { .. } => Err(SET_POLICY_REFUSAL.to_owned()),
+        Request::SetPolicy { .. } => Answer::Now(Err(SET_POLICY_REFUSAL.to_owned())),
         Request::Shutdown => vm.shutdown(),
     };
     match answer {
-        Ok(v) => Response::ok(v),
-        Err(e) => Response::err(e),
+        Answer::Now(r) => Ok(Response::from_result(r)),
+        Answer::Later(w) => Err(w),
+    }
+}
+
+/// Answers one request line, waiting (here, on the calling thread) for a request that must wait:
+/// for tests and tools, never for the event loop.
+pub fn handle_line(vm: &dyn VmControl, line: &str) -> Response {
+    match start_line(vm, line) {
+        Ok(r) => r,
+        Err(mut w) => loop {
+            if let Some(r) = (w.check)() {
+                return Response::from_result(r);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        },
     }
 }
 
@@ -123,22 +227,22 @@ mod tests {
         fn stats(&self) -> Value {
             Value::from("stats")
         }
-        fn pause(&self) -> Result<Value, String> {
+        fn pause(&self) -> Answer {
             self.0.borrow_mut().push("pause".into());
-            Ok(Value::Null)
+            Ok(Value::Null).into()
         }
-        fn resume(&self) -> Result<Value, String> {
-            Err("not paused".into())
+        fn resume(&self) -> Answer {
+            Err("not paused".to_owned()).into()
         }
-        fn vcpu_offline(&self, vcpu: u32) -> Result<Value, String> {
+        fn vcpu_offline(&self, vcpu: u32) -> Answer {
             self.0.borrow_mut().push(format!("offline {vcpu}"));
-            Ok(Value::Null)
+            Ok(Value::Null).into()
         }
-        fn vcpu_online(&self, _: u32) -> Result<Value, String> {
-            Ok(Value::Null)
+        fn vcpu_online(&self, _: u32) -> Answer {
+            Ok(Value::Null).into()
         }
-        fn shutdown(&self) -> Result<Value, String> {
-            Ok(Value::Null)
+        fn shutdown(&self) -> Answer {
+            Ok(Value::Null).into()
         }
     }
 
@@ -168,6 +272,8 @@ mod tests {
             r#"{"op":"vcpu-offline"}"#,
             r#"{"op":"vcpu-offline","vcpu":-1}"#,
             r#"{"op":"pause","extra":1}"#,
+            r#"{"op":"stats","op":"pause"}"#,
+            r#"{"op":"vcpu-offline","vcpu":1,"vcpu":2}"#,
             r#"["pause"]"#,
         ] {
             let r = handle_line(&vm, bad);

@@ -60,7 +60,7 @@ pub fn peer_uid(fd: std::os::unix::io::RawFd) -> Option<u32> {
     (rc == 0).then_some(cred.uid)
 }
 
-/// The eventfd SIGTERM and SIGINT write to (-1: none yet).
+/// The eventfd SIGTERM, SIGINT and SIGHUP write to (-1: none yet).
 static TERMINATION_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 /// The last termination signal received (0: none).
 static TERMINATION_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -76,11 +76,11 @@ extern "C" fn on_termination(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
     }
 }
 
-/// Makes SIGTERM and SIGINT write to eventfd `fd` (which must stay open for the process's life), so
+/// Makes SIGTERM, SIGINT and SIGHUP (the terminal went away: treated like SIGTERM) write to eventfd `fd` (which must stay open for the process's life), so
 /// the event loop can shut the VM down in order. Returns the signal later with [`termination_signal`].
 pub fn route_termination_signals(fd: std::os::unix::io::RawFd) -> Result<(), std::io::Error> {
     TERMINATION_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
-    for sig in [libc::SIGTERM, libc::SIGINT] {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         vmm_sys_util::signal::register_signal_handler(sig, on_termination)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     }
@@ -157,4 +157,133 @@ pub fn quiet_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
     }
+}
+
+/// Writes as much of `buf` to `fd` as the reader takes before `deadline`, without ever blocking past
+/// it and without changing the descriptor's flags (an inherited stdout or stderr is shared with the
+/// parent shell, so it must never be switched to non-blocking): each write waits for `POLLOUT` first
+/// and is at most 512 bytes, which a pipe, socket or terminal that reports `POLLOUT` takes without
+/// blocking. Returns the bytes written, or the error that makes further writes pointless (e.g. `EPIPE`
+/// once the reader is gone).
+pub fn write_within(
+    fd: std::os::unix::io::RawFd,
+    buf: &[u8],
+    deadline: std::time::Instant,
+) -> Result<usize, (usize, std::io::Error)> {
+    const CHUNK: usize = 512;
+    let mut done = 0;
+    while done < buf.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // Round up, so a deadline less than 1 ms away still gets one look.
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `pfd` is one valid pollfd for the kernel to read and write.
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ready < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err((done, err));
+        }
+        if ready == 0 {
+            break; // the deadline passed with the reader not reading
+        }
+        if pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 && pfd.revents & libc::POLLOUT == 0 {
+            return Err((done, std::io::Error::from_raw_os_error(libc::EPIPE)));
+        }
+        let n = (buf.len() - done).min(CHUNK);
+        // SAFETY: `buf[done..done + n]` is valid for reads of `n` bytes.
+        let rc = unsafe { libc::write(fd, buf[done..].as_ptr() as *const libc::c_void, n) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            match err.kind() {
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => continue,
+                _ => return Err((done, err)),
+            }
+        }
+        done += rc as usize;
+        if std::time::Instant::now() >= deadline && done < buf.len() {
+            break;
+        }
+    }
+    Ok(done)
+}
+
+/// Waits up to `timeout` for `fd` to become readable; true if it did.
+pub fn poll_readable(fd: std::os::unix::io::RawFd, timeout: std::time::Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is one valid pollfd for the kernel to read and write.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    rc > 0
+}
+
+/// Writes `buf` to standard error, giving up (silently) at `deadline` if nothing reads it: quietvm's
+/// last words (the outcome, the statistics table) must not hold the process on an unread pipe.
+pub fn write_stderr_within(buf: &[u8], deadline: std::time::Instant) {
+    let _ = write_within(libc::STDERR_FILENO, buf, deadline);
+}
+
+/// Sets `O_NONBLOCK` on a descriptor quietvm created itself (never on an inherited one).
+pub fn set_nonblocking(fd: std::os::unix::io::RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL only read and set the flags of `fd`; no memory is passed.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Makes the child that `cmd` starts get SIGTERM when the thread that spawned it ends
+/// (`PR_SET_PDEATHSIG`): `quietvm fleet` killed with SIGKILL cannot stop its VMs itself, so each
+/// VM shuts itself down in order (SIGTERM is its orderly shutdown) when its fleet thread is gone.
+pub fn terminate_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl and getppid,
+    // which are async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nobody would send the signal.
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `signal` to process `pid` (an error if it is gone).
+pub fn send_signal(pid: u32, signal: i32) -> std::io::Result<()> {
+    // SAFETY: kill(2) takes plain integers and touches no memory.
+    if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::event_loop::LoopTarget;
 use super::{Outcome, VmShared};
 use crate::accounting::KickReasons;
-use crate::api::VmControl;
+use crate::api::{Answer, VmControl, Waiting};
 use crate::config::VmConfig;
 use crate::stats::{TimerStats, VcpuStats, VmStats};
 
@@ -57,7 +57,7 @@ impl<D: ModeParts> VmHandle<D> {
         let (user, system) = crate::sys::os::process_cpu_ns();
         VmStats {
             policy: self.cfg.policy.to_string(),
-            workload: self.cfg.workload.clone(),
+            workload: self.cfg.workload_label(),
             exit_code: 0,
             outcome: if self.shared.paused() {
                 "paused"
@@ -74,19 +74,8 @@ impl<D: ModeParts> VmHandle<D> {
                 v
             },
             timers: self.shared.device.live_timers(now),
+            console_dropped_bytes: self.shared.serial.dropped_bytes(),
         }
-    }
-
-    /// Polls `done` until it holds or [`ACT_WITHIN`] passes (the VMM thread may sleep; vCPUs never do).
-    fn wait_for(&self, done: impl Fn() -> bool) -> bool {
-        let deadline = Instant::now() + ACT_WITHIN;
-        while !done() {
-            if Instant::now() >= deadline || self.shared.stopping() {
-                return done();
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
     }
 
     fn vcpu_index(&self, vcpu: u32) -> Result<usize, String> {
@@ -105,108 +94,166 @@ impl<D: ModeParts> VmHandle<D> {
     }
 }
 
+/// An answer that comes once `check` gives one (see [`Waiting`]).
+fn later(check: impl FnMut() -> Option<Result<Value, String>> + Send + 'static) -> Answer {
+    Answer::Later(Waiting {
+        check: Box::new(check),
+    })
+}
+
+const ENDING: &str = "the VM is ending";
+
 impl<D: ModeParts> VmControl for VmHandle<D> {
     fn stats(&self) -> Value {
         serde_json::to_value(self.snapshot()).unwrap_or(Value::Null)
     }
 
-    fn pause(&self) -> Result<Value, String> {
+    fn pause(&self) -> Answer {
         if self.shared.paused.swap(true, Ordering::AcqRel) {
-            return Err("the VM is already paused".into());
+            return Err("the VM is already paused".to_owned()).into();
         }
         self.shared.kicks.kick_all(KickReasons::CONTROL);
-        let c = &self.shared.control;
-        if !self.wait_for(|| c.iter().all(|v| v.is_parked())) {
+        let shared = Arc::clone(&self.shared);
+        let deadline = Instant::now() + ACT_WITHIN;
+        later(move || {
+            if shared.control.iter().all(|v| v.is_parked()) {
+                return Some(Ok(json!({ "paused": true })));
+            }
+            if shared.stopping() {
+                return Some(Err(ENDING.into()));
+            }
+            if Instant::now() < deadline {
+                return None;
+            }
             // Never half-done: undo.
-            self.shared.paused.store(false, Ordering::Release);
-            self.shared.kicks.kick_all(KickReasons::CONTROL);
-            return Err("not every vCPU stopped within 2 s; the VM keeps running".into());
-        }
-        Ok(json!({ "paused": true }))
+            shared.paused.store(false, Ordering::Release);
+            shared.kicks.kick_all(KickReasons::CONTROL);
+            Some(Err(
+                "not every vCPU stopped within 2 s; the VM keeps running".into(),
+            ))
+        })
     }
 
-    fn resume(&self) -> Result<Value, String> {
+    fn resume(&self) -> Answer {
         if !self.shared.paused.swap(false, Ordering::AcqRel) {
-            return Err("the VM is not paused".into());
+            return Err("the VM is not paused".to_owned()).into();
         }
         self.shared.kicks.kick_all(KickReasons::CONTROL);
-        Ok(json!({ "paused": false }))
+        Ok(json!({ "paused": false })).into()
     }
 
-    fn vcpu_offline(&self, vcpu: u32) -> Result<Value, String> {
-        let i = self.vcpu_index(vcpu)?;
+    fn vcpu_offline(&self, vcpu: u32) -> Answer {
+        let i = match self.vcpu_index(vcpu) {
+            Ok(i) => i,
+            Err(e) => return Err(e).into(),
+        };
         let Some(device) = self.shared.device.hotplug() else {
             return Err(format!(
                 "vCPU hotplug needs quietvm's timer device; this VM runs {}",
                 self.cfg.policy
-            ));
+            ))
+            .into();
         };
         let c = &self.shared.control[i];
         if vcpu == 0 {
-            return Err("vCPU 0 cannot go offline".into());
+            return Err("vCPU 0 cannot go offline".to_owned()).into();
         }
         if self.shared.paused() {
-            return Err("the VM is paused: resume it first".into());
+            return Err("the VM is paused: resume it first".to_owned()).into();
         }
         if !c.is_online() {
-            return Err(format!("vCPU {vcpu} is already offline"));
+            return Err(format!("vCPU {vcpu} is already offline")).into();
+        }
+        if !c.wanted_online.load(Ordering::Acquire) {
+            return Err(format!("vCPU {vcpu} is already being taken offline")).into();
         }
         if self.online_count() <= 1 {
-            return Err("the last online vCPU cannot go offline".into());
+            return Err("the last online vCPU cannot go offline".to_owned()).into();
         }
         c.wanted_online.store(false, Ordering::Release);
         device.request_offline(vcpu);
         self.shared.kicks.kick(vcpu, KickReasons::DELIVERY);
-        if self.wait_for(|| !c.is_online()) {
-            return Ok(json!({ "vcpu": vcpu, "online": false }));
-        }
-        if device.withdraw_offline(vcpu) {
-            c.wanted_online.store(true, Ordering::Release);
-            return Err(format!(
-                "the guest did not acknowledge taking vCPU {vcpu} offline within 2 s (it acknowledges at its next halt); the request is withdrawn"
-            ));
-        }
-        // Acknowledged just now: it is on its way out.
-        if self.wait_for(|| !c.is_online()) {
-            Ok(json!({ "vcpu": vcpu, "online": false }))
-        } else {
-            Err(format!(
-                "vCPU {vcpu} acknowledged but did not leave within 2 s"
-            ))
-        }
+        let shared = Arc::clone(&self.shared);
+        let mut deadline = Instant::now() + ACT_WITHIN;
+        let mut acknowledged = false;
+        later(move || {
+            let c = &shared.control[i];
+            if !c.is_online() {
+                return Some(Ok(json!({ "vcpu": vcpu, "online": false })));
+            }
+            if shared.stopping() {
+                return Some(Err(ENDING.into()));
+            }
+            if Instant::now() < deadline {
+                return None;
+            }
+            if acknowledged {
+                return Some(Err(format!(
+                    "vCPU {vcpu} acknowledged but did not leave within 2 s"
+                )));
+            }
+            let withdrawn = shared
+                .device
+                .hotplug()
+                .is_some_and(|d| d.withdraw_offline(vcpu));
+            if withdrawn {
+                c.wanted_online.store(true, Ordering::Release);
+                return Some(Err(format!(
+                    "the guest did not acknowledge taking vCPU {vcpu} offline within 2 s (it acknowledges at its next halt); the request is withdrawn"
+                )));
+            }
+            // Acknowledged just now: it is on its way out.
+            acknowledged = true;
+            deadline = Instant::now() + ACT_WITHIN;
+            None
+        })
     }
 
-    fn vcpu_online(&self, vcpu: u32) -> Result<Value, String> {
-        let i = self.vcpu_index(vcpu)?;
+    fn vcpu_online(&self, vcpu: u32) -> Answer {
+        let i = match self.vcpu_index(vcpu) {
+            Ok(i) => i,
+            Err(e) => return Err(e).into(),
+        };
         if self.shared.device.hotplug().is_none() {
             return Err(format!(
                 "vCPU hotplug needs quietvm's timer device; this VM runs {}",
                 self.cfg.policy
-            ));
+            ))
+            .into();
         }
         if self.shared.paused() {
-            return Err("the VM is paused: resume it first".into());
+            return Err("the VM is paused: resume it first".to_owned()).into();
         }
         let c = &self.shared.control[i];
         if c.is_online() {
-            return Err(format!("vCPU {vcpu} is already online"));
+            return Err(format!("vCPU {vcpu} is already online")).into();
+        }
+        if c.wanted_online.load(Ordering::Acquire) {
+            return Err(format!("vCPU {vcpu} is already coming online")).into();
         }
         if let Some(device) = self.shared.device.hotplug() {
             device.prepare_online(vcpu);
         }
         c.wanted_online.store(true, Ordering::Release);
         self.shared.kicks.kick(vcpu, KickReasons::CONTROL);
-        if self.wait_for(|| c.is_online()) {
-            Ok(json!({ "vcpu": vcpu, "online": true }))
-        } else {
-            Err(format!("vCPU {vcpu} did not come back within 2 s"))
-        }
+        let shared = Arc::clone(&self.shared);
+        let deadline = Instant::now() + ACT_WITHIN;
+        later(move || {
+            if shared.control[i].is_online() {
+                return Some(Ok(json!({ "vcpu": vcpu, "online": true })));
+            }
+            if shared.stopping() {
+                return Some(Err(ENDING.into()));
+            }
+            (Instant::now() >= deadline)
+                .then(|| Err(format!("vCPU {vcpu} did not come back within 2 s")))
+        })
     }
 
-    fn shutdown(&self) -> Result<Value, String> {
+    fn shutdown(&self) -> Answer {
         self.shared
             .end(Outcome::Shutdown("the API's shutdown request".into()));
-        Ok(json!({ "shutting_down": true }))
+        Ok(json!({ "shutting_down": true })).into()
     }
 }
 
@@ -223,6 +270,7 @@ impl<D: ModeParts> LoopTarget for VmHandle<D> {
         let name = match signal {
             libc::SIGTERM => "SIGTERM".to_owned(),
             libc::SIGINT => "SIGINT".to_owned(),
+            libc::SIGHUP => "SIGHUP".to_owned(),
             s => format!("signal {s}"),
         };
         self.shared.end(Outcome::Shutdown(name));

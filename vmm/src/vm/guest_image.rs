@@ -13,12 +13,9 @@ static BUILTIN_GUEST: &[u8] = include_bytes!(env!("QUIETVM_GUEST_ELF"));
 /// Why a guest file cannot be run.
 #[derive(Debug, Error)]
 pub enum ImageError {
-    #[error("cannot read guest {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The file could not be read (one line from [`crate::limits::read_input`]).
+    #[error("{0}")]
+    Read(String),
     #[error("guest {path} is not a quietvm guest: {why} (see docs/boot.md)")]
     NotAGuest { path: PathBuf, why: &'static str },
 }
@@ -36,10 +33,8 @@ impl GuestImage {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ImageError> {
-        let bytes = std::fs::read(path).map_err(|source| ImageError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = crate::limits::read_input(path, crate::limits::InputKind::GuestImage)
+            .map_err(ImageError::Read)?;
         Self::check(bytes, path)
     }
 

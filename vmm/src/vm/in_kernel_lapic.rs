@@ -160,7 +160,7 @@ fn run_loop(
                 port: TIMER_PORT, ..
             } => return Err(no_timer_device(index)),
             Exit::IoOut { port, size, value } => {
-                if shared.common_out(port, value) {
+                if shared.common_out(port, size, value) {
                     continue;
                 }
                 if port == REPORT_PORT && size == 4 {

@@ -62,6 +62,10 @@ pub enum VmmError {
     Setup(String),
 }
 
+/// How the outcome text of a VM ended on request (API `shutdown`, a signal) begins: the VM's exit
+/// code is 0, but its guest did not finish (`quietvm fleet` counts such a VM as failed).
+pub const SHUT_DOWN_PREFIX: &str = "shut down by ";
+
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -96,7 +100,7 @@ impl Outcome {
             Outcome::GuestCrash(why) => format!("guest crashed: {why}"),
             Outcome::Timeout(ms) => format!("guest did not end within --timeout-ms {ms}"),
             Outcome::VmmError(why) => format!("quietvm error: {why}"),
-            Outcome::Shutdown(by) => format!("shut down by {by} before the guest finished"),
+            Outcome::Shutdown(by) => format!("{SHUT_DOWN_PREFIX}{by} before the guest finished"),
         }
     }
 }
@@ -117,7 +121,7 @@ impl Clock for GuestClock {
 /// userspace policies, the guest's timer report under `kvm-lapic`.
 pub(crate) struct VmShared<D> {
     pub(crate) device: D,
-    pub(crate) serial: SerialConsole<std::io::Stdout>,
+    pub(crate) serial: SerialConsole,
     pub(crate) kicks: Arc<VcpuKicks>,
     /// `CLOCK_MONOTONIC` at guest time 0.
     pub(crate) clock_start_mono: u64,
@@ -236,7 +240,7 @@ impl<D> VmShared<D> {
     ) -> Result<Self, VmmError> {
         Ok(VmShared {
             device,
-            serial: SerialConsole::new(std::io::stdout()),
+            serial: SerialConsole::to_stdout().map_err(VmmError::Thread)?,
             kicks,
             clock_start_mono,
             arrived: AtomicU32::new(0),
@@ -332,14 +336,16 @@ impl<D> VmShared<D> {
             .then(|| u32::from(self.serial.read((port - SERIAL_PORTS.start) as u8)))
     }
 
-    /// Carries out a guest `out` to a port every mode has (serial console, debug exit); `false` for
-    /// other ports.
-    pub(crate) fn common_out(&self, port: u16, value: u32) -> bool {
+    /// Carries out a guest `out` of `size` bytes to a port every mode has (serial console, debug
+    /// exit); `false` for other ports. Only a 32-bit `out` ends the VM (docs/boot.md); an 8- or
+    /// 16-bit one to the exit port is a hostile access, ignored like one to an unknown port.
+    pub(crate) fn common_out(&self, port: u16, size: u8, value: u32) -> bool {
         match port {
             p if SERIAL_PORTS.contains(&p) => self
                 .serial
                 .write((p - SERIAL_PORTS.start) as u8, value as u8),
-            EXIT_PORT => self.end(Outcome::GuestExit(value)),
+            EXIT_PORT if size == 4 => self.end(Outcome::GuestExit(value)),
+            EXIT_PORT => log::debug!("{size}-byte out {value:#x} to the exit port ignored (only a 32-bit out ends the VM)"),
             _ => return false,
         }
         true
@@ -448,6 +454,12 @@ pub(crate) fn crash_outcome(index: u32, exit: &Exit, vcpu: &Vcpu) -> Option<Outc
 /// The statistics name of an exit (docs/stats.md, `exits`).
 pub(crate) fn exit_stat_name(exit: &Exit) -> &'static str {
     match exit {
+        // Only a 32-bit out is the exit port's: others are ignored, as at an unknown port.
+        Exit::IoOut {
+            port: EXIT_PORT,
+            size,
+            ..
+        } if *size != 4 => "io_unknown",
         Exit::IoOut { port, .. } | Exit::IoIn { port, .. } => match *port {
             p if SERIAL_PORTS.contains(&p) => "io_serial",
             EXIT_PORT => "io_exit",
@@ -518,8 +530,8 @@ fn build_machine(
         .write_boot_structures(kvm.memory(), cfg.max_timers, &cfg.guest_args(), tsc_khz)
         .map_err(|e| VmmError::Load(e.to_string()))?;
     if let Some(path) = &cfg.payload {
-        let bytes = std::fs::read(path)
-            .map_err(|e| VmmError::Load(format!("payload {}: {e}", path.display())))?;
+        let bytes = crate::limits::read_input(path, crate::limits::InputKind::Payload)
+            .map_err(VmmError::Setup)?;
         layout
             .write_payload(kvm.memory(), &bytes)
             .map_err(|e| VmmError::Load(format!("payload {}: {e}", path.display())))?;
@@ -535,6 +547,8 @@ struct Ended {
     outcome: Outcome,
     /// Guest time of the end.
     ended_at: u64,
+    /// Console bytes that could not be written (docs/stats.md).
+    console_dropped_bytes: u64,
 }
 
 /// How quietvm runs a VM beyond its config: the control API and the metrics file (docs/api.md).
@@ -544,6 +558,53 @@ pub struct RunOptions {
     pub metrics: Option<PathBuf>,
     /// How often `--metrics` gets a line.
     pub metrics_period: Duration,
+    /// When quietvm started: `--timeout-ms` counts from here, start-up included (`None`: from the
+    /// call to [`run_vm`]).
+    pub started: Option<Instant>,
+}
+
+/// The start-up watchdog's line: dropped (which stops the watchdog) once the event loop, whose timer
+/// takes over `--timeout-ms`, exists.
+static STARTUP_WATCHDOG: Mutex<Option<std::sync::mpsc::Sender<()>>> = Mutex::new(None);
+
+/// Ends the process with exit code 100 if the VM's event loop is not running by `deadline`: start-up
+/// (reading files, creating the VM, binding the API socket) is bounded by `--timeout-ms` too.
+fn start_watchdog(deadline: Instant, timeout_ms: u64) {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("watchdog".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(left) {
+                crate::sys::os::write_stderr_within(
+                    format!("quietvm: the VM did not start within --timeout-ms {timeout_ms}\n")
+                        .as_bytes(),
+                    Instant::now() + crate::limits::EXIT_FLUSH,
+                );
+                std::process::exit(exit_code::GUEST_CRASH);
+            }
+        });
+    if spawned.is_ok() {
+        *STARTUP_WATCHDOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+}
+
+/// Start-up is over: the event loop's timer keeps `--timeout-ms` from here.
+fn stop_watchdog() {
+    STARTUP_WATCHDOG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+}
+
+/// What is left of `--timeout-ms` (at least 1 ms, so that it still fires), `None` without one.
+fn timeout_left(cfg: &VmConfig, opts: &RunOptions) -> Option<Duration> {
+    (cfg.timeout_ms > 0).then(|| {
+        let total = Duration::from_millis(cfg.timeout_ms);
+        let spent = opts.started.map(|t| t.elapsed()).unwrap_or_default();
+        total.saturating_sub(spent).max(Duration::from_millis(1))
+    })
 }
 
 /// Runs `body(shared, index, vcpu)` on one thread per vCPU, serves the VMM's event loop until the VM
@@ -562,10 +623,11 @@ fn run_vcpu_threads<D: ModeParts>(
         &LoopOptions {
             api_sock: opts.api_sock.clone(),
             metrics: opts.metrics.clone().map(|p| (p, opts.metrics_period)),
-            timeout: (cfg.timeout_ms > 0).then(|| Duration::from_millis(cfg.timeout_ms)),
+            timeout: timeout_left(cfg, opts),
         },
     )
     .map_err(VmmError::Setup)?;
+    stop_watchdog();
     let started = Instant::now();
     let mut threads = Vec::with_capacity(vcpus.len());
     for (i, vcpu) in vcpus.into_iter().enumerate() {
@@ -600,7 +662,7 @@ fn run_vcpu_threads<D: ModeParts>(
         }
     }
     let wall_ns = started.elapsed().as_nanos() as u64;
-    shared.serial.flush();
+    let console_dropped_bytes = shared.serial.finish();
     let (outcome, ended_at) = shared
         .outcome
         .lock()
@@ -615,6 +677,7 @@ fn run_vcpu_threads<D: ModeParts>(
         wall_ns,
         outcome,
         ended_at,
+        console_dropped_bytes,
     })
 }
 
@@ -623,7 +686,7 @@ fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
     let (user, system) = crate::sys::os::process_cpu_ns();
     VmStats {
         policy: cfg.policy.to_string(),
-        workload: cfg.workload.clone(),
+        workload: cfg.workload_label(),
         exit_code: ended.outcome.exit_code(),
         outcome: ended.outcome.describe(),
         wall_ns: ended.wall_ns,
@@ -631,6 +694,7 @@ fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
         process_system_ns: system,
         vcpus: ended.vcpus,
         timers,
+        console_dropped_bytes: ended.console_dropped_bytes,
     }
 }
 
@@ -669,6 +733,13 @@ impl control::HotplugDevice for TimerDevice<GuestClock> {
 /// Runs one VM to its end and returns its statistics. `Err` means the VM could not be run at all.
 pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
     cfg.validate()?;
+    if cfg.timeout_ms > 0 {
+        let started = opts.started.unwrap_or_else(Instant::now);
+        start_watchdog(
+            started + Duration::from_millis(cfg.timeout_ms),
+            cfg.timeout_ms,
+        );
+    }
     let image = match &cfg.guest {
         Some(path) => GuestImage::from_file(path)?,
         None => GuestImage::builtin()?,

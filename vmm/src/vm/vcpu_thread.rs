@@ -157,7 +157,7 @@ impl VcpuThread {
     }
 
     fn io_out(&mut self, port: u16, size: u8, value: u32) {
-        if self.shared.common_out(port, value) {
+        if self.shared.common_out(port, size, value) {
             return;
         }
         match port {
