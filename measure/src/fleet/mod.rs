@@ -255,33 +255,53 @@ struct VmFiles {
     stderr: PathBuf,
 }
 
+/// Why a fleet could not be run. Each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("--vms must be between 1 and {MAX_VMS}")]
+    Vms,
+    #[error("{0} must be at most {MAX_PERIOD_MS} (one hour)")]
+    Period(&'static str),
+    #[error("cannot find the quietvm binary: {0}")]
+    NoBinary(#[source] std::io::Error),
+    #[error("cannot create {}: {source}", path.display())]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
 /// Runs the fleet and measures it.
-pub fn run(args: &FleetArgs) -> Result<FleetReport, String> {
+pub fn run(args: &FleetArgs) -> Result<FleetReport, FleetError> {
     if !(1..=MAX_VMS).contains(&args.vms) {
-        return Err(format!("--vms must be between 1 and {MAX_VMS}"));
+        return Err(FleetError::Vms);
     }
     for (flag, v) in [
         ("--interval-ms", args.interval_ms),
         ("--sample-ms", args.sample_ms),
     ] {
         if v > MAX_PERIOD_MS {
-            return Err(format!("{flag} must be at most {MAX_PERIOD_MS} (one hour)"));
+            return Err(FleetError::Period(flag));
         }
     }
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the quietvm binary: {e}"))?;
+    let exe = std::env::current_exe().map_err(FleetError::NoBinary)?;
     remove_stale_dirs();
     let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|source| FleetError::Dir {
+        path: dir.clone(),
+        source,
+    })?;
     // SIGINT, SIGTERM, SIGHUP: stop launching, shut the running VMs down in order, report them as
     // interrupted, and remove the directory (SIGKILL cannot be caught: the next fleet run removes
     // the directory, and each VM is told by PR_SET_PDEATHSIG).
     let signals = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
-        .map_err(|e| format!("cannot create an eventfd: {e}"))?;
+        .map_err(FleetError::Signals)?;
     quietvm_vmm::sys::os::route_termination_signals(std::os::unix::io::AsRawFd::as_raw_fd(
         &signals,
     ))
-    .map_err(|e| format!("cannot install the signal handlers: {e}"))?;
+    .map_err(FleetError::Signals)?;
     // The handler may write to it until the process ends.
     std::mem::forget(signals);
     let mut interrupted: Option<i32> = None;

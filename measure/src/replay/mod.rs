@@ -126,11 +126,29 @@ pub fn parse_policies(s: &str) -> Result<Vec<Policy>, String> {
 }
 
 /// Reads, parses and prepares a trace file; errors are one line naming the file.
-pub fn load(path: &std::path::Path, hz: Option<u32>) -> Result<Timeline, String> {
-    let bytes = quietvm_vmm::limits::read_input(path, quietvm_vmm::limits::InputKind::Trace)?;
+pub fn load(path: &std::path::Path, hz: Option<u32>) -> Result<Timeline, LoadError> {
+    let bytes = quietvm_vmm::limits::read_input(path, quietvm_vmm::limits::InputKind::Trace)
+        .map_err(LoadError::Read)?;
     let text = String::from_utf8_lossy(&bytes);
-    let parsed = parse::parse_trace(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    timeline::build(&parsed, hz).map_err(|e| format!("{}: {e}", path.display()))
+    let bad = |message: String| LoadError::Trace {
+        path: path.to_owned(),
+        message,
+    };
+    let parsed = parse::parse_trace(&text).map_err(|e| bad(e.to_string()))?;
+    timeline::build(&parsed, hz).map_err(bad)
+}
+
+/// Why a trace could not be loaded: the file (its limits and checks, docs/limits.md), or a line of
+/// it, named with its number.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Read(String),
+    #[error("{}: {message}", path.display())]
+    Trace {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }
 
 /// Replays a loaded trace under `policies`.

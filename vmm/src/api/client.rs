@@ -26,17 +26,43 @@ pub struct CtlArgs {
     pub raw: Option<String>,
 }
 
-fn build(args: &CtlArgs) -> Result<String, String> {
+/// Why `quietvm ctl` could not ask. Each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0} needs a vCPU index")]
+    NoVcpu(String),
+    #[error("{0}: the vCPU index must be a number")]
+    BadVcpu(String),
+    #[error("set-policy needs a policy")]
+    NoPolicy,
+    #[error("unknown request `{0}` (stats, pause, resume, vcpu-offline N, vcpu-online N, set-policy P, shutdown)")]
+    UnknownRequest(String),
+    #[error("cannot encode the request: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("cannot connect to {}: {source}", path.display())]
+    Connect {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot send the request: {0}")]
+    Send(#[source] std::io::Error),
+    #[error("no answer: {0}")]
+    NoAnswer(#[source] std::io::Error),
+    #[error("the VMM closed the connection without answering")]
+    Closed,
+}
+
+fn build(args: &CtlArgs) -> Result<String, CtlError> {
     if let Some(raw) = &args.raw {
         return Ok(raw.clone());
     }
     let verb = args.request.as_deref().unwrap_or_default();
-    let vcpu = || -> Result<u32, String> {
+    let vcpu = || -> Result<u32, CtlError> {
         args.arg
             .as_deref()
-            .ok_or(format!("{verb} needs a vCPU index"))?
+            .ok_or_else(|| CtlError::NoVcpu(verb.to_owned()))?
             .parse()
-            .map_err(|_| format!("{verb}: the vCPU index must be a number"))
+            .map_err(|_| CtlError::BadVcpu(verb.to_owned()))
     };
     let request = match verb {
         "stats" => Request::Stats,
@@ -46,27 +72,29 @@ fn build(args: &CtlArgs) -> Result<String, String> {
         "vcpu-offline" => Request::VcpuOffline { vcpu: vcpu()? },
         "vcpu-online" => Request::VcpuOnline { vcpu: vcpu()? },
         "set-policy" => Request::SetPolicy {
-            policy: args.arg.clone().ok_or("set-policy needs a policy")?,
+            policy: args.arg.clone().ok_or(CtlError::NoPolicy)?,
         },
-        other => return Err(format!("unknown request `{other}` (stats, pause, resume, vcpu-offline N, vcpu-online N, set-policy P, shutdown)")),
+        other => return Err(CtlError::UnknownRequest(other.to_owned())),
     };
-    serde_json::to_string(&request).map_err(|e| e.to_string())
+    serde_json::to_string(&request).map_err(CtlError::Encode)
 }
 
 /// Sends one request line and returns the response line.
-pub fn send(socket: &std::path::Path, line: &str) -> Result<String, String> {
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+pub fn send(socket: &std::path::Path, line: &str) -> Result<String, CtlError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| CtlError::Connect {
+        path: socket.to_owned(),
+        source,
+    })?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     stream
         .write_all(format!("{}\n", line.trim()).as_bytes())
-        .map_err(|e| format!("cannot send the request: {e}"))?;
+        .map_err(CtlError::Send)?;
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)
-        .map_err(|e| format!("no answer: {e}"))?;
+        .map_err(CtlError::NoAnswer)?;
     if answer.is_empty() {
-        return Err("the VMM closed the connection without answering".into());
+        return Err(CtlError::Closed);
     }
     Ok(answer.trim_end().to_owned())
 }
@@ -76,7 +104,7 @@ pub fn main(args: CtlArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             eprintln!("quietvm: error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(crate::exit_code::USAGE as u8);
         }
     };
     match send(&args.socket, &line) {

@@ -47,10 +47,10 @@ impl Response {
         }
     }
 
-    pub fn from_result(r: Result<Value, String>) -> Self {
+    pub fn from_result(r: Result<Value, ControlError>) -> Self {
         match r {
             Ok(v) => Response::ok(v),
-            Err(e) => Response::err(e),
+            Err(e) => Response::err(e.to_string()),
         }
     }
 
@@ -68,19 +68,66 @@ impl Response {
 /// request is open), and `check` returns the answer once there is one. `check` keeps its own deadline
 /// and must return an answer by it (or as soon as the VM is ending).
 pub struct Waiting {
-    pub check: Box<dyn FnMut() -> Option<Result<Value, String>> + Send>,
+    pub check: Box<dyn FnMut() -> Option<Result<Value, ControlError>> + Send>,
 }
 
 /// The answer to a request: at once, or later ([`Waiting`]).
 pub enum Answer {
-    Now(Result<Value, String>),
+    Now(Result<Value, ControlError>),
     Later(Waiting),
 }
 
-impl From<Result<Value, String>> for Answer {
-    fn from(r: Result<Value, String>) -> Self {
+impl From<Result<Value, ControlError>> for Answer {
+    fn from(r: Result<Value, ControlError>) -> Self {
         Answer::Now(r)
     }
+}
+
+impl From<ControlError> for Answer {
+    fn from(e: ControlError) -> Self {
+        Answer::Now(Err(e))
+    }
+}
+
+/// Why the VM refused or could not carry out a request. Each is the one line the client prints.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{SET_POLICY_REFUSAL}")]
+    SetPolicyRefused,
+    #[error("no vCPU {vcpu}: the VM has {count} (0..{last})", last = count - 1)]
+    NoSuchVcpu { vcpu: u32, count: u32 },
+    #[error("vCPU hotplug needs quietvm's timer device; this VM runs {0}")]
+    NoHotplug(String),
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("not every vCPU stopped within 2 s; the VM keeps running")]
+    PauseTimedOut,
+    #[error("the VM is ending")]
+    Ending,
+    #[error("vCPU 0 cannot go offline")]
+    Vcpu0Stays,
+    #[error("the VM is paused: resume it first")]
+    Paused,
+    #[error("vCPU {0} is already offline")]
+    AlreadyOffline(u32),
+    #[error("vCPU {0} is already being taken offline")]
+    GoingOffline(u32),
+    #[error("the last online vCPU cannot go offline")]
+    LastOnline,
+    #[error("the guest did not acknowledge taking vCPU {0} offline within 2 s (it acknowledges at its next halt); the request is withdrawn")]
+    NotAcknowledged(u32),
+    #[error("vCPU {0} acknowledged but did not leave within 2 s")]
+    DidNotLeave(u32),
+    #[error("vCPU {0} is already online")]
+    AlreadyOnline(u32),
+    #[error("vCPU {0} is already coming online")]
+    ComingOnline(u32),
+    #[error("vCPU {0} did not come back within 2 s")]
+    NotBack(u32),
 }
 
 /// What the API asks of a running VM. A refusal is an `Err` with one line for the user; no request is
@@ -184,7 +231,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 pub fn start_line(vm: &dyn VmControl, line: &str) -> Result<Response, Waiting> {
     let request = match parse_request(line) {
         Ok(r) => r,
-        Err(e) => return Ok(Response::err(format!("bad request: {e}"))),
+        Err(e) => return Ok(Response::from_result(Err(ControlError::BadRequest(e)))),
     };
     let answer = match request {
         Request::Stats => Answer::Now(Ok(vm.stats())),
@@ -192,7 +239,7 @@ pub fn start_line(vm: &dyn VmControl, line: &str) -> Result<Response, Waiting> {
         Request::Resume => vm.resume(),
         Request::VcpuOffline { vcpu } => vm.vcpu_offline(vcpu),
         Request::VcpuOnline { vcpu } => vm.vcpu_online(vcpu),
-        Request::SetPolicy { .. } => Answer::Now(Err(SET_POLICY_REFUSAL.to_owned())),
+        Request::SetPolicy { .. } => ControlError::SetPolicyRefused.into(),
         Request::Shutdown => vm.shutdown(),
     };
     match answer {
@@ -232,7 +279,7 @@ mod tests {
             Ok(Value::Null).into()
         }
         fn resume(&self) -> Answer {
-            Err("not paused".to_owned()).into()
+            ControlError::NotPaused.into()
         }
         fn vcpu_offline(&self, vcpu: u32) -> Answer {
             self.0.borrow_mut().push(format!("offline {vcpu}"));
@@ -258,7 +305,7 @@ mod tests {
         );
         assert_eq!(
             handle_line(&vm, r#"{"op":"resume"}"#).error.as_deref(),
-            Some("not paused")
+            Some("the VM is not paused")
         );
     }
 

@@ -136,37 +136,44 @@ pub struct ApiServer {
     refuse_log: RateLimitedLog,
 }
 
+/// Why the API socket could not be served. Each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("--api-sock {}: exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("--api-sock {}: another VMM is serving it", .0.display())]
+    InUse(PathBuf),
+    #[error("--api-sock {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 impl ApiServer {
     /// Binds `path` (refusing to replace anything but a stale socket) with mode 0600.
-    pub fn bind(path: &Path, vm: Arc<dyn VmControl + Send + Sync>) -> Result<Self, String> {
+    pub fn bind(path: &Path, vm: Arc<dyn VmControl + Send + Sync>) -> Result<Self, BindError> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
-                return Err(format!(
-                    "--api-sock {}: exists and is not a socket",
-                    path.display()
-                ));
+                return Err(BindError::NotASocket(path.to_owned()));
             }
             if UnixStream::connect(path).is_ok() {
-                return Err(format!(
-                    "--api-sock {}: another VMM is serving it",
-                    path.display()
-                ));
+                return Err(BindError::InUse(path.to_owned()));
             }
             let _ = std::fs::remove_file(path);
         }
-        let listener =
-            UnixListener::bind(path).map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
-        let timer = TimerFd::new().map_err(|e| format!("--api-sock: {e}"))?;
+        let io = |source: std::io::Error| BindError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        listener.set_nonblocking(true).map_err(io)?;
+        let timer = TimerFd::new().map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
         // Non-blocking: a connection's event in the same batch may re-arm (and so clear) it before
         // its own event is handled, and reading it must not then wait.
-        crate::sys::os::set_nonblocking(timer.as_raw_fd())
-            .map_err(|e| format!("--api-sock: {e}"))?;
+        crate::sys::os::set_nonblocking(timer.as_raw_fd()).map_err(io)?;
         Ok(ApiServer {
             listener,
             path: path.to_owned(),

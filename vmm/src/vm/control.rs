@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::event_loop::LoopTarget;
 use super::{Outcome, VmShared};
 use crate::accounting::KickReasons;
-use crate::api::{Answer, VmControl, Waiting};
+use crate::api::{Answer, ControlError, VmControl, Waiting};
 use crate::config::VmConfig;
 use crate::stats::{TimerStats, VcpuStats, VmStats};
 
@@ -78,13 +78,12 @@ impl<D: ModeParts> VmHandle<D> {
         }
     }
 
-    fn vcpu_index(&self, vcpu: u32) -> Result<usize, String> {
+    fn vcpu_index(&self, vcpu: u32) -> Result<usize, ControlError> {
         if vcpu >= self.cfg.vcpus {
-            return Err(format!(
-                "no vCPU {vcpu}: the VM has {} (0..{})",
-                self.cfg.vcpus,
-                self.cfg.vcpus - 1
-            ));
+            return Err(ControlError::NoSuchVcpu {
+                vcpu,
+                count: self.cfg.vcpus,
+            });
         }
         Ok(vcpu as usize)
     }
@@ -95,13 +94,11 @@ impl<D: ModeParts> VmHandle<D> {
 }
 
 /// An answer that comes once `check` gives one (see [`Waiting`]).
-fn later(check: impl FnMut() -> Option<Result<Value, String>> + Send + 'static) -> Answer {
+fn later(check: impl FnMut() -> Option<Result<Value, ControlError>> + Send + 'static) -> Answer {
     Answer::Later(Waiting {
         check: Box::new(check),
     })
 }
-
-const ENDING: &str = "the VM is ending";
 
 impl<D: ModeParts> VmControl for VmHandle<D> {
     fn stats(&self) -> Value {
@@ -110,7 +107,7 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
 
     fn pause(&self) -> Answer {
         if self.shared.paused.swap(true, Ordering::AcqRel) {
-            return Err("the VM is already paused".to_owned()).into();
+            return ControlError::AlreadyPaused.into();
         }
         self.shared.kicks.kick_all(KickReasons::CONTROL);
         let shared = Arc::clone(&self.shared);
@@ -120,7 +117,7 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
                 return Some(Ok(json!({ "paused": true })));
             }
             if shared.stopping() {
-                return Some(Err(ENDING.into()));
+                return Some(Err(ControlError::Ending));
             }
             if Instant::now() < deadline {
                 return None;
@@ -128,15 +125,13 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
             // Never half-done: undo.
             shared.paused.store(false, Ordering::Release);
             shared.kicks.kick_all(KickReasons::CONTROL);
-            Some(Err(
-                "not every vCPU stopped within 2 s; the VM keeps running".into(),
-            ))
+            Some(Err(ControlError::PauseTimedOut))
         })
     }
 
     fn resume(&self) -> Answer {
         if !self.shared.paused.swap(false, Ordering::AcqRel) {
-            return Err("the VM is not paused".to_owned()).into();
+            return ControlError::NotPaused.into();
         }
         self.shared.kicks.kick_all(KickReasons::CONTROL);
         Ok(json!({ "paused": false })).into()
@@ -148,27 +143,23 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
             Err(e) => return Err(e).into(),
         };
         let Some(device) = self.shared.device.hotplug() else {
-            return Err(format!(
-                "vCPU hotplug needs quietvm's timer device; this VM runs {}",
-                self.cfg.policy
-            ))
-            .into();
+            return ControlError::NoHotplug(self.cfg.policy.to_string()).into();
         };
         let c = &self.shared.control[i];
         if vcpu == 0 {
-            return Err("vCPU 0 cannot go offline".to_owned()).into();
+            return ControlError::Vcpu0Stays.into();
         }
         if self.shared.paused() {
-            return Err("the VM is paused: resume it first".to_owned()).into();
+            return ControlError::Paused.into();
         }
         if !c.is_online() {
-            return Err(format!("vCPU {vcpu} is already offline")).into();
+            return ControlError::AlreadyOffline(vcpu).into();
         }
         if !c.wanted_online.load(Ordering::Acquire) {
-            return Err(format!("vCPU {vcpu} is already being taken offline")).into();
+            return ControlError::GoingOffline(vcpu).into();
         }
         if self.online_count() <= 1 {
-            return Err("the last online vCPU cannot go offline".to_owned()).into();
+            return ControlError::LastOnline.into();
         }
         c.wanted_online.store(false, Ordering::Release);
         device.request_offline(vcpu);
@@ -182,15 +173,13 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
                 return Some(Ok(json!({ "vcpu": vcpu, "online": false })));
             }
             if shared.stopping() {
-                return Some(Err(ENDING.into()));
+                return Some(Err(ControlError::Ending));
             }
             if Instant::now() < deadline {
                 return None;
             }
             if acknowledged {
-                return Some(Err(format!(
-                    "vCPU {vcpu} acknowledged but did not leave within 2 s"
-                )));
+                return Some(Err(ControlError::DidNotLeave(vcpu)));
             }
             let withdrawn = shared
                 .device
@@ -198,9 +187,7 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
                 .is_some_and(|d| d.withdraw_offline(vcpu));
             if withdrawn {
                 c.wanted_online.store(true, Ordering::Release);
-                return Some(Err(format!(
-                    "the guest did not acknowledge taking vCPU {vcpu} offline within 2 s (it acknowledges at its next halt); the request is withdrawn"
-                )));
+                return Some(Err(ControlError::NotAcknowledged(vcpu)));
             }
             // Acknowledged just now: it is on its way out.
             acknowledged = true;
@@ -215,21 +202,17 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
             Err(e) => return Err(e).into(),
         };
         if self.shared.device.hotplug().is_none() {
-            return Err(format!(
-                "vCPU hotplug needs quietvm's timer device; this VM runs {}",
-                self.cfg.policy
-            ))
-            .into();
+            return ControlError::NoHotplug(self.cfg.policy.to_string()).into();
         }
         if self.shared.paused() {
-            return Err("the VM is paused: resume it first".to_owned()).into();
+            return ControlError::Paused.into();
         }
         let c = &self.shared.control[i];
         if c.is_online() {
-            return Err(format!("vCPU {vcpu} is already online")).into();
+            return ControlError::AlreadyOnline(vcpu).into();
         }
         if c.wanted_online.load(Ordering::Acquire) {
-            return Err(format!("vCPU {vcpu} is already coming online")).into();
+            return ControlError::ComingOnline(vcpu).into();
         }
         if let Some(device) = self.shared.device.hotplug() {
             device.prepare_online(vcpu);
@@ -243,10 +226,9 @@ impl<D: ModeParts> VmControl for VmHandle<D> {
                 return Some(Ok(json!({ "vcpu": vcpu, "online": true })));
             }
             if shared.stopping() {
-                return Some(Err(ENDING.into()));
+                return Some(Err(ControlError::Ending));
             }
-            (Instant::now() >= deadline)
-                .then(|| Err(format!("vCPU {vcpu} did not come back within 2 s")))
+            (Instant::now() >= deadline).then_some(Err(ControlError::NotBack(vcpu)))
         })
     }
 

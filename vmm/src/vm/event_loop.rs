@@ -109,12 +109,37 @@ impl MutEventSubscriber for MetricsWriter {
     }
 }
 
-fn open_metrics(path: &Path) -> Result<std::fs::File, String> {
+fn open_metrics(path: &Path) -> Result<std::fs::File, LoopError> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| format!("--metrics {}: {e}", path.display()))
+        .map_err(|source| LoopError::Metrics {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Why the event loop could not be set up (before any vCPU runs). Each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("event loop: {0}")]
+    EventManager(String),
+    #[error("event loop: {0}")]
+    Os(#[source] std::io::Error),
+    #[error("cannot install the SIGTERM/SIGINT handler: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("--metrics {}: {source}", path.display())]
+    Metrics {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Api(#[from] crate::api::server::BindError),
+}
+
+fn errno(e: vmm_sys_util::errno::Error) -> LoopError {
+    LoopError::Os(std::io::Error::from_raw_os_error(e.errno()))
 }
 
 /// Runs the loop until the VM has ended. Errors are set-up failures (socket, files), reported before
@@ -126,18 +151,16 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    pub fn new(target: Arc<dyn LoopTarget>, opts: &LoopOptions) -> Result<Self, String> {
+    pub fn new(target: Arc<dyn LoopTarget>, opts: &LoopOptions) -> Result<Self, LoopError> {
         let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> =
-            EventManager::new().map_err(|e| format!("event loop: {e:?}"))?;
+            EventManager::new().map_err(|e| LoopError::EventManager(format!("{e:?}")))?;
         manager.add_subscriber(Box::new(EndWatcher {
             target: Arc::clone(&target),
         }));
-        let signals = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("event loop: {e}"))?;
-        let for_handler = signals
-            .try_clone()
-            .map_err(|e| format!("event loop: {e}"))?;
+        let signals = EventFd::new(EFD_NONBLOCK).map_err(LoopError::Os)?;
+        let for_handler = signals.try_clone().map_err(LoopError::Os)?;
         crate::sys::os::route_termination_signals(for_handler.as_raw_fd())
-            .map_err(|e| format!("cannot install the SIGTERM/SIGINT handler: {e}"))?;
+            .map_err(LoopError::Signals)?;
         // The handler may write to it until the process ends.
         std::mem::forget(for_handler);
         manager.add_subscriber(Box::new(SignalWatcher {
@@ -145,10 +168,8 @@ impl EventLoop {
             target: Arc::clone(&target),
         }));
         if let Some(t) = opts.timeout {
-            let mut timer = TimerFd::new().map_err(|e| format!("event loop: {e}"))?;
-            timer
-                .reset(t, None)
-                .map_err(|e| format!("event loop: {e}"))?;
+            let mut timer = TimerFd::new().map_err(errno)?;
+            timer.reset(t, None).map_err(errno)?;
             manager.add_subscriber(Box::new(TimeoutWatcher {
                 timer,
                 target: Arc::clone(&target),
@@ -156,10 +177,8 @@ impl EventLoop {
         }
         if let Some((path, period)) = &opts.metrics {
             let file = open_metrics(path)?;
-            let mut timer = TimerFd::new().map_err(|e| format!("event loop: {e}"))?;
-            timer
-                .reset(*period, Some(*period))
-                .map_err(|e| format!("event loop: {e}"))?;
+            let mut timer = TimerFd::new().map_err(errno)?;
+            timer.reset(*period, Some(*period)).map_err(errno)?;
             manager.add_subscriber(Box::new(MetricsWriter {
                 timer,
                 file,

@@ -60,6 +60,8 @@ pub enum VmmError {
     Thread(std::io::Error),
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    EventLoop(#[from] event_loop::LoopError),
 }
 
 /// How the outcome text of a VM ended on request (API `shutdown`, a signal) begins: the VM's exit
@@ -625,8 +627,7 @@ fn run_vcpu_threads<D: ModeParts>(
             metrics: opts.metrics.clone().map(|p| (p, opts.metrics_period)),
             timeout: timeout_left(cfg, opts),
         },
-    )
-    .map_err(VmmError::Setup)?;
+    )?;
     stop_watchdog();
     let started = Instant::now();
     let mut threads = Vec::with_capacity(vcpus.len());
