@@ -89,6 +89,9 @@ struct RunArgs {
     /// Serve the control API on this Unix socket (docs/api.md; `quietvm ctl`).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Do not install the seccomp filters (for debugging; docs/limits.md).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Append one JSON line of counters to this file every --metrics-period-s seconds.
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
@@ -143,6 +146,9 @@ impl RunArgs {
         cfg.args.extend(self.args.iter().cloned());
         if let Some(v) = self.timeout_ms {
             cfg.timeout_ms = v;
+        }
+        if self.no_seccomp {
+            cfg.seccomp = false;
         }
         Ok(cfg)
     }

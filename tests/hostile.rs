@@ -672,6 +672,48 @@ fn finding_8_fleet_killed_leaves_no_vm_and_the_next_run_removes_its_dir() {
     );
 }
 
+#[test]
+fn seccomp_is_on_by_default_and_traps_a_forbidden_call_on_a_vcpu_thread() {
+    // The hidden debug switch makes each vCPU thread call sysinfo(2) right after its filter is on.
+    let r = common::raw_with_env(
+        &["run", "--workload", "hello", "--timeout-ms", "30000"],
+        &[("QUIETVM_DEBUG_FORBIDDEN_SYSCALL", "vcpu")],
+    );
+    r.expect_code(101);
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| l.contains("seccomp")).collect();
+    assert_eq!(lines.len(), 1, "{}", r.stderr);
+    assert!(
+        lines[0].contains(&format!(
+            "a vCPU thread made system call {}",
+            libc::SYS_sysinfo
+        )),
+        "{}",
+        r.stderr
+    );
+    // --no-seccomp turns the filters off: the same call is harmless.
+    let r = common::raw_with_env(
+        &[
+            "run",
+            "--workload",
+            "hello",
+            "--no-seccomp",
+            "--timeout-ms",
+            "30000",
+        ],
+        &[("QUIETVM_DEBUG_FORBIDDEN_SYSCALL", "vcpu")],
+    );
+    r.expect_code(0);
+    // And so does the config key.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("noseccomp.toml");
+    std::fs::write(&cfg, "workload = \"hello\"\nseccomp = false\n").unwrap();
+    let r = common::raw_with_env(
+        &["run", cfg.to_str().unwrap(), "--timeout-ms", "30000"],
+        &[("QUIETVM_DEBUG_FORBIDDEN_SYSCALL", "vcpu")],
+    );
+    r.expect_code(0);
+}
+
 fn drop_vm(mut vm: ApiVm) {
     signal(&vm.child, libc::SIGTERM);
     let _ = wait_with_limit(&mut vm.child, Duration::from_secs(10));

@@ -99,6 +99,8 @@ pub struct VmConfig {
     /// A file placed in guest memory for the workload (boot info `payload_*`), e.g. the `replay`
     /// workload's trace (`quietvm replay TRACE --guest-out FILE`).
     pub payload: Option<PathBuf>,
+    /// Install the seccomp filters (docs/limits.md); `false` only for debugging (`--no-seccomp`).
+    pub seccomp: bool,
 }
 
 impl Default for VmConfig {
@@ -116,6 +118,7 @@ impl Default for VmConfig {
             max_timers: 4096,
             timeout_ms: 0,
             payload: None,
+            seccomp: true,
         }
     }
 }
@@ -187,6 +190,7 @@ impl VmConfig {
             max_timers: Option<u32>,
             timeout_ms: Option<u64>,
             payload: Option<PathBuf>,
+            seccomp: Option<bool>,
         }
         let p: Partial = toml::from_str(text).map_err(|e| e.message().to_string())?;
         let d = VmConfig::default();
@@ -207,6 +211,7 @@ impl VmConfig {
             max_timers: p.max_timers.unwrap_or(d.max_timers),
             timeout_ms: p.timeout_ms.unwrap_or(d.timeout_ms),
             payload: p.payload,
+            seccomp: p.seccomp.unwrap_or(d.seccomp),
         })
     }
 
