@@ -455,11 +455,15 @@ fn finding_4_fd_exhaustion_does_not_spin_and_recovers() {
         "quietvm spun at the fd limit: {cpu} ms of CPU in 3 s"
     );
     drop(hogs);
-    let answer = vm.ask(r#"{"op":"stats"}"#, Duration::from_secs(5));
-    assert!(
-        answer.is_some_and(|a| a["ok"] == true),
-        "no stats answered once descriptors were free"
-    );
+    // Generous: the listener comes back within 100 ms, but the machine is shared.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut answered = false;
+    while !answered && Instant::now() < deadline {
+        answered = vm
+            .ask(r#"{"op":"stats"}"#, Duration::from_secs(5))
+            .is_some_and(|a| a["ok"] == true);
+    }
+    assert!(answered, "no stats answered once descriptors were free");
     let mut child = vm.child;
     signal(&child, libc::SIGTERM);
     assert_eq!(
