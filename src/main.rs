@@ -89,6 +89,9 @@ struct RunArgs {
     /// Serve the control API on this Unix socket (docs/api.md; `quietvm ctl`).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Do not install the seccomp filters (for debugging; docs/limits.md).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Append one JSON line of counters to this file every --metrics-period-s seconds.
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
@@ -161,6 +164,9 @@ impl RunArgs {
             // --vcpus changed the count a config's node map was written for.
             let nodes = cfg.vcpu_nodes.iter().max().map_or(1, |m| m + 1);
             cfg.set_numa_nodes(nodes);
+        }
+        if self.no_seccomp {
+            cfg.seccomp = false;
         }
         Ok(cfg)
     }

@@ -108,6 +108,8 @@ pub struct VmConfig {
     /// Children per hierarchy group (2..=8; the kernel's 8). Smaller groups build deeper trees from
     /// few vCPUs, to try hierarchy shapes on KVM.
     pub hierarchy_group_size: u32,
+    /// Install the seccomp filters (docs/limits.md); `false` only for debugging (`--no-seccomp`).
+    pub seccomp: bool,
 }
 
 impl Default for VmConfig {
@@ -128,6 +130,7 @@ impl Default for VmConfig {
             isolated_vcpus: Vec::new(),
             vcpu_nodes: Vec::new(),
             hierarchy_group_size: 8,
+            seccomp: true,
         }
     }
 }
@@ -284,6 +287,7 @@ impl VmConfig {
             vcpu_nodes: Option<Vec<u32>>,
             #[serde(alias = "hierarchy_group_size")]
             hierarchy_group_size: Option<u32>,
+            seccomp: Option<bool>,
         }
         let p: Partial = toml::from_str(text).map_err(|e| e.message().to_string())?;
         let d = VmConfig::default();
@@ -317,6 +321,7 @@ impl VmConfig {
             },
             vcpu_nodes,
             hierarchy_group_size: p.hierarchy_group_size.unwrap_or(d.hierarchy_group_size),
+            seccomp: p.seccomp.unwrap_or(d.seccomp),
         })
     }
 

@@ -254,11 +254,16 @@ impl ThreadCounters {
     pub fn read(pid: u32, tid: u32) -> Option<Self> {
         let dir = format!("/proc/{pid}/task/{tid}");
         let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
+        let schedstat = std::fs::read_to_string(format!("{dir}/schedstat")).ok()?;
+        Self::parse(&status, &schedstat)
+    }
+
+    /// The counters from the text of a thread's `status` and `schedstat` files.
+    pub fn parse(status: &str, schedstat: &str) -> Option<Self> {
         let voluntary_switches = status
             .lines()
             .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
             .and_then(|v| v.trim().parse().ok())?;
-        let schedstat = std::fs::read_to_string(format!("{dir}/schedstat")).ok()?;
         let mut fields = schedstat.split_whitespace().map(|f| f.parse::<u64>().ok());
         let cpu_ns = fields.next().flatten()?;
         let _wait_ns = fields.next();

@@ -177,6 +177,9 @@ impl SerialConsole {
 
 /// The `console` thread: writes queued bytes to `out` as the reader takes them.
 fn write_out(queue: &ConsoleQueue, out: &OwnedFd) {
+    if let Err(e) = crate::sys::seccomp::install(crate::sys::seccomp::ThreadClass::Console) {
+        log::error!("console: {e}");
+    }
     let fd = out.as_raw_fd();
     let mut chunk: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut exit_deadline: Option<Instant> = None;

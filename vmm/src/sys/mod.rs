@@ -7,3 +7,4 @@
 
 pub mod kvm;
 pub mod os;
+pub mod seccomp;

@@ -88,13 +88,14 @@ struct MetricsWriter {
     timer: TimerFd,
     file: std::fs::File,
     target: Arc<dyn LoopTarget>,
+    errors: crate::limits::RateLimitedLog,
 }
 
 impl MetricsWriter {
     fn write_line(&mut self) {
         let line = self.target.metrics_line();
         if let Err(e) = writeln!(self.file, "{line}") {
-            log::warn!("metrics: {e}");
+            self.errors.warn(|| format!("metrics: {e}"));
         }
     }
 }
@@ -183,6 +184,7 @@ impl EventLoop {
                 timer,
                 file,
                 target: Arc::clone(&target),
+                errors: Default::default(),
             }));
         }
         if let Some(path) = &opts.api_sock {
@@ -198,9 +200,10 @@ impl EventLoop {
 
     /// Serves events until the VM has ended.
     pub fn run(&mut self) {
+        let mut errors = crate::limits::RateLimitedLog::default();
         while !self.target.ended() {
             if let Err(e) = self.manager.run_with_timeout(1000) {
-                log::error!("event loop: {e:?}");
+                errors.warn(|| format!("event loop: {e:?}"));
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

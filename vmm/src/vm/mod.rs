@@ -381,7 +381,66 @@ pub(crate) fn enter_vcpu_thread<D>(
     vcpu.unblock_kick_in_guest()?;
     set_minimal_timer_slack();
     shared.kicks.register(index, Some(ThreadKicker::current()));
+    // The thread's /proc files are opened before its seccomp filter, which has no openat.
+    OwnProcFiles::open_for_this_thread();
+    crate::sys::seccomp::install(crate::sys::seccomp::ThreadClass::Vcpu).map_err(|e| {
+        KvmError::Os {
+            what: "seccomp",
+            source: std::io::Error::other(e),
+        }
+    })?;
+    crate::sys::seccomp::debug_forbidden_call(crate::sys::seccomp::ThreadClass::Vcpu);
     Ok(())
+}
+
+/// A vCPU thread's own `/proc/self/task/TID/{status,schedstat}`, opened once (before its seccomp
+/// filter) and read again with `pread` for its kernel counters.
+struct OwnProcFiles {
+    status: std::fs::File,
+    schedstat: std::fs::File,
+}
+
+thread_local! {
+    static OWN_PROC_FILES: std::cell::RefCell<Option<OwnProcFiles>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl OwnProcFiles {
+    fn open_for_this_thread() {
+        let dir = format!(
+            "/proc/{}/task/{}",
+            std::process::id(),
+            crate::sys::os::gettid()
+        );
+        let files = std::fs::File::open(format!("{dir}/status")).and_then(|status| {
+            Ok(OwnProcFiles {
+                status,
+                schedstat: std::fs::File::open(format!("{dir}/schedstat"))?,
+            })
+        });
+        match files {
+            Ok(f) => OWN_PROC_FILES.with(|slot| *slot.borrow_mut() = Some(f)),
+            Err(e) => log::warn!("cannot open {dir}: {e}"),
+        }
+    }
+
+    /// The calling thread's counters, from its open files (or from /proc by path if it has none).
+    fn counters() -> ThreadCounters {
+        use std::os::unix::fs::FileExt;
+        let read = |f: &std::fs::File| {
+            let mut buf = vec![0u8; 4096];
+            let n = f.read_at(&mut buf, 0).ok()?;
+            buf.truncate(n);
+            String::from_utf8(buf).ok()
+        };
+        OWN_PROC_FILES
+            .with(|slot| {
+                let files = slot.borrow();
+                let f = files.as_ref()?;
+                ThreadCounters::parse(&read(&f.status)?, &read(&f.schedstat)?)
+            })
+            .unwrap_or_else(ThreadCounters::of_this_thread)
+    }
 }
 
 /// Waits until every vCPU thread exists (or the VM is ending) before the first entry into the guest
@@ -396,7 +455,7 @@ pub(crate) fn begin_vcpu_run<D>(shared: &VmShared<D>, index: u32) -> ThreadCount
     {
         std::thread::yield_now();
     }
-    let at_start = ThreadCounters::of_this_thread();
+    let at_start = OwnProcFiles::counters();
     shared.start_counting(index, at_start);
     at_start
 }
@@ -409,7 +468,7 @@ pub(crate) fn end_vcpu_run<D>(
     at_start: &ThreadCounters,
 ) -> ThreadCounters {
     shared.kicks.register(stats.index, None);
-    let kernel = ThreadCounters::of_this_thread().since(at_start);
+    let kernel = OwnProcFiles::counters().since(at_start);
     stats.kernel_voluntary_switches = kernel.voluntary_switches;
     stats.kernel_cpu_ns = kernel.cpu_ns;
     stats.kernel_timeslices = kernel.timeslices;
@@ -651,6 +710,10 @@ fn run_vcpu_threads<D: ModeParts>(
         }
     }
 
+    // The VMM thread's filter, now that every vCPU thread exists (they installed their own).
+    if let Err(e) = crate::sys::seccomp::install(crate::sys::seccomp::ThreadClass::Vmm) {
+        shared.end(Outcome::VmmError(e));
+    }
     event_loop.run();
     let mut vcpu_stats: Vec<VcpuStats> = Vec::with_capacity(threads.len());
     for (i, t) in threads.into_iter().enumerate() {
@@ -734,6 +797,8 @@ impl control::HotplugDevice for TimerDevice<GuestClock> {
 /// Runs one VM to its end and returns its statistics. `Err` means the VM could not be run at all.
 pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
     cfg.validate()?;
+    crate::sys::seccomp::enable(cfg.seccomp);
+    crate::sys::seccomp::read_debug_env();
     if cfg.timeout_ms > 0 {
         let started = opts.started.unwrap_or_else(Instant::now);
         start_watchdog(
