@@ -13,7 +13,7 @@
 
 use crate::runtime::arena::{self, Zeroable};
 use crate::runtime::device::{self, status, Expired, Reply, PINNED};
-use crate::runtime::sync::{Published, SpinLock};
+use crate::runtime::sync::{Published, SpinLock, TicketLock};
 use crate::runtime::{boot, percpu};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,7 +44,8 @@ struct Record {
 }
 
 struct Slot {
-    record: SpinLock<Record>,
+    /// Fair: `cancel_sync` takes it again at once while the callback it waits for may need it.
+    record: TicketLock<Record>,
     in_callback: AtomicBool,
 }
 
@@ -313,7 +314,9 @@ impl Book {
                 status::DEADLOCK => break,
                 _ => {}
             }
-            drop(record); // let the running callback take it
+            // Let the running callback take the lock: it may need it (to record its arming, or to
+            // arm or cancel this timer), and the ticket lock serves it before this vCPU's next try.
+            drop(record);
             crate::arch::pause();
         }
         (removed, first.expect("loop ran once"))
