@@ -13,7 +13,7 @@
 
 use crate::runtime::arena::{self, Zeroable};
 use crate::runtime::device::{self, status, Expired, Reply, PINNED};
-use crate::runtime::sync::{Published, SpinLock, TicketLock};
+use crate::runtime::sync::{Published, SpinLock};
 use crate::runtime::{boot, percpu};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,8 +44,7 @@ struct Record {
 }
 
 struct Slot {
-    /// Fair: `cancel_sync` takes it again at once while the callback it waits for may need it.
-    record: TicketLock<Record>,
+    record: SpinLock<Record>,
     in_callback: AtomicBool,
 }
 
@@ -314,9 +313,7 @@ impl Book {
                 status::DEADLOCK => break,
                 _ => {}
             }
-            // Let the running callback take the lock: it may need it (to record its arming, or to
-            // arm or cancel this timer), and the ticket lock serves it before this vCPU's next try.
-            drop(record);
+            drop(record); // let the running callback take it
             crate::arch::pause();
         }
         (removed, first.expect("loop ran once"))

@@ -6,7 +6,7 @@ use super::irq;
 use crate::arch;
 use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 /// A spinlock whose guard keeps the doorbell masked on this vCPU.
 pub struct SpinLock<T> {
@@ -88,63 +88,6 @@ impl<T> DerefMut for SpinGuard<'_, T> {
 impl<T> Drop for SpinGuard<'_, T> {
     fn drop(&mut self) {
         self.lock.locked.store(false, Ordering::Release);
-        irq::restore(self.was_unmasked);
-    }
-}
-
-/// A fair spinlock (a ticket lock) whose guard keeps the doorbell masked on this vCPU: waiters get it in
-/// the order they came. For a lock that one vCPU takes again at once in a loop while another waits for
-/// it (`CANCEL_SYNC` repeated while the callback it waits for needs the same lock): with [`SpinLock`]
-/// the looping vCPU can take it back every time, since on a busy host its vCPU is mostly preempted
-/// while it holds the lock (across an exit), so the waiter's vCPU only runs while the lock is taken.
-pub struct TicketLock<T> {
-    next: AtomicU32,
-    owner: AtomicU32,
-    value: UnsafeCell<T>,
-}
-
-// SAFETY: the lock serialises all access to `value`.
-unsafe impl<T: Send> Sync for TicketLock<T> {}
-// SAFETY: all-zero is an unlocked lock (next ticket 0, served 0) around an all-zero `T`.
-unsafe impl<T: super::arena::Zeroable> super::arena::Zeroable for TicketLock<T> {}
-
-impl<T> TicketLock<T> {
-    pub fn lock(&self) -> TicketGuard<'_, T> {
-        let was_unmasked = irq::mask();
-        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-        while self.owner.load(Ordering::Acquire) != ticket {
-            arch::pause();
-        }
-        TicketGuard {
-            lock: self,
-            was_unmasked,
-        }
-    }
-}
-
-pub struct TicketGuard<'a, T> {
-    lock: &'a TicketLock<T>,
-    was_unmasked: bool,
-}
-
-impl<T> Deref for TicketGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the guard holds the lock.
-        unsafe { &*self.lock.value.get() }
-    }
-}
-
-impl<T> DerefMut for TicketGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the guard holds the lock.
-        unsafe { &mut *self.lock.value.get() }
-    }
-}
-
-impl<T> Drop for TicketGuard<'_, T> {
-    fn drop(&mut self) {
-        self.lock.owner.fetch_add(1, Ordering::Release);
         irq::restore(self.was_unmasked);
     }
 }
