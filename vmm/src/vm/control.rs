@@ -28,6 +28,11 @@ pub(crate) trait ModeParts: Send + Sync + 'static {
     fn vcpu_timer_counts(&self, vcpus: &mut [VcpuStats]);
     /// The hotplug side of the timer device; `None` where the mode has no device (kvm-lapic).
     fn hotplug(&self) -> Option<&dyn HotplugDevice>;
+    /// vCPU `cpu`'s timer-device state in one line, for the report of a VM that did not end in time;
+    /// `None` where the mode has no device (kvm-lapic).
+    fn describe_vcpu(&self, _cpu: u32) -> Option<String> {
+        None
+    }
 }
 
 /// The timer device's part in vCPU hotplug.
@@ -92,6 +97,9 @@ impl<D: ModeParts> VmHandle<D> {
         self.shared.control.iter().filter(|c| c.is_online()).count()
     }
 }
+
+/// At most this many vCPUs' states are logged when `--timeout-ms` ends a VM (one line each).
+const TIMEOUT_REPORT_VCPUS: usize = 256;
 
 /// An answer that comes once `check` gives one (see [`Waiting`]).
 fn later(check: impl FnMut() -> Option<Result<Value, ControlError>> + Send + 'static) -> Answer {
@@ -259,6 +267,34 @@ impl<D: ModeParts> LoopTarget for VmHandle<D> {
     }
 
     fn end_by_timeout(&self) {
+        // Where each vCPU was when the time ran out, before the stop moves them: the guest hung, and
+        // this is what tells a lost wakeup in quietvm from a guest that waits for itself.
+        let vcpus = self.shared.control.len();
+        log::warn!(
+            "--timeout-ms {} passed at guest time {} ns; each vCPU's state:",
+            self.cfg.timeout_ms,
+            self.shared.now()
+        );
+        for (i, c) in self
+            .shared
+            .control
+            .iter()
+            .enumerate()
+            .take(TIMEOUT_REPORT_VCPUS)
+        {
+            let device = self.shared.device.describe_vcpu(i as u32);
+            log::warn!(
+                "timeout: vCPU {i}: {:?} {}",
+                c.state(),
+                device.as_deref().unwrap_or("")
+            );
+        }
+        if vcpus > TIMEOUT_REPORT_VCPUS {
+            log::warn!(
+                "timeout: {} more vCPUs not shown",
+                vcpus - TIMEOUT_REPORT_VCPUS
+            );
+        }
         self.shared.end(Outcome::Timeout(self.cfg.timeout_ms));
     }
 

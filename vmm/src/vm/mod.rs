@@ -310,6 +310,14 @@ impl<D> VmShared<D> {
         self.stop.load(Ordering::Acquire)
     }
 
+    /// The VM ended because `--timeout-ms` passed (its guest hung).
+    pub(crate) fn timed_out(&self) -> bool {
+        matches!(
+            *self.outcome.lock().unwrap_or_else(|e| e.into_inner()),
+            Some((Outcome::Timeout(_), _))
+        )
+    }
+
     /// Guest time now (the clock of [`GuestClock`]).
     pub(crate) fn now(&self) -> u64 {
         GuestClock {
@@ -777,6 +785,10 @@ impl ModeParts for TimerDevice<GuestClock> {
 
     fn hotplug(&self) -> Option<&dyn control::HotplugDevice> {
         Some(self)
+    }
+
+    fn describe_vcpu(&self, cpu: u32) -> Option<String> {
+        Some(TimerDevice::describe_vcpu(self, cpu))
     }
 }
 

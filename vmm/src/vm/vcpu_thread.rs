@@ -35,6 +35,8 @@ pub(super) struct VcpuThread {
     stats: VcpuStats,
     /// Exits since the figures were last published for the live `stats` request.
     unpublished_exits: u32,
+    /// The last exit's kind, port and value (for `--timeout-ms`'s report of a hung guest).
+    last_exit: (&'static str, u16, u32),
 }
 
 /// Live statistics are published at every halt and at least every this many exits.
@@ -65,6 +67,7 @@ impl VcpuThread {
             port,
             stats,
             unpublished_exits: 0,
+            last_exit: ("none", 0, 0),
         };
         if !thread.shared.control[index as usize]
             .wanted_online
@@ -74,6 +77,13 @@ impl VcpuThread {
         }
         if let Err(outcome) = thread.run_loop() {
             thread.shared.end(outcome);
+        }
+        if thread.shared.timed_out() {
+            let (kind, port, value) = thread.last_exit;
+            log::warn!(
+                "timeout: vCPU {index} thread: last exit {kind} port={port:#x} value={value:#x}; {}",
+                thread.vcpu.describe_state()
+            );
         }
         end_vcpu_run(&thread.shared, &mut thread.stats, &kernel_at_start);
         thread.shared.publish(&thread.stats);
@@ -114,6 +124,11 @@ impl VcpuThread {
             };
             log::trace!("vCPU {}: exit {exit:?}", self.index);
             self.stats.count_exit(exit_stat_name(&exit));
+            self.last_exit = match exit {
+                Exit::IoOut { port, value, .. } => (exit.kind(), port, value),
+                Exit::IoIn { port, .. } => (exit.kind(), port, 0),
+                _ => (exit.kind(), 0, 0),
+            };
             self.unpublished_exits += 1;
             if self.unpublished_exits >= PUBLISH_EVERY_EXITS {
                 self.unpublished_exits = 0;

@@ -182,6 +182,8 @@ struct VcpuSide {
     offline_requested: bool,
     /// A `control` change the guest has not been rung for yet.
     control_pending: bool,
+    /// Its guest takes part in timer expiry (a copy of [`VcpuPort::joined`], for `describe_vcpu`).
+    joined: bool,
     last_status: u32,
     fired: u64,
     remote_expiries: u64,
@@ -199,6 +201,7 @@ impl VcpuSide {
             online: true,
             offline_requested: false,
             control_pending: false,
+            joined: false,
             last_status: abi::OK,
             fired: 0,
             remote_expiries: 0,
@@ -606,6 +609,70 @@ impl<C: Clock> TimerDevice<C> {
         }
     }
 
+    /// vCPU `cpu`'s side of the device in one line, for the report of a VM that did not end in time
+    /// (`--timeout-ms`): whether it joined, its delivery queue, the callback it runs, its doorbell
+    /// state, its last command's status, the timers held for it or running on it, and the time the
+    /// service last gave it. Read-only, under the device lock.
+    pub fn describe_vcpu(&self, cpu: CpuId) -> String {
+        use std::fmt::Write;
+        let st = self.lock();
+        let Some(side) = st.vcpus.get(cpu as usize) else {
+            return format!("no vCPU {cpu}");
+        };
+        let mut out = format!(
+            "joined={} online={} queue={} in_flight={} doorbell_armed={} control_pending={} \
+             in_wake_handler={} last_status={} fired={}",
+            side.joined,
+            side.online,
+            side.queue.len(),
+            side.in_flight.map_or("none".into(), |t| t.to_string()),
+            side.doorbell_armed,
+            side.control_pending,
+            side.in_wake_handler,
+            side.last_status,
+            side.fired,
+        );
+        if !side.queue.is_empty() {
+            let ids: Vec<String> = side
+                .queue
+                .iter()
+                .take(8)
+                .map(|e| e.id.to_string())
+                .collect();
+            let _ = write!(out, " queued=[{}]", ids.join(","));
+        }
+        let running: Vec<String> = (0..st.timers.len())
+            .filter(|&t| st.timers[t].running_on == Some(cpu))
+            .take(8)
+            .map(|t| t.to_string())
+            .collect();
+        if !running.is_empty() {
+            let _ = write!(out, " running_here=[{}]", running.join(","));
+        }
+        let held: Vec<String> = (0..st.timers.len())
+            .filter(|&t| st.timers[t].held.is_some_and(|e| e.owner == cpu))
+            .take(8)
+            .map(|t| t.to_string())
+            .collect();
+        if !held.is_empty() {
+            let _ = write!(out, " held_owned=[{}]", held.join(","));
+        }
+        let programmed = self.service.programmed(cpu);
+        let now = self.now();
+        if programmed == NO_DEADLINE {
+            out.push_str(" programmed=none");
+        } else {
+            let _ = write!(
+                out,
+                " programmed={programmed} ({}{} ns from now)",
+                if programmed < now { "-" } else { "+" },
+                programmed.abs_diff(now)
+            );
+        }
+        let _ = write!(out, " running={}", self.service.is_running(cpu));
+        out
+    }
+
     // ---- Internals -----------------------------------------------------------------------------
 
     /// The guest takes part in timer expiry from now on (its first timer command or `HLT`; see
@@ -613,6 +680,7 @@ impl<C: Clock> TimerDevice<C> {
     pub fn join(&self, port: &mut VcpuPort) {
         if !port.joined {
             port.joined = true;
+            self.lock().vcpus[port.cpu as usize].joined = true;
             self.service.vcpu_run(port.cpu);
             self.send_kicks(port);
         }

@@ -413,3 +413,30 @@ fn an_isolated_vcpu_hands_a_held_expiry_of_another_owner_back_to_it() {
         "vCPU 1 ran only its own"
     );
 }
+
+#[test]
+fn describe_vcpu_shows_the_queue_the_running_callback_and_the_doorbell() {
+    let mut vm = Vm::new(Policy::Local, 1);
+    let before = vm.dev.describe_vcpu(0);
+    assert!(before.starts_with("joined=false "), "{before}");
+    assert!(before.contains(" queue=0 in_flight=none "), "{before}");
+    vm.arm(0, 3, abi::FLAG_PINNED, 5_000);
+    vm.arm(0, 4, abi::FLAG_PINNED, 5_000);
+    vm.clock.set(5_100);
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(3));
+    let s = vm.dev.describe_vcpu(0);
+    for part in [
+        "joined=true",
+        "queue=1",
+        "in_flight=3",
+        "doorbell_armed=false",
+        "last_status=0",
+        "queued=[4]",
+        "running_here=[3]",
+        "programmed=",
+    ] {
+        assert!(s.contains(part), "{part} missing from: {s}");
+    }
+    assert_eq!(vm.dev.describe_vcpu(7), "no vCPU 7");
+}
