@@ -432,15 +432,20 @@ fn finding_2_pipelined_offline_requests_do_not_hold_the_loop() {
 
 #[test]
 fn finding_4_fd_exhaustion_does_not_spin_and_recovers() {
-    // How many descriptors a VM like this one uses, then a limit just above it.
+    // How many descriptors a VM like this one uses once it is fully up (its socket exists before its
+    // vCPU threads open their /proc files: counting then was short by those and left no spare
+    // descriptor once the hogs were gone), then a limit a few above it, which the hogs use up.
     let probe = ApiVm::start(&["--timeout-ms", "120000"], None);
+    let up = probe.ask(r#"{"op":"stats"}"#, Duration::from_secs(10));
+    assert!(up.is_some_and(|a| a["ok"] == true), "the probe VM answers");
+    std::thread::sleep(Duration::from_millis(200));
     let used = std::fs::read_dir(format!("/proc/{}/fd", probe.child.id()))
         .unwrap()
         .count();
     drop_vm(probe);
     let vm = ApiVm::start(
         &["--timeout-ms", "120000"],
-        Some(&format!("ulimit -n {}", used + 2)),
+        Some(&format!("ulimit -n {}", used + 4)),
     );
     let pid = vm.child.id();
     let hogs: Vec<UnixStream> = (0..8)
