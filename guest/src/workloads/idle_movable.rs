@@ -24,8 +24,8 @@ pub fn run(env: &Env) -> ! {
             ids.start,
             ids.len() as u32,
             &mut Rng::new(env.seed, 0),
-            MS,
-            10 * MS,
+            MS..10 * MS,
+            env.start + env.duration,
             |_| MOVABLE,
         );
     }

@@ -33,8 +33,8 @@ pub fn run(env: &Env) -> ! {
             0,
             hostile,
             &mut Rng::new(env.seed, 0),
-            MS,
-            5 * MS,
+            MS..5 * MS,
+            env.start + env.duration,
             |_| PINNED,
         );
     }

@@ -2,6 +2,9 @@
 //! its timer at the previous deadline + period on the vCPU it runs on (as a kernel timer re-armed in its
 //! callback stays there); if that is already past, at now + period, counting a skip and the periods lost.
 //!
+//! Callbacks of a deadline at or after the workload's end re-arm nothing (see `PeriodicSet::end`), and T
+//! below is the earlier of the stop and that end.
+//!
 //! Check, after `stop_and_check`: a timer started at t0 with period P and stopped at T should have fired
 //! N = floor((T - t0) / P) times; it may miss the last one (still on its way) and the periods its skips
 //! lost, and it can fire at most once more (the arming pending when it was stopped):
@@ -38,6 +41,12 @@ pub struct PeriodicSet {
     first_id: u32,
     timers: &'static [Periodic],
     stopping: AtomicBool,
+    /// Guest time at which the workload ends: a callback of a deadline at or after it re-arms nothing,
+    /// so the timers die out by themselves even if vCPU 0 never gets back to its main code to stop
+    /// them (on a slow host timers gather on the vCPUs that run callbacks, since a re-arm makes the
+    /// running vCPU the owner, until one of them gets callbacks faster than it runs them and its
+    /// doorbell handler never returns: seen as a 64-vCPU `hotplug` run that never ended).
+    end: u64,
 }
 
 static SET: Published<PeriodicSet> = Published::new();
@@ -57,8 +66,8 @@ pub fn start_per_cpu(
             all.start,
             all.len() as u32,
             &mut Rng::new(env.seed, 0),
-            time::MS,
-            10 * time::MS,
+            time::MS..10 * time::MS,
+            env.start + env.duration,
             flags_of,
         );
     }
@@ -70,17 +79,18 @@ pub fn start_per_cpu(
 }
 
 /// Creates the set (one vCPU; the others call `set()`): timers `first_id ..` with `flags_of(i)` and
-/// periods drawn from `min_period .. max_period` ns, which the args `period_min_us` / `period_max_us`
+/// periods drawn from `periods` (ns), which the args `period_min_us` / `period_max_us`
 /// override (to size a workload to the host: 64 vCPUs at 1-10 ms is more than 2 host cores can serve).
 pub fn create(
     book: &'static Book,
     first_id: u32,
     count: u32,
     rng: &mut Rng,
-    min_period: u64,
-    max_period: u64,
+    periods: core::ops::Range<u64>,
+    end: u64,
     flags_of: impl Fn(u32) -> u32,
 ) -> &'static PeriodicSet {
+    let (min_period, max_period) = (periods.start, periods.end);
     let min_period = super::arg_u64("period_min_us", min_period / US) * US;
     let max_period = super::arg_u64("period_max_us", max_period / US) * US;
     if min_period == 0 || max_period <= min_period {
@@ -104,6 +114,7 @@ pub fn create(
         first_id,
         timers,
         stopping: AtomicBool::new(false),
+        end,
     });
     SET.publish(set);
     set
@@ -168,7 +179,7 @@ impl PeriodicSet {
         };
         let _callback = self.book.enter(expired);
         t.fires.fetch_add(1, Ordering::Relaxed);
-        if !self.stopping.load(Ordering::Acquire) {
+        if !self.stopping.load(Ordering::Acquire) && expired.deadline < self.end {
             self.arm(t, expired.deadline + t.period.load(Ordering::Relaxed));
         }
         true
@@ -182,7 +193,9 @@ impl PeriodicSet {
         // way round, a vCPU 0 descheduled between the two (a loaded host) let callbacks elsewhere
         // re-arm and fire past `stop`, and the check counted fires it had not allowed for.
         self.stopping.store(true, Ordering::Release);
-        let stop = time::now();
+        // No timer re-arms past `end`, so the counts are for the time up to it even when vCPU 0
+        // comes here late.
+        let stop = time::now().min(self.end);
         // An arming that was already due at `stop` but still pending when cancelled is late, not
         // missing: a starved host (many busy vCPU threads on few cores) delays delivery past the stop.
         for t in self.timers {
