@@ -274,13 +274,6 @@ impl LatenessRecorder {
         self.hist.len()
     }
 
-    /// Adds every sample of `other`.
-    pub fn merge(&mut self, other: &LatenessRecorder) {
-        // Same bounds and precision by construction, so adding cannot fail.
-        let _ = self.hist.add(&other.hist);
-        self.max = self.max.max(other.max);
-    }
-
     /// Bytes of memory the histogram's counters take (for the docs' memory figures and a test).
     pub fn footprint_bytes(&self) -> usize {
         self.hist.distinct_values() * std::mem::size_of::<u64>()

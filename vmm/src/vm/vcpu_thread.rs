@@ -73,7 +73,7 @@ impl VcpuThread {
             .wanted_online
             .load(std::sync::atomic::Ordering::Acquire)
         {
-            thread.start_parked();
+            thread.offline_until_wanted(VcpuRunState::Parked);
         }
         if let Err(outcome) = thread.run_loop() {
             thread.shared.end(outcome);
@@ -179,7 +179,7 @@ impl VcpuThread {
             TIMER_PORT => {
                 let effect = self.shared.device.command(&mut self.port, size, value);
                 if effect == CommandEffect::GoOffline {
-                    self.go_offline();
+                    self.offline_until_wanted(VcpuRunState::Offline);
                 }
             }
             _ => {
@@ -217,29 +217,19 @@ impl VcpuThread {
         });
     }
 
-    /// The guest acknowledged an offline request (`OFFLINE_ACK`): leave (the device hands this vCPU's
-    /// timers and delivery queue to another) and park until `vcpu-online`. The `out` completes when it
-    /// is back.
-    fn go_offline(&mut self) {
+    /// Leaves the timer service (the device hands this vCPU's timers and delivery queue to another)
+    /// and parks in `state` until `vcpu-online`, then comes back. Two callers: the guest's
+    /// `OFFLINE_ACK` (state `Offline`; the `out` completes when the vCPU is back) and `--vcpus-online`
+    /// (state `Parked`, before the vCPU's first instruction).
+    fn offline_until_wanted(&mut self, state: VcpuRunState) {
         self.shared.device.go_offline(&mut self.port);
-        self.park_until_wanted(VcpuRunState::Offline);
+        self.park_until_wanted(state);
         if self.shared.stopping() {
             return;
         }
         self.set_state(VcpuRunState::Changing);
         self.shared.device.come_online(&mut self.port);
         self.set_state(VcpuRunState::Running);
-    }
-
-    /// `--vcpus-online`: this vCPU starts parked, before its first instruction, until `vcpu-online`.
-    fn start_parked(&mut self) {
-        self.shared.device.go_offline(&mut self.port);
-        self.park_until_wanted(VcpuRunState::Parked);
-        if !self.shared.stopping() {
-            self.set_state(VcpuRunState::Changing);
-            self.shared.device.come_online(&mut self.port);
-            self.set_state(VcpuRunState::Running);
-        }
     }
 
     /// The guest halted: sleep until something is due for this vCPU, then return to the guest.

@@ -511,11 +511,8 @@ impl<C: Clock> TimerDevice<C> {
     /// prepare callback").
     pub fn prepare_online(&self, cpu: CpuId) {
         self.service.vcpu_prepare(cpu);
-        let mut kicks = Vec::new();
-        self.service.take_kicks(&mut kicks);
-        for c in kicks {
-            self.kicker.kick(c, KickReasons::HIERARCHY);
-        }
+        // On the control thread: no vCPU is the caller, every vCPU listed is kicked.
+        self.send_service_kicks(&mut Vec::new(), None);
     }
 
     /// The vCPU comes back (`vcpu-online`): it rejoins the service (the hierarchy grows if needed). A
@@ -690,22 +687,29 @@ impl<C: Clock> TimerDevice<C> {
     /// caller, which re-reads its own next event anyway). Never under the device lock.
     /// Returns whether the service's list named the caller itself.
     fn send_kicks(&self, port: &mut VcpuPort) -> bool {
-        port.service_kicks.clear();
-        self.service.take_kicks(&mut port.service_kicks);
-        let mut kicked_self = false;
-        for &c in &port.service_kicks {
-            if c != port.cpu {
-                self.kicker.kick(c, KickReasons::HIERARCHY);
-            } else {
-                kicked_self = true;
-            }
-        }
+        let kicked_self = self.send_service_kicks(&mut port.service_kicks, Some(port.cpu));
         for (c, why) in port.kicks.drain(..) {
             if c != port.cpu {
                 self.kicker.kick(c, why);
             }
         }
         kicked_self
+    }
+
+    /// Drains the service's kick list (into `buf`, reused) and kicks every vCPU in it but `caller`;
+    /// returns whether it named `caller`.
+    fn send_service_kicks(&self, buf: &mut Vec<CpuId>, caller: Option<CpuId>) -> bool {
+        buf.clear();
+        self.service.take_kicks(buf);
+        let mut named_caller = false;
+        for &c in buf.iter() {
+            if Some(c) == caller {
+                named_caller = true;
+            } else {
+                self.kicker.kick(c, KickReasons::HIERARCHY);
+            }
+        }
+        named_caller
     }
 
     fn arm(&self, st: &mut DeviceState, cpu: CpuId, now: u64) -> (u32, u64) {
