@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 pub use procfs::MemSample;
-use quietvm_vmm::config::{VmConfig, VmPolicy};
+use quietvm_vmm::config::VmPolicy;
 use quietvm_vmm::stats::VmStats;
 use quietvm_vmm::sys::os::{wait_child, ChildExit};
 pub use report::{Aggregate, Dist, FleetReport, VmRecord};
@@ -156,7 +156,6 @@ struct Finished {
 /// to its console), the sampler thread (periodically) and the main thread (at the end).
 struct Watch {
     pid: u32,
-    guest_kib: Option<u64>,
     /// `--sample-ms` is not 0.
     enabled: bool,
     /// Set by the reader thread once the VM's standard output closed (it is exiting): no more samples.
@@ -175,7 +174,7 @@ impl Watch {
         if !self.enabled || self.exiting.load(Ordering::Acquire) {
             return;
         }
-        if let Some(s) = procfs::sample(self.pid, self.guest_kib) {
+        if let Some(s) = procfs::sample(self.pid) {
             let mut sampled = self.sampled.lock().unwrap_or_else(|e| e.into_inner());
             sampled.count += 1;
             // Keep the last sample that found the guest mapping (guest memory only grows).
@@ -306,13 +305,6 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, FleetError> {
     std::mem::forget(signals);
     let mut interrupted: Option<i32> = None;
     let mut reaped = vec![false; args.vms as usize];
-    // Guest memory size of each config, to find its mapping in smaps (unknown if it does not parse:
-    // that VM will fail and say why).
-    let guest_kib: Vec<Option<u64>> = args
-        .configs
-        .iter()
-        .map(|p| VmConfig::from_file(p).ok().map(|c| c.memory_mib * 1024))
-        .collect();
     let n = args.vms as usize;
     let mut records: Vec<VmRecord> = (0..n)
         .map(|i| VmRecord::new(i as u32, config_of(args, i).display().to_string()))
@@ -366,7 +358,6 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, FleetError> {
                 index: i,
                 command: command(args, &exe, i, &files[i]),
                 stderr: files[i].stderr.clone(),
-                guest_kib: guest_kib[i % guest_kib.len()],
                 registry: sampler.registry(),
             };
             let thread_tx = tx.clone();
@@ -518,7 +509,6 @@ struct VmLaunch {
     index: usize,
     command: Command,
     stderr: PathBuf,
-    guest_kib: Option<u64>,
     registry: Option<Arc<Mutex<Vec<Arc<Watch>>>>>,
 }
 
@@ -558,7 +548,6 @@ impl VmLaunch {
         });
         let watch = Arc::new(Watch {
             pid,
-            guest_kib: self.guest_kib,
             enabled: self.registry.is_some(),
             exiting: AtomicBool::new(false),
             sampled: Mutex::default(),

@@ -1,12 +1,13 @@
 //! A running VM's memory, from outside, by `/proc/PID/smaps`: resident and proportional set sizes of
 //! the whole process, and of its guest memory mapping alone.
 //!
-//! The guest memory mapping is recognised as the one private, anonymous, read-write mapping whose size
-//! is exactly the VM's configured memory (quietvm maps guest memory as one anonymous `mmap` of
-//! `memory-mib`; docs/fleet.md). Guest pages the guest never touched are not resident, so the
-//! mapping's `Rss` is the guest pages touched so far; it only grows while the VM runs, since quietvm
-//! never gives guest memory back.
+//! The guest memory mapping is recognised by its name: quietvm backs guest memory with one memory file
+//! named [`GUEST_MEMORY_NAME`], mapped as `/memfd:quietvm-guest (deleted)` (docs/fleet.md). An
+//! anonymous mapping could not be told apart: the kernel merges it with adjacent anonymous mappings.
+//! Guest pages the guest never touched are not resident, so the mapping's `Rss` is the guest pages
+//! touched so far; it only grows while the VM runs, since quietvm never gives guest memory back.
 
+use quietvm_vmm::sys::kvm::vm::GUEST_MEMORY_NAME;
 use serde::Serialize;
 
 /// One sample of a process's memory, in KiB.
@@ -17,7 +18,8 @@ pub struct MemSample {
     /// `Pss` summed over every mapping: shared pages (the quietvm binary, libc) divided among the
     /// processes that map them.
     pub pss_kib: u64,
-    /// `Anonymous` summed over every mapping: private memory, guest memory included.
+    /// `Anonymous` summed over every mapping: the VMM's private memory (guest memory is a shared
+    /// memory file, not anonymous).
     pub anon_kib: u64,
     /// `Rss` of the guest memory mapping: guest pages touched. `None` if the mapping was not found
     /// (or more than one mapping looked like it).
@@ -26,16 +28,16 @@ pub struct MemSample {
     pub guest_pss_kib: Option<u64>,
 }
 
-/// Reads `/proc/PID/smaps` once. `guest_kib` is the VM's guest memory size (`None`: not known, so the
-/// guest mapping is not looked for). `None` if the process is gone or its smaps are empty (it is
+/// Reads `/proc/PID/smaps` once. `None` if the process is gone or its smaps are empty (it is
 /// exiting).
-pub fn sample(pid: u32, guest_kib: Option<u64>) -> Option<MemSample> {
+pub fn sample(pid: u32) -> Option<MemSample> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    parse_smaps(&text, guest_kib)
+    parse_smaps(&text)
 }
 
 /// Parses the text of a `smaps` file (see [`sample`]).
-pub fn parse_smaps(text: &str, guest_kib: Option<u64>) -> Option<MemSample> {
+pub fn parse_smaps(text: &str) -> Option<MemSample> {
+    let guest_path = format!("/memfd:{GUEST_MEMORY_NAME}");
     let mut s = MemSample::default();
     let mut mappings = 0u32;
     // Guest candidates seen, and the figures of the current mapping if it is one.
@@ -43,9 +45,9 @@ pub fn parse_smaps(text: &str, guest_kib: Option<u64>) -> Option<MemSample> {
     let mut in_candidate = false;
     let mut guest = (0u64, 0u64);
     for line in text.lines() {
-        if let Some((size_kib, perms, path)) = mapping_header(line) {
+        if let Some(path) = mapping_path(line) {
             mappings += 1;
-            in_candidate = guest_kib == Some(size_kib) && perms == "rw-p" && path.is_empty();
+            in_candidate = path == guest_path;
             if in_candidate {
                 candidates += 1;
             }
@@ -81,21 +83,20 @@ pub fn parse_smaps(text: &str, guest_kib: Option<u64>) -> Option<MemSample> {
     Some(s)
 }
 
-/// `start-end perms offset dev inode [path]`: the mapping's size in KiB, its permissions and its path
-/// (empty for an anonymous mapping).
-fn mapping_header(line: &str) -> Option<(u64, &str, &str)> {
+/// `start-end perms offset dev inode [path]`: the mapping's path (empty for an anonymous mapping;
+/// its first word, so without a ` (deleted)` suffix).
+fn mapping_path(line: &str) -> Option<&str> {
     let mut fields = line.split_whitespace();
     let (start, end) = fields.next()?.split_once('-')?;
-    let start = u64::from_str_radix(start, 16).ok()?;
-    let end = u64::from_str_radix(end, 16).ok()?;
-    let perms = fields.next()?;
+    u64::from_str_radix(start, 16).ok()?;
+    u64::from_str_radix(end, 16).ok()?;
+    let _perms = fields.next()?;
     let _offset = fields.next()?;
     if !fields.next()?.contains(':') {
         return None; // the device field, `major:minor`
     }
     let _inode = fields.next()?.parse::<u64>().ok()?;
-    let path = fields.next().unwrap_or("");
-    Some((end.checked_sub(start)? / 1024, perms, path))
+    Some(fields.next().unwrap_or(""))
 }
 
 /// `Key:   123 kB`.
@@ -129,13 +130,18 @@ Size:                284 kB
 Rss:                 256 kB
 Pss:                 256 kB
 Anonymous:           256 kB
-7fe41d000000-7fe421000000 rw-p 00000000 00:00 0 
+7fe41d000000-7fe421000000 rw-s 00000000 00:01 2051                       /memfd:quietvm-guest (deleted)
 Size:              65536 kB
 Rss:                 280 kB
 Pss:                 280 kB
-Anonymous:           280 kB
-THPeligible:    1
-7fe421000000-7fe421021000 rw-p 00000000 00:00 0 
+Anonymous:             0 kB
+THPeligible:    0
+7fe421000000-7fe425000000 rw-p 00000000 00:00 0 
+Size:              65536 kB
+Rss:                   8 kB
+Pss:                   8 kB
+Anonymous:             8 kB
+7fe425000000-7fe425021000 rw-p 00000000 00:00 0 
 Size:                132 kB
 Rss:                   8 kB
 Pss:                   8 kB
@@ -143,30 +149,27 @@ Anonymous:             8 kB
 ";
 
     #[test]
-    fn sums_every_mapping_and_finds_the_guest_mapping_by_size() {
-        let s = parse_smaps(SMAPS, Some(64 * 1024)).unwrap();
-        assert_eq!(s.rss_kib, 412 + 256 + 280 + 8);
-        assert_eq!(s.pss_kib, 206 + 256 + 280 + 8);
-        assert_eq!(s.anon_kib, 256 + 280 + 8);
+    fn sums_every_mapping_and_finds_the_guest_mapping_by_name() {
+        let s = parse_smaps(SMAPS).unwrap();
+        assert_eq!(s.rss_kib, 412 + 256 + 280 + 8 + 8);
+        assert_eq!(s.pss_kib, 206 + 256 + 280 + 8 + 8);
+        assert_eq!(s.anon_kib, 256 + 8 + 8);
         assert_eq!(s.guest_rss_kib, Some(280));
         assert_eq!(s.guest_pss_kib, Some(280));
     }
 
     #[test]
-    fn no_guest_figures_when_the_size_is_unknown_or_ambiguous() {
-        assert_eq!(parse_smaps(SMAPS, None).unwrap().guest_rss_kib, None);
-        assert_eq!(parse_smaps(SMAPS, Some(1024)).unwrap().guest_rss_kib, None);
+    fn no_guest_figures_when_the_mapping_is_missing_or_ambiguous() {
+        let anonymous = SMAPS.replace("/memfd:quietvm-guest (deleted)", "");
+        assert_eq!(parse_smaps(&anonymous).unwrap().guest_rss_kib, None);
         let twice = format!("{SMAPS}{}", &SMAPS[SMAPS.find("7fe41d").unwrap()..]);
-        assert_eq!(
-            parse_smaps(&twice, Some(64 * 1024)).unwrap().guest_rss_kib,
-            None
-        );
-        assert_eq!(parse_smaps("", Some(64 * 1024)), None);
+        assert_eq!(parse_smaps(&twice).unwrap().guest_rss_kib, None);
+        assert_eq!(parse_smaps(""), None);
     }
 
     #[test]
     fn this_process_can_be_sampled() {
-        let s = sample(std::process::id(), None).unwrap();
+        let s = sample(std::process::id()).unwrap();
         assert!(s.rss_kib > 0 && s.pss_kib > 0 && s.pss_kib <= s.rss_kib);
         assert!(load_average().is_some());
     }

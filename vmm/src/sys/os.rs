@@ -1,5 +1,21 @@
 //! Small OS helpers that need `libc`: thread ids, the monotonic clock, timer slack, process CPU time.
 
+/// A memory file of `size` bytes (a `memfd`, close-on-exec), holding no pages until they are
+/// touched. Its mappings show in `/proc/PID/maps` as `/memfd:NAME (deleted)`, so tools can find them
+/// from outside; an anonymous mapping has no name and the kernel merges it with its neighbours.
+pub fn memory_file(name: &std::ffi::CStr, size: u64) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `name` is a valid NUL-terminated string; memfd_create only reads it.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created, is valid and owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
 /// The calling thread's kernel thread id.
 pub fn gettid() -> u32 {
     // SAFETY: gettid has no preconditions.

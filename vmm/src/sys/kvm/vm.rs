@@ -2,10 +2,16 @@
 
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use super::vcpu::Vcpu;
 use super::{ioctl_err, KvmError};
+
+/// The name of the file that backs guest memory: its mapping is `/memfd:quietvm-guest (deleted)` in
+/// `/proc/PID/smaps`, which is how `quietvm fleet` tells the guest's pages from the VMM's own.
+pub const GUEST_MEMORY_NAME: &str = "quietvm-guest";
 
 /// A VM with its memory, ready for vCPUs. Normally without an in-kernel irqchip: quietvm emulates timers
 /// and `HLT` itself and injects interrupts with `KVM_INTERRUPT`. The `kvm-lapic` baseline creates it
@@ -19,8 +25,8 @@ pub struct KvmVm {
 
 impl KvmVm {
     /// Opens the KVM device (`/dev/kvm`, or `$QUIETVM_KVM_DEVICE` where that is set), creates a VM
-    /// and maps `mem_size` bytes of guest memory at guest address 0. The memory is anonymous and mapped
-    /// lazily: untouched pages cost nothing.
+    /// and maps `mem_size` bytes of guest memory at guest address 0. The memory is a memory file named
+    /// [`GUEST_MEMORY_NAME`], mapped lazily: untouched pages cost nothing.
     pub fn create(mem_size: u64) -> Result<Self, KvmError> {
         Self::open(mem_size, false)
     }
@@ -49,8 +55,15 @@ impl KvmVm {
             return Err(KvmError::MissingCap("KVM_CAP_USER_MEMORY"));
         }
         let vm = kvm.create_vm().map_err(ioctl_err("create the VM"))?;
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-            .map_err(|e| KvmError::Memory(e.to_string()))?;
+        let name = std::ffi::CString::new(GUEST_MEMORY_NAME).expect("no NUL in the name");
+        let file = crate::sys::os::memory_file(&name, mem_size)
+            .map_err(|e| KvmError::Memory(format!("cannot create the guest memory file: {e}")))?;
+        let memory = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            mem_size as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| KvmError::Memory(e.to_string()))?;
         for (slot, region) in memory.iter().enumerate() {
             let host = memory
                 .get_host_address(region.start_addr())
