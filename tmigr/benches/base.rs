@@ -18,6 +18,7 @@ fn bench_heap(pending: u32, iters: u32) -> f64 {
             &slots,
             i,
             1_000_000 + (i as u64 * 7919) % 100_000,
+            0,
             TimerKind::Movable,
         )
         .unwrap();
@@ -29,6 +30,7 @@ fn bench_heap(pending: u32, iters: u32) -> f64 {
             &slots,
             id,
             1_000_000 + (i as u64 * 104_729) % 100_000,
+            0,
             TimerKind::Movable,
         )
         .unwrap();
@@ -78,6 +80,7 @@ fn bench_service(pending: u32, iters: u32) -> f64 {
             0,
             i,
             1_000_000 + (i as u64 * 7919) % 100_000,
+            0,
             TimerKind::Movable,
         );
     }
@@ -87,6 +90,7 @@ fn bench_service(pending: u32, iters: u32) -> f64 {
             0,
             pending,
             1_000_000 + (i as u64 * 104_729) % 100_000,
+            0,
             TimerKind::Movable,
         );
         black_box(svc.cancel(pending));

@@ -41,7 +41,7 @@ fn service(n: u32, running: &[u32], extra_timers: u32) -> TimerService<FakeClock
         n,
     );
     for c in 0..n {
-        svc.arm(c, c, FAR + u64::from(c), TimerKind::Movable);
+        svc.arm(c, c, FAR + u64::from(c), 0, TimerKind::Movable);
     }
     for c in (0..n).filter(|c| !running.contains(c)) {
         svc.vcpu_halt(c);
@@ -60,7 +60,13 @@ fn arm_cancel(c: &mut Criterion) {
         let svc = service(n, &[0], 17);
         // 16 more pending timers on vCPU 0's base, so the arming goes into a populated queue.
         for k in 0..16 {
-            svc.arm(0, n + k, FAR / 2 + u64::from(k) * 1_000, TimerKind::Movable);
+            svc.arm(
+                0,
+                n + k,
+                FAR / 2 + u64::from(k) * 1_000,
+                0,
+                TimerKind::Movable,
+            );
         }
         let id = n + 16;
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -68,7 +74,7 @@ fn arm_cancel(c: &mut Criterion) {
             b.iter(|| {
                 // Vary the deadline a little, as a guest re-arming a periodic timer would.
                 deadline = 1_000_000 + (deadline + 7_919) % 1_000_000;
-                svc.arm(0, id, black_box(deadline), TimerKind::Movable);
+                svc.arm(0, id, black_box(deadline), 0, TimerKind::Movable);
                 black_box(svc.cancel(id))
             })
         });
@@ -130,7 +136,7 @@ fn remote_expiry(c: &mut Criterion) {
                     // The idle vCPU wakes, arms a timer due 1 ns from now, and halts again.
                     let now = svc.clock().advance(1_000);
                     svc.vcpu_run(victim);
-                    svc.arm(victim, id, now + 1, TimerKind::Movable);
+                    svc.arm(victim, id, now + 1, 0, TimerKind::Movable);
                     svc.vcpu_halt(victim);
                     svc.clock().advance(2);
                     svc.take_kicks(&mut kicks);

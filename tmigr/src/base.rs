@@ -2,7 +2,8 @@
 //! `BASE_LOCAL` and `BASE_GLOBAL`).
 //!
 //! Each queue is a binary min-heap of `(deadline, id, generation)` with lazy
-//! deletion; a shared per-timer slot table ([`TimerSlots`], indexed by the dense
+//! deletion, plus a second heap of the same entries by window end
+//! (`deadline + slack`: the time to wake for them, "Windows" in the crate docs); a shared per-timer slot table ([`TimerSlots`], indexed by the dense
 //! caller-chosen [`TimerId`]) says where each timer is pending and its current
 //! generation. Cancel is O(1) (bump the generation), arm is O(log n), and stale
 //! heap entries are skipped when they reach the top or purged in bulk once they
@@ -20,7 +21,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use crate::sync::{AtomicU32, Ordering};
-use crate::types::{CpuId, Expired, TimerId, TimerKind, KTIME_MAX};
+use crate::types::{CpuId, Expired, Expiry, TimerId, TimerKind, KTIME_MAX};
 
 /// `loc` value of a timer that is pending nowhere.
 const LOC_NONE: u32 = u32::MAX;
@@ -90,37 +91,77 @@ struct Entry {
     deadline: u64,
     id: TimerId,
     gen: u32,
+    slack: u64,
+}
+
+/// An entry of the window-end heap: `(deadline + slack, id, generation)`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+struct EndEntry {
+    hard: u64,
+    id: TimerId,
+    gen: u32,
 }
 
 #[derive(Default, Debug)]
 struct TimerQueue {
+    /// By deadline: what is due (`pop_due`).
     heap: BinaryHeap<Reverse<Entry>>,
+    /// The same entries by window end: when to wake. With slack 0 everywhere
+    /// it mirrors `heap`.
+    ends: BinaryHeap<Reverse<EndEntry>>,
     live: usize,
 }
 
 impl TimerQueue {
-    fn is_live(slots: &TimerSlots, e: &Entry) -> bool {
-        slots.gen[e.id as usize].load(Ordering::Relaxed) == e.gen
+    fn is_live(slots: &TimerSlots, id: TimerId, gen: u32) -> bool {
+        slots.gen[id as usize].load(Ordering::Relaxed) == gen
     }
 
     fn push(&mut self, slots: &TimerSlots, e: Entry) {
         self.heap.push(Reverse(e));
+        self.ends.push(Reverse(EndEntry {
+            hard: e.deadline.saturating_add(e.slack),
+            id: e.id,
+            gen: e.gen,
+        }));
         self.live += 1;
-        // Bulk purge keeps the heap O(live) even if nothing ever reaches the top.
+        // Bulk purge keeps both heaps O(live) even if nothing ever reaches the top.
         if self.heap.len() > 2 * self.live + 64 {
-            self.heap.retain(|Reverse(e)| Self::is_live(slots, e));
+            self.heap
+                .retain(|Reverse(e)| Self::is_live(slots, e.id, e.gen));
+        }
+        if self.ends.len() > 2 * self.live + 64 {
+            self.ends
+                .retain(|Reverse(e)| Self::is_live(slots, e.id, e.gen));
         }
     }
 
-    /// The first live entry, dropping stale ones on the way.
+    /// The live entry with the first deadline, dropping stale ones on the way.
     fn peek(&mut self, slots: &TimerSlots) -> Option<Entry> {
         while let Some(Reverse(e)) = self.heap.peek().copied() {
-            if Self::is_live(slots, &e) {
+            if Self::is_live(slots, e.id, e.gen) {
                 return Some(e);
             }
             self.heap.pop();
         }
         None
+    }
+
+    /// The first window end of a live entry, dropping stale ones on the way.
+    fn first_end(&mut self, slots: &TimerSlots) -> u64 {
+        while let Some(Reverse(e)) = self.ends.peek().copied() {
+            if Self::is_live(slots, e.id, e.gen) {
+                return e.hard;
+            }
+            self.ends.pop();
+        }
+        KTIME_MAX
+    }
+
+    fn clear(&mut self) {
+        self.heap.clear();
+        self.ends.clear();
+        self.live = 0;
     }
 }
 
@@ -163,8 +204,8 @@ impl TimerBase {
         self.cpu
     }
 
-    /// Arms `id` on this base (insert, or move between this base's queues and
-    /// change its deadline). Returns `Ok(true)` if it was pending here (re-arm),
+    /// Arms `id` on this base for `[deadline, deadline + slack]` (insert, or
+    /// move between this base's queues and change its window). Returns `Ok(true)` if it was pending here (re-arm),
     /// `Ok(false)` if it was pending nowhere, and `Err(cpu)` without changing
     /// anything if it is pending on another base `cpu` (the caller must lock
     /// that base and [`cancel`](Self::cancel) it there first).
@@ -173,6 +214,7 @@ impl TimerBase {
         slots: &TimerSlots,
         id: TimerId,
         deadline: u64,
+        slack: u64,
         kind: TimerKind,
     ) -> Result<bool, CpuId> {
         let slot = &slots.loc[id as usize];
@@ -195,7 +237,15 @@ impl TimerBase {
             }
         };
         let gen = slots.gen[id as usize].load(Ordering::Relaxed);
-        self.queues[kind_index(kind)].push(slots, Entry { deadline, id, gen });
+        self.queues[kind_index(kind)].push(
+            slots,
+            Entry {
+                deadline,
+                id,
+                gen,
+                slack,
+            },
+        );
         Ok(was_pending)
     }
 
@@ -216,28 +266,38 @@ impl TimerBase {
         self.queues[kind_index(kind)].live -= 1;
     }
 
-    /// First expiry of the `kind` queue, `KTIME_MAX` if empty.
+    /// When the `kind` queue needs a wake-up: its first window end, `KTIME_MAX`
+    /// if empty.
     pub fn first(&mut self, slots: &TimerSlots, kind: TimerKind) -> u64 {
-        self.queues[kind_index(kind)]
-            .peek(slots)
-            .map_or(KTIME_MAX, |e| e.deadline)
+        self.queues[kind_index(kind)].first_end(slots)
     }
 
-    /// The movable event the hierarchy must know about when this vCPU idles
-    /// (timer.c's `tevt.global`): the first movable expiry if it comes before
-    /// the first pinned one, else `KTIME_MAX` (the vCPU wakes for its pinned
-    /// timer first and expires its movable ones then).
-    pub fn global_event(&mut self, slots: &TimerSlots) -> u64 {
-        let local = self.first(slots, TimerKind::Pinned);
-        let global = self.first(slots, TimerKind::Movable);
-        if global < local {
-            global
-        } else {
-            KTIME_MAX
+    /// The `kind` queue's earliest window end and earliest deadline.
+    pub fn expiry(&mut self, slots: &TimerSlots, kind: TimerKind) -> Expiry {
+        let q = &mut self.queues[kind_index(kind)];
+        Expiry {
+            hard: q.first_end(slots),
+            soft: q.peek(slots).map_or(KTIME_MAX, |e| e.deadline),
         }
     }
 
-    /// Pops every `kind` timer with `deadline <= now` into `out`; returns how many.
+    /// The movable event the hierarchy must know about when this vCPU idles
+    /// (timer.c's `tevt.global`): the movable queue's expiry if its window
+    /// end comes before the pinned queue's, else none (the vCPU wakes for its
+    /// pinned timer first, expires the movable ones whose deadline passed,
+    /// and reports the rest when it idles again).
+    pub fn global_event(&mut self, slots: &TimerSlots) -> Expiry {
+        let local = self.first(slots, TimerKind::Pinned);
+        let global = self.expiry(slots, TimerKind::Movable);
+        if global.hard < local {
+            global
+        } else {
+            Expiry::NONE
+        }
+    }
+
+    /// Pops every `kind` timer with `deadline <= now` (its window is open)
+    /// into `out`; returns how many.
     pub fn pop_due(
         &mut self,
         slots: &TimerSlots,
@@ -258,6 +318,7 @@ impl TimerBase {
                 id: e.id,
                 owner: self.cpu,
                 deadline: e.deadline,
+                slack: e.slack,
                 kind,
             });
             n += 1;
@@ -266,23 +327,23 @@ impl TimerBase {
     }
 
     /// Removes every pending timer (for hotplug migration): `(id, deadline,
-    /// kind)`, sorted by deadline. The slots keep pointing at this base: the
+    /// slack, kind)`, sorted by deadline. The slots keep pointing at this base: the
     /// caller, holding this base's lock and the destination's, must
     /// [`insert_taken`](Self::insert_taken) each one (a timer never passes
     /// through "pending nowhere", so no concurrent arm can claim it).
-    pub fn take_all(&mut self, slots: &TimerSlots) -> Vec<(TimerId, u64, TimerKind)> {
+    pub fn take_all(&mut self, slots: &TimerSlots) -> Vec<(TimerId, u64, u64, TimerKind)> {
         let mut v = Vec::new();
         for kind in [TimerKind::Pinned, TimerKind::Movable] {
-            let q = kind_index(kind);
-            for Reverse(e) in std::mem::take(&mut self.queues[q].heap) {
-                if TimerQueue::is_live(slots, &e) {
+            let q = &mut self.queues[kind_index(kind)];
+            for Reverse(e) in std::mem::take(&mut q.heap) {
+                if TimerQueue::is_live(slots, e.id, e.gen) {
                     slots.gen[e.id as usize].fetch_add(1, Ordering::Relaxed);
-                    v.push((e.id, e.deadline, kind));
+                    v.push((e.id, e.deadline, e.slack, kind));
                 }
             }
-            self.queues[q].live = 0;
+            q.clear();
         }
-        v.sort_unstable_by_key(|&(id, d, _)| (d, id));
+        v.sort_unstable_by_key(|&(id, d, _, _)| (d, id));
         v
     }
 
@@ -304,11 +365,20 @@ impl TimerBase {
         slots: &TimerSlots,
         id: TimerId,
         deadline: u64,
+        slack: u64,
         kind: TimerKind,
     ) {
         slots.loc[id as usize].store(encode_loc(self.cpu, kind), Ordering::Release);
         let gen = slots.gen[id as usize].load(Ordering::Relaxed);
-        self.queues[kind_index(kind)].push(slots, Entry { deadline, id, gen });
+        self.queues[kind_index(kind)].push(
+            slots,
+            Entry {
+                deadline,
+                id,
+                gen,
+                slack,
+            },
+        );
     }
 
     /// Number of pending timers of `kind`.
@@ -331,19 +401,19 @@ mod tests {
     fn arm_cancel_first_pop() {
         let slots = TimerSlots::new(16);
         let mut b = TimerBase::new(3);
-        assert_eq!(b.arm(&slots, 1, 100, Pinned), Ok(false));
-        assert_eq!(b.arm(&slots, 2, 50, Movable), Ok(false));
-        assert_eq!(b.arm(&slots, 3, 70, Movable), Ok(false));
+        assert_eq!(b.arm(&slots, 1, 100, 0, Pinned), Ok(false));
+        assert_eq!(b.arm(&slots, 2, 50, 0, Movable), Ok(false));
+        assert_eq!(b.arm(&slots, 3, 70, 0, Movable), Ok(false));
         assert_eq!(b.first(&slots, Pinned), 100);
         assert_eq!(b.first(&slots, Movable), 50);
-        assert_eq!(b.global_event(&slots), 50);
+        assert_eq!(b.global_event(&slots), Expiry { hard: 50, soft: 50 });
         assert!(b.cancel(&slots, 2));
         assert!(!b.cancel(&slots, 2));
         assert_eq!(b.first(&slots, Movable), 70);
         // Re-arm moves between queues.
-        assert_eq!(b.arm(&slots, 3, 200, Pinned), Ok(true));
+        assert_eq!(b.arm(&slots, 3, 200, 0, Pinned), Ok(true));
         assert_eq!(b.first(&slots, Movable), KTIME_MAX);
-        assert_eq!(b.global_event(&slots), KTIME_MAX);
+        assert_eq!(b.global_event(&slots), Expiry::NONE);
         assert_eq!(slots.location(3), Some((3, Pinned)));
         let mut out = vec![];
         assert_eq!(b.pop_due(&slots, Pinned, 150, &mut out), 1);
@@ -357,9 +427,9 @@ mod tests {
     fn pinned_first_hides_global_event() {
         let slots = TimerSlots::new(4);
         let mut b = TimerBase::new(0);
-        b.arm(&slots, 0, 10, Pinned).unwrap();
-        b.arm(&slots, 1, 10, Movable).unwrap();
-        assert_eq!(b.global_event(&slots), KTIME_MAX);
+        b.arm(&slots, 0, 10, 0, Pinned).unwrap();
+        b.arm(&slots, 1, 10, 0, Movable).unwrap();
+        assert_eq!(b.global_event(&slots), Expiry::NONE);
     }
 
     #[test]
@@ -367,11 +437,11 @@ mod tests {
         let slots = TimerSlots::new(4);
         let mut a = TimerBase::new(0);
         let mut b = TimerBase::new(1);
-        a.arm(&slots, 2, 10, Movable).unwrap();
-        assert_eq!(b.arm(&slots, 2, 20, Movable), Err(0));
+        a.arm(&slots, 2, 10, 0, Movable).unwrap();
+        assert_eq!(b.arm(&slots, 2, 20, 0, Movable), Err(0));
         assert!(!b.cancel(&slots, 2));
         assert!(a.cancel(&slots, 2));
-        assert_eq!(b.arm(&slots, 2, 20, Movable), Ok(false));
+        assert_eq!(b.arm(&slots, 2, 20, 0, Movable), Ok(false));
     }
 
     #[test]
@@ -379,10 +449,11 @@ mod tests {
         let slots = TimerSlots::new(8);
         let mut b = TimerBase::new(0);
         for i in 0..100_000u64 {
-            b.arm(&slots, (i % 8) as u32, 1000 + i, Movable).unwrap();
+            b.arm(&slots, (i % 8) as u32, 1000 + i, 0, Movable).unwrap();
             b.cancel(&slots, ((i + 3) % 8) as u32);
         }
         assert!(b.queues[1].heap.len() <= 2 * b.queues[1].live + 65);
+        assert!(b.queues[1].ends.len() <= 2 * b.queues[1].live + 65);
     }
 
     #[test]
@@ -390,21 +461,71 @@ mod tests {
         let slots = TimerSlots::new(8);
         let mut a = TimerBase::new(0);
         let mut b = TimerBase::new(1);
-        a.arm(&slots, 1, 30, Movable).unwrap();
-        a.arm(&slots, 2, 10, Pinned).unwrap();
-        a.arm(&slots, 3, 20, Movable).unwrap();
+        a.arm(&slots, 1, 30, 0, Movable).unwrap();
+        a.arm(&slots, 2, 10, 0, Pinned).unwrap();
+        a.arm(&slots, 3, 20, 0, Movable).unwrap();
         a.cancel(&slots, 3);
         let taken = a.take_all(&slots);
-        assert_eq!(taken, vec![(2, 10, Pinned), (1, 30, Movable)]);
+        assert_eq!(taken, vec![(2, 10, 0, Pinned), (1, 30, 0, Movable)]);
         assert!(a.is_empty());
-        for (id, d, k) in taken {
-            b.insert_taken(&slots, id, d, k);
+        for (id, d, sl, k) in taken {
+            b.insert_taken(&slots, id, d, sl, k);
         }
         assert_eq!(slots.location(1), Some((1, Movable)));
         assert_eq!(b.first(&slots, Pinned), 10);
         assert_eq!(b.take(&slots, 1), Some(Movable));
-        b.insert_taken(&slots, 1, 5, Pinned);
+        b.insert_taken(&slots, 1, 5, 0, Pinned);
         assert_eq!(b.first(&slots, Pinned), 5);
+        assert_eq!(b.first(&slots, Movable), KTIME_MAX);
+    }
+
+    #[test]
+    fn windows_wake_at_the_first_end_and_pop_what_has_started() {
+        let slots = TimerSlots::new(8);
+        let mut b = TimerBase::new(0);
+        // [100, 200], [150, 160], [300, 300]
+        b.arm(&slots, 0, 100, 100, Movable).unwrap();
+        b.arm(&slots, 1, 150, 10, Movable).unwrap();
+        b.arm(&slots, 2, 300, 0, Movable).unwrap();
+        assert_eq!(
+            b.expiry(&slots, Movable),
+            Expiry {
+                hard: 160,
+                soft: 100
+            }
+        );
+        assert_eq!(
+            b.global_event(&slots),
+            Expiry {
+                hard: 160,
+                soft: 100
+            }
+        );
+        // A pinned timer that ends earlier hides the movable event.
+        b.arm(&slots, 3, 155, 0, Pinned).unwrap();
+        assert_eq!(b.global_event(&slots), Expiry::NONE);
+        assert!(b.cancel(&slots, 3));
+        // Woken at 160: both started windows go, the later one stays.
+        let mut out = vec![];
+        assert_eq!(b.pop_due(&slots, Movable, 160, &mut out), 2);
+        assert_eq!(
+            out.iter()
+                .map(|e| (e.id, e.deadline, e.slack))
+                .collect::<Vec<_>>(),
+            vec![(0, 100, 100), (1, 150, 10)]
+        );
+        assert_eq!(
+            b.expiry(&slots, Movable),
+            Expiry {
+                hard: 300,
+                soft: 300
+            }
+        );
+        // A cancelled timer leaves the end heap too.
+        assert!(b.cancel(&slots, 2));
+        assert_eq!(b.expiry(&slots, Movable), Expiry::NONE);
+        // Saturating end.
+        b.arm(&slots, 4, KTIME_MAX - 1, 10, Movable).unwrap();
         assert_eq!(b.first(&slots, Movable), KTIME_MAX);
     }
 }

@@ -7,7 +7,7 @@
 use crate::sync::{
     fence, lock, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Mutex, Ordering, StatCounter,
 };
-use crate::types::{CpuId, KTIME_MAX};
+use crate::types::{CpuId, Expiry, KTIME_MAX};
 
 /// `migrator` value of a group without migrator (the kernel's `TMIGR_NONE`).
 pub const TMIGR_NONE: u8 = 0xff;
@@ -52,26 +52,42 @@ impl TmigrState {
     }
 }
 
-/// An event queued in a group for one child: the first movable expiry of that
-/// child's subtree and the cpu it belongs to (`struct tmigr_event`).
+/// An event queued in a group for one child (`struct tmigr_event`): the
+/// child subtree's earliest movable window end (`hard`: when someone must
+/// wake) and earliest deadline (`soft`: from when something can be expired),
+/// and the cpu whose deadline `soft` is (the one a migrator handles first; see
+/// "Windows" in the crate docs for why it is not the cpu of `hard`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Evt {
-    expires: u64,
+    hard: u64,
+    soft: u64,
     cpu: CpuId,
 }
 
 const EVT_NONE: Evt = Evt {
-    expires: KTIME_MAX,
+    hard: KTIME_MAX,
+    soft: KTIME_MAX,
     cpu: NO_IDX,
 };
+
+impl Evt {
+    fn expiry(&self) -> Expiry {
+        Expiry {
+            hard: self.hard,
+            soft: self.soft,
+        }
+    }
+}
 
 /// Protected by the group lock.
 struct GroupLocked {
     /// The children's events, by child slot (a time-ordered queue of at most
     /// eight entries: a scan beats a tree at this size).
     evts: [Evt; MAX_GROUP_SIZE],
-    /// First non-ignored event (mirrored in `TmigrGroup::next_expiry`).
-    next_expiry: u64,
+    /// The group's own event: earliest `hard` and earliest `soft` of the
+    /// non-ignored events, with the cpu of that `soft` (mirrored in
+    /// `TmigrGroup::next_hard` and `next_soft`).
+    next: Evt,
 }
 
 /// A group (`struct tmigr_group`). Groups live in an arena, are published
@@ -79,8 +95,12 @@ struct GroupLocked {
 struct TmigrGroup {
     state: AtomicU32,
     lock: Mutex<GroupLocked>,
-    /// Written under `lock`, read locklessly by migrators (`READ_ONCE`).
-    next_expiry: AtomicU64,
+    /// The group's earliest window end (`next.hard`): written under `lock`,
+    /// read locklessly by migrators (`READ_ONCE`) for when to look.
+    next_hard: AtomicU64,
+    /// The group's earliest deadline (`next.soft`): written under `lock`,
+    /// read locklessly by migrators for whether to look now.
+    next_soft: AtomicU64,
     /// Parent group index or `NO_IDX`; set once, Release, read Acquire.
     parent: AtomicU32,
     /// This group's bit in its parent (set before `parent` is published).
@@ -100,9 +120,10 @@ impl TmigrGroup {
             state: AtomicU32::new(TmigrState::IDLE.pack()),
             lock: Mutex::new(GroupLocked {
                 evts: [EVT_NONE; MAX_GROUP_SIZE],
-                next_expiry: KTIME_MAX,
+                next: EVT_NONE,
             }),
-            next_expiry: AtomicU64::new(KTIME_MAX),
+            next_hard: AtomicU64::new(KTIME_MAX),
+            next_soft: AtomicU64::new(KTIME_MAX),
             parent: AtomicU32::new(NO_IDX),
             groupmask: AtomicU8::new(0),
             level: AtomicU8::new(0),
@@ -184,8 +205,8 @@ pub struct HierConfig {
 /// Where a hierarchy walk ended, and what the walker must do about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WalkResult {
-    /// First expiry of the whole hierarchy if this walk found the root idle
-    /// (the walker must wake for it), else `KTIME_MAX`.
+    /// First window end of the whole hierarchy if this walk found the root
+    /// idle (the walker must wake for it), else `KTIME_MAX`.
     pub firstexp: u64,
     /// The active group where event propagation stopped: its migrator must
     /// look at the group's (possibly earlier) first event.
@@ -285,27 +306,27 @@ pub struct HierStatsSnapshot {
 /// What a migrator needs from the timer bases to expire an idle cpu's timers
 /// (timer.c's `timer_expire_remote` and `fetch_next_timer_interrupt_remote`).
 pub trait RemoteExpiry {
-    /// Expires `cpu`'s movable timers with `deadline <= now` on the migrator.
+    /// Expires `cpu`'s movable timers with `deadline <= now` (window open) on the migrator.
     /// Must expire nothing if `cpu` is no longer idle ([`Hierarchy::cpu_is_idle`]
     /// under the base lock): the owner woke and expires them itself.
     fn expire_movable(&mut self, cpu: CpuId, now: u64);
     /// Locks `cpu`'s base, calls `f` with its global event
     /// ([`crate::base::TimerBase::global_event`]) while the lock is held.
-    fn with_base_locked(&mut self, cpu: CpuId, f: &mut dyn FnMut(u64));
+    fn with_base_locked(&mut self, cpu: CpuId, f: &mut dyn FnMut(Expiry));
     /// Where the re-queue walk for `cpu` stopped (for kicks).
     fn requeued(&mut self, _res: WalkResult) {}
 }
 
 /// Per-walk data (`struct tmigr_walk`).
 struct WalkData {
-    nextexp: u64,
+    nextexp: Expiry,
     firstexp: u64,
     evt_cpu: CpuId,
     stopped_at: Option<u32>,
 }
 
 impl WalkData {
-    fn new(nextexp: u64, evt_cpu: CpuId) -> Self {
+    fn new(nextexp: Expiry, evt_cpu: CpuId) -> Self {
         Self {
             nextexp,
             firstexp: KTIME_MAX,
@@ -487,9 +508,18 @@ impl Hierarchy {
         self.groups[g as usize].load_state()
     }
 
-    /// The first event of group `g`.
+    /// The first window end of group `g` (when its migrator must look).
     pub fn group_next_expiry(&self, g: u32) -> u64 {
-        self.groups[g as usize].next_expiry.load(Ordering::Acquire)
+        self.group_next(g).hard
+    }
+
+    /// Group `g`'s earliest window end and earliest deadline (lockless read).
+    pub fn group_next(&self, g: u32) -> Expiry {
+        let grp = &self.groups[g as usize];
+        Expiry {
+            hard: grp.next_hard.load(Ordering::Acquire),
+            soft: grp.next_soft.load(Ordering::Acquire),
+        }
     }
 
     /// The level-0 group of `cpu`, if it was ever online.
@@ -577,7 +607,9 @@ impl Hierarchy {
         if !tmc.online.load(Ordering::Acquire) || tmc.idle.load(Ordering::Acquire) {
             return false;
         }
-        self.next_remote_expiry(cpu) <= now
+        // An open window is enough: expiring now, while this cpu runs anyway,
+        // serves every timer whose deadline passed (windows, crate docs).
+        self.next_remote(cpu).soft <= now
     }
 
     /// True if an online idle cpu other than `cpu` already wakes at or
@@ -609,14 +641,20 @@ impl Hierarchy {
         })
     }
 
-    /// First event of the groups `cpu` is migrator of, walking up as long as
-    /// it is (lockless). `KTIME_MAX` if none.
+    /// First window end of the groups `cpu` is migrator of, walking up as
+    /// long as it is (lockless): when it must look at them. `KTIME_MAX` if none.
     pub fn next_remote_expiry(&self, cpu: CpuId) -> u64 {
-        let mut first = KTIME_MAX;
+        self.next_remote(cpu).hard
+    }
+
+    /// Earliest window end and earliest deadline of the groups `cpu` is
+    /// migrator of (lockless).
+    pub fn next_remote(&self, cpu: CpuId) -> Expiry {
+        let mut first = Expiry::NONE;
         let tmc = &self.cpus[cpu as usize];
         let mut g = tmc.group.load(Ordering::Acquire);
         if g == NO_IDX {
-            return KTIME_MAX;
+            return Expiry::NONE;
         }
         let mut childmask = tmc.groupmask.load(Ordering::Relaxed);
         loop {
@@ -625,7 +663,10 @@ impl Hierarchy {
             if s.migrator != childmask {
                 break;
             }
-            first = first.min(grp.next_expiry.load(Ordering::Acquire));
+            first = first.min(Expiry {
+                hard: grp.next_hard.load(Ordering::Acquire),
+                soft: grp.next_soft.load(Ordering::Acquire),
+            });
             let p = grp.parent.load(Ordering::Acquire);
             if p == NO_IDX {
                 break;
@@ -675,12 +716,15 @@ impl Hierarchy {
     }
 
     /// `tmigr_next_groupevt`: purges ignored events (the lazy removal of
-    /// events of children that became active), recomputes `next_expiry` and
-    /// returns the first event's slot.
+    /// events of children that became active), recomputes the group's event
+    /// (`next`: earliest `hard`, earliest `soft` and that `soft`'s cpu) and
+    /// returns the slot of the event with the earliest `soft`, the one a
+    /// migrator dequeues first.
     fn next_groupevt(&self, g: u32, gl: &mut GroupLocked) -> Option<usize> {
         let mut first: Option<usize> = None;
+        let mut hard = KTIME_MAX;
         for slot in 0..MAX_GROUP_SIZE {
-            if gl.evts[slot].expires == KTIME_MAX {
+            if gl.evts[slot].hard == KTIME_MAX {
                 continue;
             }
             // Relaxed: `ignore` is a hint set locklessly by activating walkers;
@@ -693,19 +737,28 @@ impl Hierarchy {
                 gl.evts[slot] = EVT_NONE;
                 continue;
             }
-            if first.is_none_or(|f| gl.evts[slot].expires < gl.evts[f].expires) {
+            hard = hard.min(gl.evts[slot].hard);
+            if first.is_none_or(|f| gl.evts[slot].soft < gl.evts[f].soft) {
                 first = Some(slot);
             }
         }
-        gl.next_expiry = first.map_or(KTIME_MAX, |s| gl.evts[s].expires);
-        self.groups[g as usize]
-            .next_expiry
-            .store(gl.next_expiry, Ordering::Release);
+        gl.next = match first {
+            Some(f) => Evt {
+                hard,
+                soft: gl.evts[f].soft,
+                cpu: gl.evts[f].cpu,
+            },
+            None => EVT_NONE,
+        };
+        let grp = &self.groups[g as usize];
+        grp.next_hard.store(gl.next.hard, Ordering::Release);
+        grp.next_soft.store(gl.next.soft, Ordering::Release);
         first
     }
 
-    /// `tmigr_next_expired_groupevt`: dequeues and returns the first event if
-    /// it is due at `now`.
+    /// `tmigr_next_expired_groupevt`: dequeues and returns the event with the
+    /// earliest deadline if its window is open at `now` (deadline `<= now`;
+    /// with slack 0 everywhere that is the kernel's "first event is due").
     ///
     /// RACE (livelock in remote expiry, the kernel's "Fix livelock in
     /// tmigr_handle_remote_up()"): the event is consumed here, before it is
@@ -715,7 +768,7 @@ impl Hierarchy {
     fn next_expired_groupevt(&self, g: u32, gl: &mut GroupLocked, now: u64) -> Option<Evt> {
         let slot = self.next_groupevt(g, gl)?;
         let evt = gl.evts[slot];
-        if evt.expires > now {
+        if evt.soft > now {
             return None;
         }
         gl.evts[slot] = EVT_NONE;
@@ -759,11 +812,8 @@ impl Hierarchy {
                 if hgrp.load_state().active != 0 {
                     return true;
                 }
-                let first = self.next_groupevt(h, &mut hl);
-                let (nextexp, cpu) = match first {
-                    Some(s) => (hl.evts[s].expires, hl.evts[s].cpu),
-                    None => (KTIME_MAX, NO_IDX),
-                };
+                self.next_groupevt(h, &mut hl);
+                let (nextexp, cpu) = (hl.next.expiry(), hl.next.cpu);
                 drop(hl);
                 self.queue_child_evt(g, &mut gl, slot, nextexp, cpu, &hgrp.ignore, data)
             }
@@ -790,19 +840,20 @@ impl Hierarchy {
         g: u32,
         gl: &mut GroupLocked,
         slot: usize,
-        nextexp: u64,
+        nextexp: Expiry,
         cpu: CpuId,
         ignore: &AtomicBool,
         data: &mut WalkData,
     ) -> bool {
         let grp = &self.groups[g as usize];
-        if nextexp == KTIME_MAX {
+        if nextexp.is_none() {
             ignore.store(true, Ordering::Relaxed);
             gl.evts[slot] = EVT_NONE;
         } else {
             ignore.store(false, Ordering::Relaxed);
             gl.evts[slot] = Evt {
-                expires: nextexp,
+                hard: nextexp.hard,
+                soft: nextexp.soft,
                 cpu,
             };
         }
@@ -814,8 +865,9 @@ impl Hierarchy {
             return true;
         }
         if grp.parent.load(Ordering::Acquire) == NO_IDX {
-            // The whole hierarchy is idle: the walker wakes for its first event.
-            data.firstexp = gl.next_expiry;
+            // The whole hierarchy is idle: the walker wakes for its first
+            // window end (and expires every open window then).
+            data.firstexp = gl.next.hard;
             return true;
         }
         false
@@ -986,9 +1038,11 @@ impl Hierarchy {
     }
 
     /// `tmigr_cpu_deactivate`: `cpu` goes idle; `nextexp` is its global event
-    /// ([`crate::base::TimerBase::global_event`]). `firstexp` in the result is
-    /// `KTIME_MAX` unless this cpu idled the root: then it must wake at it.
-    pub fn deactivate(&self, cpu: CpuId, nextexp: u64) -> WalkResult {
+    /// ([`crate::base::TimerBase::global_event`]; a bare time is a window of
+    /// one instant). `firstexp` in the result is `KTIME_MAX` unless this cpu
+    /// idled the root: then it must wake at it.
+    pub fn deactivate(&self, cpu: CpuId, nextexp: impl Into<Expiry>) -> WalkResult {
+        let nextexp = nextexp.into();
         let tmc = &self.cpus[cpu as usize];
         let mut l = lock(&tmc.lock);
         if !l.online {
@@ -1018,10 +1072,11 @@ impl Hierarchy {
     /// `None` if nothing was walked (cpu active/offline, a migrator is
     /// expiring its timers and will re-queue, or no event); else the walk,
     /// whose `firstexp` is this cpu's new wake-up (it reached an idle root).
-    pub fn new_timer(&self, cpu: CpuId, nextexp: u64) -> Option<WalkResult> {
+    pub fn new_timer(&self, cpu: CpuId, nextexp: impl Into<Expiry>) -> Option<WalkResult> {
+        let nextexp = nextexp.into();
         let tmc = &self.cpus[cpu as usize];
         let mut l = lock(&tmc.lock);
-        if !l.online || !l.idle || nextexp == KTIME_MAX {
+        if !l.online || !l.idle || nextexp.is_none() {
             return None;
         }
         if l.remote {
@@ -1056,11 +1111,16 @@ impl Hierarchy {
     /// cpus handled.
     ///
     /// RACE (livelock in remote expiry): `now` is sampled once by the caller.
-    /// Each popped event is either dropped (owner woke: it expires itself) or
-    /// re-queued with the owner's next event, which is after `now` because
-    /// every timer due at `now` was just expired. So every loop iteration
-    /// removes an event due at `now` for good and the walk ends, however
-    /// fast time moves meanwhile.
+    /// Each popped event names the cpu of its `soft`, whose window is open, so
+    /// handling it either backs off (owner woke: it expires itself) or expires
+    /// every timer of that cpu whose deadline is `<= now` and re-queues the
+    /// cpu's next event, whose deadline is after `now`. A group event is
+    /// re-queued with an open window again only for another cpu whose
+    /// deadline passed; each handled cpu leaves the set of such cpus for good,
+    /// so the walk ends, however fast time moves meanwhile. (Had an event
+    /// named the cpu of its `hard` instead, a group whose earliest deadline
+    /// and earliest window end belong to different cpus would hand the
+    /// migrator the same untouched cpu for ever: WINDOWS in the crate docs.)
     pub fn handle_remote(&self, cpu: CpuId, now: u64, rx: &mut dyn RemoteExpiry) -> u32 {
         let tmc = &self.cpus[cpu as usize];
         if !tmc.online.load(Ordering::Acquire) {
@@ -1157,7 +1217,7 @@ impl Hierarchy {
         tmc.idle.store(true, Ordering::Release);
         l.wakeup = KTIME_MAX;
         tmc.wakeup.store(KTIME_MAX, Ordering::Release);
-        let mut data = WalkData::new(KTIME_MAX, cpu);
+        let mut data = WalkData::new(Expiry::NONE, cpu);
         let levels = self.walk_groups(cpu, |g, child, mask| {
             self.inactive_up(g, child, mask, &mut data, cpu)
         });
@@ -1188,7 +1248,7 @@ impl Hierarchy {
         }
         let mut res = WalkResult::NONE;
         if let Some((old, _new)) = self.setup_groups(&mut setup, cpu) {
-            let mut data = WalkData::new(KTIME_MAX, cpu);
+            let mut data = WalkData::new(Expiry::NONE, cpu);
             self.reconcile_new_root(old, &mut data, cpu);
             if data.firstexp != KTIME_MAX && self.wakeup_covered(cpu, data.firstexp) {
                 data.firstexp = KTIME_MAX;
@@ -1432,10 +1492,12 @@ impl Hierarchy {
             let evts: Vec<String> = (0..n)
                 .map(|i| {
                     let e = gl.evts[i];
-                    if e.expires == KTIME_MAX {
+                    if e.hard == KTIME_MAX {
                         "-".to_string()
+                    } else if e.soft == e.hard {
+                        format!("{}@cpu{}", e.hard, e.cpu)
                     } else {
-                        format!("{}@cpu{}", e.expires, e.cpu)
+                        format!("[{},{}]@cpu{}", e.soft, e.hard, e.cpu)
                     }
                 })
                 .collect();
@@ -1446,7 +1508,7 @@ impl Hierarchy {
                 grp.groupmask.load(Ordering::Relaxed),
                 grp.ignore.load(Ordering::Relaxed),
                 grp.load_state(),
-                gl.next_expiry as i128 - if gl.next_expiry == KTIME_MAX { KTIME_MAX as i128 + 1 } else { 0 },
+                gl.next.hard as i128 - if gl.next.hard == KTIME_MAX { KTIME_MAX as i128 + 1 } else { 0 },
             );
         }
         out
@@ -1459,8 +1521,13 @@ impl Hierarchy {
     /// Checks the design note's invariants 1-5 on a quiescent hierarchy.
     /// `pending(cpu)` returns the movable expiry an idle cpu relies on the
     /// hierarchy for (its global event unless its own wake-up covers it),
-    /// `KTIME_MAX` if none.
-    pub fn check_invariants(&self, pending: &dyn Fn(CpuId) -> u64) -> Result<(), String> {
+    /// [`Expiry::NONE`] if none. A queued event may be earlier than what it
+    /// stands for (stale), never later: neither its window end nor its
+    /// deadline.
+    pub fn check_invariants<E: Into<Expiry>>(
+        &self,
+        pending: &dyn Fn(CpuId) -> E,
+    ) -> Result<(), String> {
         let s = lock(&self.setup);
         if s.root == NO_IDX {
             return Ok(());
@@ -1513,13 +1580,17 @@ impl Hierarchy {
             // Invariant 3 for groups: an idle group's first event is in its parent.
             let gl = lock(&grp.lock);
             let p = grp.parent.load(Ordering::Acquire);
-            if st.active == 0 && gl.next_expiry != KTIME_MAX && p != NO_IDX {
+            if st.active == 0 && gl.next.hard != KTIME_MAX && p != NO_IDX {
                 let slot = grp.groupmask.load(Ordering::Relaxed).trailing_zeros() as usize;
                 let pl = lock(&self.groups[p as usize].lock);
-                if pl.evts[slot].expires > gl.next_expiry || grp.ignore.load(Ordering::Relaxed) {
+                let queued = pl.evts[slot];
+                if queued.hard > gl.next.hard
+                    || queued.soft > gl.next.soft
+                    || grp.ignore.load(Ordering::Relaxed)
+                {
                     return Err(format!(
-                        "idle group {g}: first event {} not queued in parent {p} (has {:?})",
-                        gl.next_expiry, pl.evts[slot]
+                        "idle group {g}: first event {:?} not queued in parent {p} (has {queued:?})",
+                        gl.next
                     ));
                 }
             }
@@ -1549,14 +1620,18 @@ impl Hierarchy {
                 continue;
             }
             // Invariant 3 for cpus.
-            let need = pending(c);
-            if need != KTIME_MAX {
+            let need: Expiry = pending(c).into();
+            if !need.is_none() {
                 let g = t.group.load(Ordering::Acquire);
                 let slot = t.groupmask.load(Ordering::Relaxed).trailing_zeros() as usize;
                 let gl = lock(&self.groups[g as usize].lock);
-                if gl.evts[slot].expires > need || t.ignore.load(Ordering::Relaxed) {
+                let queued = gl.evts[slot];
+                if queued.hard > need.hard
+                    || queued.soft > need.soft
+                    || t.ignore.load(Ordering::Relaxed)
+                {
                     return Err(format!(
-                        "idle cpu {c}: movable event {need} not queued in group {g} (has {:?})",
+                        "idle cpu {c}: movable event {need:?} not queued in group {g} (has {:?})",
                         gl.evts[slot]
                     ));
                 }
@@ -1564,7 +1639,7 @@ impl Hierarchy {
         }
         // Invariant 4: an idle root's first expiry is some idle cpu's wake-up.
         let rs = root.load_state();
-        let rnext = root.next_expiry.load(Ordering::Acquire);
+        let rnext = root.next_hard.load(Ordering::Acquire);
         if rs.active == 0 && rnext != KTIME_MAX {
             let covered = (0..self.cpus.len()).any(|c| {
                 let t = &self.cpus[c];

@@ -217,7 +217,7 @@ pub mod types;
 
 pub use clock::{Clock, FakeClock, MonotonicClock};
 pub use service::{ServiceConfig, ServiceStats, TimerService};
-pub use types::{CpuId, Expired, Policy, TimerId, TimerKind, KTIME_MAX};
+pub use types::{CpuId, Expired, Expiry, Policy, TimerId, TimerKind, KTIME_MAX};
 
 // Unit and race tests need the std primitives and the hooks (not loom).
 #[cfg(all(test, not(loom)))]

@@ -9,15 +9,16 @@
 //! time shows up as a timer left due after [`Op::Settle`].
 //!
 //! Checked at every step: `arm`/`cancel` return values; every expired timer
-//! was pending with that deadline and kind, is due (nothing early), and is
-//! removed (nothing twice); Local/Push expire only on the owner; Pull expires a
+//! was pending with that deadline, slack and kind, its window had opened
+//! (deadline `<= now`: nothing early), and is removed (nothing twice); Local/Push expire only on the owner; Pull expires a
 //! movable timer of another vCPU only if that vCPU is halted; under Pull a
 //! halt returns a wake-up before the vCPU's own pinned timers only if it was
 //! the last running vCPU (only the root-idling vCPU wakes for movable
 //! events); an isolated vCPU never expires another's timer, never receives a
 //! Push placement, a hand-off or the forced-active role while a
 //! non-isolated vCPU is online, and wakes for its own timers; after `Settle`
-//! nothing due is left (nothing missed); and the service's and hierarchy's
+//! no window has ended with its timer still pending (nothing missed: every
+//! timer fired by `deadline + slack` of simulated time); and the service's and hierarchy's
 //! invariants after every operation (and after the `vcpu_prepare` that
 //! precedes each `vcpu_online`).
 //!
@@ -35,7 +36,7 @@ use crate::types::{CpuId, Expired, Policy, TimerId, TimerKind, KTIME_MAX};
 /// One step of a simulation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// `cpu` arms `id` at now + 1 + `delta`.
+    /// `cpu` arms `id` for `[now + 1 + delta, now + 1 + delta + slack]`.
     Arm {
         /// Arming vCPU (may be halted: new timer while idle).
         cpu: CpuId,
@@ -43,6 +44,8 @@ pub enum Op {
         id: TimerId,
         /// Deadline offset.
         delta: u64,
+        /// Window length after the deadline.
+        slack: u64,
         /// Kind.
         kind: TimerKind,
     },
@@ -155,6 +158,15 @@ pub fn ops_from_bytes(data: &[u8], max_cpus: u32) -> (SimConfig, Vec<Op>) {
                 cpu,
                 id: g(2) as u32 % max_timers,
                 delta: (g(3) as u64 % 64 + 1) * 250,
+                // The id's unused top bits: no slack, a short window, a
+                // quarter of the timeout (a housekeeping timer's), or longer
+                // than the timeout.
+                slack: match g(2) >> 6 {
+                    0 => 0,
+                    1 => 100,
+                    2 => (g(3) as u64 % 64 + 1) * 250 / 4,
+                    _ => (g(3) as u64 % 64 + 1) * 500,
+                },
                 kind: if g(0) & 0x80 != 0 {
                     TimerKind::Pinned
                 } else {
@@ -191,20 +203,21 @@ pub struct Model {
     pub online: Vec<bool>,
     /// Running flag per vCPU.
     pub running: Vec<bool>,
-    /// Pending timers: deadline and kind.
-    pub pending: HashMap<TimerId, (u64, TimerKind)>,
+    /// Pending timers: deadline, slack and kind.
+    pub pending: HashMap<TimerId, (u64, u64, TimerKind)>,
     /// Isolated flag per vCPU.
     pub isolated: Vec<bool>,
 }
 
 impl Model {
-    /// Timers due at `now`.
-    pub fn due(&self, now: u64) -> Vec<(TimerId, u64)> {
+    /// Timers whose window has ended at `now` (`deadline + slack <= now`):
+    /// `(id, deadline, slack)`.
+    pub fn due(&self, now: u64) -> Vec<(TimerId, u64, u64)> {
         let mut v: Vec<_> = self
             .pending
             .iter()
-            .filter(|(_, &(d, _))| d <= now)
-            .map(|(&id, &(d, _))| (id, d))
+            .filter(|(_, &(d, sl, _))| d.saturating_add(sl) <= now)
+            .map(|(&id, &(d, sl, _))| (id, d, sl))
             .collect();
         v.sort_unstable();
         v
@@ -336,9 +349,9 @@ impl Sim {
                         "{e:?} expired but not pending (twice, or cancelled)"
                     ))
                 }
-                Some((d, k)) => {
-                    if d != e.deadline || k != e.kind {
-                        return Err(format!("{e:?} expired but pending as ({d}, {k:?})"));
+                Some((d, sl, k)) => {
+                    if d != e.deadline || sl != e.slack || k != e.kind {
+                        return Err(format!("{e:?} expired but pending as ({d}, {sl}, {k:?})"));
                     }
                 }
             }
@@ -377,10 +390,10 @@ impl Sim {
         self.model
             .pending
             .iter()
-            .filter(|(&id, &(_, k))| {
+            .filter(|(&id, &(_, _, k))| {
                 k == TimerKind::Pinned && self.svc.timer_owner(id).map(|o| o.0) == Some(cpu)
             })
-            .map(|(_, &(d, _))| d)
+            .map(|(_, &(d, sl, _))| d.saturating_add(sl))
             .min()
             .unwrap_or(KTIME_MAX)
     }
@@ -390,7 +403,7 @@ impl Sim {
             .pending
             .iter()
             .filter(|(&id, _)| self.svc.timer_owner(id).map(|o| o.0) == Some(cpu))
-            .map(|(_, &(d, _))| d)
+            .map(|(_, &(d, sl, _))| d.saturating_add(sl))
             .min()
             .unwrap_or(KTIME_MAX)
     }
@@ -404,14 +417,19 @@ impl Sim {
                 cpu,
                 id,
                 delta,
+                slack,
                 kind,
             } => {
                 if !on(self, cpu) {
                     return Ok(());
                 }
                 let deadline = self.now() + 1 + delta;
-                let was = self.svc.arm(cpu, id, deadline, kind);
-                let model_was = self.model.pending.insert(id, (deadline, kind)).is_some();
+                let was = self.svc.arm(cpu, id, deadline, slack, kind);
+                let model_was = self
+                    .model
+                    .pending
+                    .insert(id, (deadline, slack, kind))
+                    .is_some();
                 if was != model_was {
                     return Err(format!("arm returned {was}, model says {model_was}"));
                 }
@@ -593,9 +611,11 @@ impl Sim {
         if !due.is_empty() {
             let detail: Vec<_> = due
                 .iter()
-                .map(|&(id, d)| (id, d, self.svc.timer_owner(id)))
+                .map(|&(id, d, sl)| (id, d, sl, self.svc.timer_owner(id)))
                 .collect();
-            return Err(format!("missed at {now}: (id, deadline, owner) {detail:?}"));
+            return Err(format!(
+                "missed at {now}: (id, deadline, slack, owner) {detail:?}"
+            ));
         }
         Ok(())
     }

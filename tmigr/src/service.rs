@@ -62,7 +62,7 @@ use crate::sync::{lock, AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering, StatC
 
 // The basic types live in `types`; re-exported here so `tmigr::service::{...}`
 // paths keep working (new code uses `tmigr::types` or the crate root).
-pub use crate::types::{CpuId, Expired, Policy, TimerId, TimerKind, KTIME_MAX};
+pub use crate::types::{CpuId, Expired, Expiry, Policy, TimerId, TimerKind, KTIME_MAX};
 
 /// Slots allocated for vCPUs when neither `cpus_online` nor `nodes` asks for
 /// more (KVM's `KVM_CAP_MAX_VCPUS` here). `vcpu_online` panics beyond it.
@@ -186,7 +186,7 @@ impl<C: Clock> RemoteExpiry for Remote<'_, C> {
         b.counters.remote_expiries += n as u64;
     }
 
-    fn with_base_locked(&mut self, cpu: CpuId, f: &mut dyn FnMut(u64)) {
+    fn with_base_locked(&mut self, cpu: CpuId, f: &mut dyn FnMut(Expiry)) {
         let mut b = lock(&self.svc.cpus[cpu as usize].base);
         let ev = b.global_event(&self.svc.slots);
         f(ev);
@@ -381,14 +381,14 @@ impl<C: Clock> TimerService<C> {
         }
     }
 
-    /// Under `target`'s base lock, after queueing a timer at `deadline`:
-    /// tell the hierarchy (idle target, Pull) and decide whether `target` must
-    /// be kicked. Returns (kick target, walk to check).
+    /// Under `target`'s base lock, after queueing a timer whose window ends at
+    /// `end`: tell the hierarchy (idle target, Pull) and decide whether
+    /// `target` must be kicked. Returns (kick target, walk to check).
     fn after_insert(
         &self,
         target: CpuId,
         b: &mut TimerBase,
-        deadline: u64,
+        end: u64,
         kind: TimerKind,
     ) -> (bool, Option<WalkResult>) {
         let p = self.cpus[target as usize].programmed.load(Ordering::SeqCst);
@@ -401,15 +401,19 @@ impl<C: Clock> TimerService<C> {
             let pinned = b.first(&self.slots, TimerKind::Pinned);
             return (wake.min(pinned) < p, res);
         }
-        (deadline < p, None)
+        (end < p, None)
     }
 
-    /// `cpu` (running) arms `id` at `deadline`: queued on `cpu`'s base (Push may
-    /// place a Movable timer armed by a push-idle vCPU on the nearest busy one),
-    /// replacing any pending arming on any base. Returns true if an arming was
-    /// pending (re-arm). The caller has validated `id < max_timers` and
-    /// `deadline > now`. May queue kicks (see the module docs).
-    pub fn arm(&self, cpu: CpuId, id: TimerId, deadline: u64, kind: TimerKind) -> bool {
+    /// `cpu` (running) arms `id` for `[deadline, deadline + slack]`: it fires
+    /// no earlier than `deadline` and, if the VMM serves the times it is
+    /// given, no later than `deadline + slack` (slack 0: at its deadline).
+    /// Queued on `cpu`'s base (Push may place a Movable timer armed by a
+    /// push-idle vCPU on the nearest busy one), replacing any pending arming
+    /// on any base. Returns true if an arming was pending (re-arm). The caller
+    /// has validated `id < max_timers` and `deadline > now`. May queue kicks
+    /// (see the module docs).
+    pub fn arm(&self, cpu: CpuId, id: TimerId, deadline: u64, slack: u64, kind: TimerKind) -> bool {
+        let end = deadline.saturating_add(slack);
         let target = if self.policy == Policy::Push
             && kind == TimerKind::Movable
             && self.cpus[cpu as usize].push_idle.load(Ordering::Acquire)
@@ -439,20 +443,20 @@ impl<C: Clock> TimerService<C> {
                     if ob.take(&self.slots, id).is_none() {
                         continue; // moved or fired meanwhile
                     }
-                    tb.insert_taken(&self.slots, id, deadline, kind);
+                    tb.insert_taken(&self.slots, id, deadline, slack, kind);
                     tb.counters.arms += 1;
                     tb.counters.rearms += 1;
-                    let (k, r) = self.after_insert(target, tb, deadline, kind);
+                    let (k, r) = self.after_insert(target, tb, end, kind);
                     (true, k, r)
                 }
                 _ => {
                     let mut b = lock(&self.cpus[target as usize].base);
-                    let Ok(was) = b.arm(&self.slots, id, deadline, kind) else {
+                    let Ok(was) = b.arm(&self.slots, id, deadline, slack, kind) else {
                         continue; // claimed by another base meanwhile
                     };
                     b.counters.arms += 1;
                     b.counters.rearms += was as u64;
-                    let (k, r) = self.after_insert(target, &mut b, deadline, kind);
+                    let (k, r) = self.after_insert(target, &mut b, end, kind);
                     (was, k, r)
                 }
             };
@@ -626,16 +630,22 @@ impl<C: Clock> TimerService<C> {
             let moved = ob.take_all(&self.slots);
             let mut kick = false;
             let mut walk = None;
-            for &(id, deadline, kind) in &moved {
-                tb.insert_taken(&self.slots, id, deadline, kind);
+            for &(id, deadline, slack, kind) in &moved {
+                tb.insert_taken(&self.slots, id, deadline, slack, kind);
             }
-            if let Some(&(_, deadline, kind)) = moved.first() {
-                (kick, walk) = self.after_insert(t, tb, deadline, kind);
+            // The earliest window end of the moved timers decides the kick;
+            // a movable one, if any, tells the hierarchy (idle target).
+            let first_end = moved
+                .iter()
+                .map(|&(_, d, sl, k)| (d.saturating_add(sl), k))
+                .min_by_key(|&(end, _)| end);
+            if let Some((end, kind)) = first_end {
+                (kick, walk) = self.after_insert(t, tb, end, kind);
                 if kind == TimerKind::Pinned && self.in_hier(t) {
                     // The first one is pinned; a movable one may still need
                     // the hierarchy.
-                    if let Some(&(_, d, k)) = moved.iter().find(|m| m.2 == TimerKind::Movable) {
-                        let (k2, w2) = self.after_insert(t, tb, d, k);
+                    if let Some(&(_, d, sl, k)) = moved.iter().find(|m| m.3 == TimerKind::Movable) {
+                        let (k2, w2) = self.after_insert(t, tb, d.saturating_add(sl), k);
                         kick |= k2;
                         walk = walk.or(w2);
                     }
@@ -797,10 +807,12 @@ impl<C: Clock> TimerService<C> {
             let mut b = lock(&v.base);
             let ev = b.global_event(&self.slots);
             // Covered by its own wake-up, or by a kick not yet delivered.
-            if ev < v.programmed.load(Ordering::SeqCst) && !v.kick_pending.load(Ordering::SeqCst) {
+            if ev.hard < v.programmed.load(Ordering::SeqCst)
+                && !v.kick_pending.load(Ordering::SeqCst)
+            {
                 ev
             } else {
-                KTIME_MAX
+                Expiry::NONE
             }
         })
     }

@@ -67,8 +67,59 @@ pub struct Expired {
     pub id: TimerId,
     /// The vCPU whose base it was queued on.
     pub owner: CpuId,
-    /// Its deadline (`<=` the time `expire` sampled).
+    /// Its deadline, the start of its window (`<=` the time `expire` sampled).
     pub deadline: u64,
+    /// Its slack: it could fire as late as `deadline + slack` (the end of its window).
+    pub slack: u64,
     /// Its kind.
     pub kind: TimerKind,
+}
+
+/// When a timer, or the first of a set of timers, may fire: from `soft` (a deadline; nothing fires
+/// before its own) to `hard` (deadline + slack; the latest it may fire). For a set, `soft` is the
+/// earliest deadline and `hard` the earliest window end, which may belong to different timers; a
+/// wake-up at `hard` that expires every timer whose `soft` has passed is the greedy that serves the
+/// most windows with the fewest wake-ups ("Windows" in the crate docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expiry {
+    /// The earliest window end: the time to wake at.
+    pub hard: u64,
+    /// The earliest deadline: from then on, something may be expired.
+    pub soft: u64,
+}
+
+impl Expiry {
+    /// Nothing pending.
+    pub const NONE: Expiry = Expiry {
+        hard: KTIME_MAX,
+        soft: KTIME_MAX,
+    };
+
+    /// The window of one arming: `[deadline, deadline + slack]` (saturating).
+    pub fn window(deadline: u64, slack: u64) -> Self {
+        Expiry {
+            hard: deadline.saturating_add(slack),
+            soft: deadline,
+        }
+    }
+
+    /// True if nothing is pending.
+    pub fn is_none(&self) -> bool {
+        self.hard == KTIME_MAX
+    }
+
+    /// The earliest of both: earliest end and earliest start.
+    pub fn min(self, other: Expiry) -> Expiry {
+        Expiry {
+            hard: self.hard.min(other.hard),
+            soft: self.soft.min(other.soft),
+        }
+    }
+}
+
+/// A bare time: a window of one instant (slack 0), or none for `KTIME_MAX`.
+impl From<u64> for Expiry {
+    fn from(t: u64) -> Self {
+        Expiry { hard: t, soft: t }
+    }
 }

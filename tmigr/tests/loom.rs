@@ -256,3 +256,49 @@ fn loom_kernel_fix_endless_requeue_after_idle_interrupts() {
         );
     });
 }
+
+/// Windows: two idle vCPUs in different groups idle at the same time, vCPU 1
+/// with `[50, 300]` and vCPU 2 with `[200, 250]`. Whoever idles the root
+/// last wakes at the earliest window end (250, vCPU 2's), and the root's event
+/// keeps the earliest deadline (50, vCPU 1's), so that one wake-up at 250
+/// expires both: the events carry both ends, whatever the interleaving.
+#[test]
+fn loom_windows_two_cpus_idle_in_different_groups() {
+    use tmigr::Expiry;
+    let w1 = Expiry {
+        soft: 50,
+        hard: 300,
+    };
+    let w2 = Expiry {
+        soft: 200,
+        hard: 250,
+    };
+    builder().check(move || {
+        let h = hier(4, 2);
+        h.deactivate(0, KTIME_MAX);
+        h.deactivate(3, KTIME_MAX);
+        let h1 = h.clone();
+        let t = thread::spawn(move || h1.deactivate(1, w1).firstexp);
+        let wake2 = h.deactivate(2, w2).firstexp;
+        let wake1 = t.join().unwrap();
+        h.check_invariants(&|c| match c {
+            1 => w1,
+            2 => w2,
+            _ => Expiry::NONE,
+        })
+        .unwrap();
+        let root = h.root().unwrap();
+        assert_eq!(
+            h.group_next(root),
+            Expiry {
+                soft: 50,
+                hard: 250
+            },
+            "{}",
+            h.dump()
+        );
+        // Both may wake (each walk saw the root idle before the other stored
+        // its wake-up); the earlier wake-up must be the earliest window end.
+        assert_eq!(wake1.min(wake2), 250, "{}", h.dump());
+    });
+}

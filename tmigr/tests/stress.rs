@@ -109,7 +109,7 @@ fn vcpu_thread(w: Arc<World>, cpu: u32, seed: u64) {
                 // Unique deadline per arming of an id: it identifies the arming.
                 let d = (clock.now_ns() + 50_000 + rnd(2_000_000)).max(l.last + 1);
                 l.last = d;
-                let was = w.svc.arm(cpu, id, d, kind);
+                let was = w.svc.arm(cpu, id, d, 0, kind);
                 if was {
                     let old = l.live.unwrap();
                     l.dead.insert(old);

@@ -541,7 +541,7 @@ impl<'a> Engine<'a> {
         {
             self.cpus[b as usize].deferred.remove(&(d, id));
         }
-        let was = self.svc.arm(base, id, deadline, kind);
+        let was = self.svc.arm(base, id, deadline, 0, kind);
         if was != matches!(prev, Arming::Pending { .. }) {
             self.fig.checks.api_mismatches += 1;
         }

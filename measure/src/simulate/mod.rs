@@ -786,7 +786,7 @@ impl<'a> Engine<'a> {
     fn arm(&mut self, cpu: CpuId, id: TimerId, deadline: u64, kind: TimerKind) {
         // The device refuses a deadline not in the future; the workloads never ask for one.
         let deadline = deadline.max(self.now + 1);
-        let was = self.svc.arm(cpu, id, deadline, kind);
+        let was = self.svc.arm(cpu, id, deadline, 0, kind);
         let expected = match self.armings[id as usize] {
             Arming::Pending { .. } => {
                 self.timers.replaced += 1;

@@ -41,7 +41,7 @@ fn isolated_vcpu_never_migrator_nor_expires_others() {
     let (s, clock) = svc(Policy::Pull, 4, &[1]);
     let h = s.hierarchy();
     assert_eq!(h.cpu_group(1), None, "isolated vCPU 1 has a group");
-    s.arm(2, 2, 5_000, TimerKind::Movable);
+    s.arm(2, 2, 5_000, 0, TimerKind::Movable);
     assert_eq!(s.vcpu_halt(2), KTIME_MAX);
     s.vcpu_halt(3);
     // vCPU 0 is the last non-isolated one: it idles the root and must wake
@@ -67,10 +67,10 @@ fn isolated_vcpu_never_migrator_nor_expires_others() {
 fn isolated_vcpu_wakes_for_its_own_movable_timers() {
     for policy in POLICIES {
         let (s, clock) = svc(policy, 3, &[2]);
-        s.arm(2, 7, 4_000, TimerKind::Movable);
+        s.arm(2, 7, 4_000, 0, TimerKind::Movable);
         assert_eq!(s.vcpu_halt(2), 4_000, "{policy}");
         // Armed on it while halted (a callback, a device): earlier, so a kick.
-        s.arm(2, 8, 3_000, TimerKind::Movable);
+        s.arm(2, 8, 3_000, 0, TimerKind::Movable);
         let mut kicks = vec![];
         s.take_kicks(&mut kicks);
         assert!(kicks.contains(&2), "{policy}: kicks {kicks:?}");
@@ -100,19 +100,19 @@ fn isolated_vcpu_wakes_for_its_own_movable_timers() {
 fn push_never_places_on_isolated_vcpu() {
     let (s, _clock) = svc(Policy::Push, 4, &[1]);
     s.set_push_idle(0, true);
-    s.arm(0, 1, 5_000, TimerKind::Movable);
+    s.arm(0, 1, 5_000, 0, TimerKind::Movable);
     let (owner, _) = s.timer_owner(1).unwrap();
     assert_ne!(owner, 1, "placed on isolated vCPU 1");
     assert_eq!(owner, 2, "nearest busy non-isolated vCPU");
     // Only isolated vCPUs busy: stays local.
     s.vcpu_halt(2);
     s.vcpu_halt(3);
-    s.arm(0, 2, 5_000, TimerKind::Movable);
+    s.arm(0, 2, 5_000, 0, TimerKind::Movable);
     assert_eq!(s.timer_owner(2).unwrap().0, 0);
     // An isolated vCPU's own push-idle arm may go to a busy non-isolated one.
     s.set_push_idle(1, true);
     s.vcpu_run(2);
-    s.arm(1, 3, 5_000, TimerKind::Movable);
+    s.arm(1, 3, 5_000, 0, TimerKind::Movable);
     assert_eq!(s.timer_owner(3).unwrap().0, 2);
     s.check_invariants().unwrap();
 }
@@ -126,10 +126,10 @@ fn offline_hands_off_to_non_isolated_vcpus() {
         let (s, _clock) = svc(policy, 4, &[1, 2]);
         assert_eq!(s.handoff_target(0), 3, "{policy}");
         assert_eq!(s.handoff_target(3), 0, "{policy}");
-        s.arm(3, 9, 5_000, TimerKind::Movable);
+        s.arm(3, 9, 5_000, 0, TimerKind::Movable);
         s.vcpu_halt(3);
-        s.arm(0, 10, 6_000, TimerKind::Pinned);
-        s.arm(0, 11, 7_000, TimerKind::Movable);
+        s.arm(0, 10, 6_000, 0, TimerKind::Pinned);
+        s.arm(0, 11, 7_000, 0, TimerKind::Movable);
         // vCPU 0 is the last non-isolated running vCPU: under Pull another
         // one must be forced active, and that is vCPU 3, not 1 or 2.
         let forced = s.vcpu_offline(0);
@@ -157,7 +157,8 @@ fn offline_hands_off_to_non_isolated_vcpus() {
 
 fn op_strategy(n: u32) -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0..n, 0..32u32, 1..20_000u64, any::<bool>()).prop_map(|(cpu, id, delta, p)| Op::Arm {
+        3 => (0..n, 0..32u32, 1..20_000u64, any::<bool>(), prop_oneof![Just(0u64), 0..20_000u64]).prop_map(|(cpu, id, delta, p, slack)| Op::Arm {
+            slack,
             cpu, id, delta, kind: if p { TimerKind::Pinned } else { TimerKind::Movable }
         }),
         1 => (0..32u32).prop_map(|id| Op::Cancel { id }),

@@ -104,7 +104,7 @@ fn check_shape(h: &Hierarchy, nodes: Option<&[u32]>) -> Result<(), String> {
 fn kernel_fix_endless_requeue_after_idle_interrupts() {
     const PERIOD: u64 = 1_000;
     let (s, clock) = svc(2, 2);
-    s.arm(1, 0, 2_000, TimerKind::Movable);
+    s.arm(1, 0, 2_000, 0, TimerKind::Movable);
     assert_eq!(s.vcpu_halt(1), KTIME_MAX);
     let mut told = [s.vcpu_halt(0), KTIME_MAX];
     assert_eq!(told[0], 2_000, "vCPU 0 idled the root");
@@ -138,7 +138,7 @@ fn kernel_fix_endless_requeue_after_idle_interrupts() {
             out.clear();
             s.expire(c, &mut out);
             for e in &out {
-                s.arm(c, e.id, t + PERIOD, TimerKind::Movable);
+                s.arm(c, e.id, t + PERIOD, 0, TimerKind::Movable);
             }
             s.next_event(c);
             told[c as usize] = s.vcpu_halt(c);
@@ -215,10 +215,10 @@ fn kernel_fix_ignored_event_due_to_missing_cpu_update() {
 fn kernel_fix_quick_check_reporting_late_expiry() {
     // GRP0:0 = {0, 1}, GRP0:1 = {2, 3}; vCPU 0 is migrator of both levels.
     let (s, clock) = svc(4, 2);
-    s.arm(2, 2, 8_000, TimerKind::Movable);
+    s.arm(2, 2, 8_000, 0, TimerKind::Movable);
     s.vcpu_halt(2);
     s.vcpu_halt(3);
-    s.arm(1, 1, 3_000, TimerKind::Movable);
+    s.arm(1, 1, 3_000, 0, TimerKind::Movable);
     s.vcpu_halt(1);
     let h = s.hierarchy();
     let root = h.root().unwrap();
@@ -632,7 +632,7 @@ fn kernel_fix_imbalanced_numa_trees() {
 #[test]
 fn kernel_fix_dead_code_idle_cpu_remote_check() {
     let (s, clock) = svc(2, 2);
-    s.arm(1, 1, 3_000, TimerKind::Movable);
+    s.arm(1, 1, 3_000, 0, TimerKind::Movable);
     s.vcpu_halt(1);
     assert_eq!(s.vcpu_halt(0), 3_000);
     clock.set(3_000);
@@ -668,10 +668,10 @@ fn kernel_fix_dead_code_idle_cpu_remote_check() {
 fn kernel_fix_livelock_in_handle_remote_up() {
     let (s, clock) = svc(4, 2);
     s.vcpu_halt(1);
-    s.arm(3, 3, 2_000, TimerKind::Movable);
+    s.arm(3, 3, 2_000, 0, TimerKind::Movable);
     s.vcpu_halt(3);
     s.vcpu_halt(2);
-    s.arm(0, 0, 2_000, TimerKind::Movable);
+    s.arm(0, 0, 2_000, 0, TimerKind::Movable);
     let backoffs = s.hierarchy().stats().remote_backoffs;
     let clock2 = clock.clone();
     let done = Arc::new(Mutex::new(None));

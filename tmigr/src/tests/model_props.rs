@@ -35,7 +35,8 @@ proptest! {
 /// and root hand-overs happen often.
 fn op_strategy(n: u32) -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0..n, 0..32u32, 1..20_000u64, any::<bool>()).prop_map(|(cpu, id, delta, p)| Op::Arm {
+        3 => (0..n, 0..32u32, 1..20_000u64, any::<bool>(), prop_oneof![Just(0u64), 0..20_000u64]).prop_map(|(cpu, id, delta, p, slack)| Op::Arm {
+            slack,
             cpu, id, delta, kind: if p { TimerKind::Pinned } else { TimerKind::Movable }
         }),
         1 => (0..32u32).prop_map(|id| Op::Cancel { id }),

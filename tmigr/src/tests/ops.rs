@@ -26,6 +26,7 @@ fn regression_offline_then_idle_parent_keeps_event() {
             cpu: 3,
             id: 0,
             delta: 11657,
+            slack: 0,
             kind: TimerKind::Movable,
         },
         Advance { dt: 1 },

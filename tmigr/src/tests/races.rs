@@ -182,7 +182,7 @@ fn race_last_cpu_idles_while_other_arms_first_movable() {
             &s,
             move |hk| matches!(hk, Hook::AfterStateCas { cpu: 0, group: gg, activating: false } if gg == group),
             move |s| {
-                s.arm(1, 7, deadline, TimerKind::Movable);
+                s.arm(1, 7, deadline, 0, TimerKind::Movable);
             },
         );
         let wake0 = s.vcpu_halt(0);
@@ -216,7 +216,7 @@ fn race_last_cpu_idles_while_other_arms_first_movable() {
 #[test]
 fn race_last_active_cpu_offline_forces_another_active() {
     let (s, clock) = svc(3, 2);
-    s.arm(1, 3, 5_000, TimerKind::Movable);
+    s.arm(1, 3, 5_000, 0, TimerKind::Movable);
     assert_eq!(s.vcpu_halt(1), KTIME_MAX);
     s.vcpu_halt(2);
     let forced = s.vcpu_offline(0).expect("must force a vCPU active");
@@ -318,7 +318,7 @@ fn race_new_root_published_with_child_mask() {
 fn race_remote_expiry_livelock_makes_progress() {
     let (s, clock) = svc(2, 2);
     for i in 0..20 {
-        s.arm(1, i, 2_000 + i as u64, TimerKind::Movable);
+        s.arm(1, i, 2_000 + i as u64, 0, TimerKind::Movable);
     }
     s.vcpu_halt(1);
     let hooks = Arc::new(AtomicUsize::new(0));
@@ -331,7 +331,7 @@ fn race_remote_expiry_livelock_makes_progress() {
             if let Some(s) = weak.upgrade() {
                 let now = clock2.advance(1_000);
                 // Armed "by" idle vCPU 1 (e.g. a callback): due right now.
-                s.arm(1, 30 + n % 30, now, TimerKind::Movable);
+                s.arm(1, 30 + n % 30, now, 0, TimerKind::Movable);
             }
         }
     })));
@@ -360,7 +360,7 @@ fn race_remote_expiry_livelock_makes_progress() {
 #[test]
 fn race_stale_wakeup_recomputed_not_trusted() {
     let (s, clock) = svc(2, 2);
-    s.arm(1, 1, 3_000, TimerKind::Movable);
+    s.arm(1, 1, 3_000, 0, TimerKind::Movable);
     s.vcpu_halt(1);
     assert_eq!(s.vcpu_halt(0), 3_000);
     assert_eq!(s.hierarchy().cpu_wakeup(0), 3_000);

@@ -730,7 +730,7 @@ impl<C: Clock> TimerDevice<C> {
         let mut was_pending = Self::unqueue_delivered(st, id);
         let slot = &mut st.timers[id as usize];
         was_pending |= slot.held.take().is_some();
-        was_pending |= self.service.arm(cpu, id, deadline, kind);
+        was_pending |= self.service.arm(cpu, id, deadline, 0, kind);
         slot.armed = Some(Arming {
             deadline,
             armed_by: cpu,
