@@ -40,9 +40,10 @@
 //! * `state`: the packed `{active: u8, migrator: u8, seq: u16}` word
 //!   (`union tmigr_state`), changed only by compare-and-swap;
 //! * a lock protecting the group's event queue (one event per child slot:
-//!   the first movable expiry of that child's idle subtree and the vCPU it
-//!   belongs to) and `next_expiry` (mirrored in an atomic for lockless
-//!   readers, the kernel's `READ_ONCE`);
+//!   the earliest window end and earliest deadline of that child's idle
+//!   subtree, and the vCPU of that deadline; see "Windows") and the group's
+//!   own event `next` (its two times mirrored in atomics for lockless
+//!   readers, the kernel's `READ_ONCE` of `next_expiry`);
 //! * `ignore` (`groupevt.ignore`): the group is active, so its event queued
 //!   in the parent is stale and is purged lazily by whoever next holds the
 //!   parent's lock.
@@ -76,6 +77,53 @@
 //! up to the crossnode level, where the new root takes both
 //! (`Hierarchy::setup_groups`; the kernel's "Fix imbalanced NUMA trees" and
 //! "Fix off-by-one root mis-connection").
+//!
+//! ## Windows
+//!
+//! Every arming has a window `[deadline, deadline + slack]` (slack 0: the
+//! kernel's exact expiry). It must not fire before its deadline (`soft`) and
+//! should fire by its window end (`hard`). The kernel's hierarchy carries one
+//! exact expiry per event; its timer wheel rounds timeouts to a granularity
+//! before they reach it, and hrtimers carry a soft and a hard expiry
+//! (`hrtimer_start_range_ns`). Here the window goes all the way up:
+//!
+//! ```text
+//!  time  0    50   100  150  200  250  300
+//!  CPU1       [==================]          [50, 300]   (deadline, end)
+//!  CPU2                      [====]         [200, 250]
+//!  CPU3                                 [=] [290, 300]
+//!
+//!  GRP0:0 {CPU1, CPU2}: evt (hard 250, soft 50, cpu 1)
+//!  GRP0:1 {CPU3}:       evt (hard 300, soft 290, cpu 3)
+//!  root:                     (hard 250, soft 50, cpu 1)
+//! ```
+//!
+//! * A base keeps each queue by deadline and by window end
+//!   ([`base::TimerBase::expiry`]); a vCPU's event and every group event is
+//!   an [`Expiry`]: the *earliest* window end and the *earliest* deadline of
+//!   what it stands for (they may belong to different timers, as in GRP0:0).
+//! * Whoever must wake (a halting vCPU for its own timers, the migrator,
+//!   the vCPU that idles the root) wakes at the earliest window end, 250
+//!   above, and then expires *every* timer whose deadline has passed (CPU1's
+//!   and CPU2's; CPU3's window opens at 290, it stays). For intervals, that
+//!   greedy (stab at the first end, take everything started) is optimal: no
+//!   set of wake-ups that serves every window is smaller.
+//! * `requires_handle_remote` asks whether a window is *open* (`soft <=
+//!   now`), not whether one ends: a migrator that exits anyway expires what
+//!   it may; `next_remote_expiry` (when it must look) is the earliest end.
+//! * A group event names the vCPU of its `soft`, not of its `hard`.
+//!   `handle_remote` dequeues events whose window is open and handles the
+//!   named vCPU. Had GRP0:0's event named CPU2 (its `hard`) at time 100,
+//!   the migrator would handle CPU2, find nothing due, re-queue the same
+//!   event and loop for ever (RACE: livelock with windows; the test
+//!   `windows_remote_handling_ends_when_soft_and_hard_cpus_differ`).
+//!   Naming the deadline's vCPU, every handled vCPU leaves the set of vCPUs
+//!   with an open window for good.
+//! * Invariant 3 holds for both times: an idle subtree's event in its parent
+//!   is never later than the subtree's, neither its end nor its deadline.
+//! * Nothing here changes the state machine, the locks or the walks: only
+//!   what an event carries, and the two comparisons above. With slack 0,
+//!   `hard == soft` everywhere and every decision is the kernel's.
 //!
 //! ## Locking rules
 //!
@@ -126,7 +174,7 @@
 //!   the lost event (see the crate README).
 //! * **`seq`**: bumped by every CAS so a CAS computed from a state another
 //!   walker changed since always fails (ABA on `active`/`migrator`).
-//! * **Group `next_expiry`**, **cpu `wakeup`/`idle`/`online`** mirrors:
+//! * **Group `next_hard`/`next_soft`**, **cpu `wakeup`/`idle`/`online`** mirrors:
 //!   written under their lock with `Release`, read locklessly with `Acquire`;
 //!   lockless readers only use them as hints or re-check under the lock
 //!   (`handle_remote_cpu` re-checks `idle`/`online` under the cpu lock).
@@ -162,7 +210,8 @@
 //!   `Hierarchy::setup_groups` and `Hierarchy::reconcile_new_root`;
 //! * livelock in remote expiry: [`hierarchy::Hierarchy::handle_remote`]
 //!   samples `now` once, and `Hierarchy::next_expired_groupevt` consumes an
-//!   event before it is handled, so a back-off cannot find it again;
+//!   event before it is handled, so a back-off cannot find it again; with
+//!   windows, an event names the vCPU of its earliest deadline ("Windows");
 //! * chasing stale wake-ups: `wakeup` is cleared on activate and recomputed
 //!   by every walk ([`hierarchy::Hierarchy::cpu_wakeup`]); `vcpu_halt`
 //!   always recomputes;

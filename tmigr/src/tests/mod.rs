@@ -5,3 +5,4 @@ mod kernel_fixes;
 mod model_props;
 mod ops;
 mod races;
+mod windows;
