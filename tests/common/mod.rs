@@ -106,6 +106,7 @@ pub fn u64_of(v: &Value) -> u64 {
 /// `slack` absolute switches are allowed on top of 5 % (thread start-up and the final stop can add one
 /// or two switches the thread did not spend halted).
 pub fn assert_wakeups_match_kernel(run: &Run, slack: u64) {
+    assert_exits_match_kvm(run);
     for v in run.stats()["vcpus"].as_array().expect("vcpus array") {
         let ours = u64_of(&v["host_wakeups"]);
         let kernel = u64_of(&v["kernel_voluntary_switches"]);
@@ -117,4 +118,48 @@ pub fn assert_wakeups_match_kernel(run: &Run, slack: u64) {
             run.stderr
         );
     }
+}
+
+/// Checks quietvm's exit counts of every vCPU against KVM's own (`kvm_exits`, from the binary
+/// statistics): `HLT` exits exactly (when quietvm handles them), kicks exactly, and no more exits
+/// than KVM took; and that quietvm itself found nothing to warn about.
+pub fn assert_exits_match_kvm(run: &Run) {
+    let stats = run.stats();
+    let halts_in_kernel = stats["policy"] == "kvm-lapic";
+    for v in stats["vcpus"].as_array().expect("vcpus array") {
+        let kvm = &v["kvm_exits"];
+        assert!(kvm["exits"].is_u64(), "no KVM exit statistics: {v}");
+        let own = |k: &str| v["exits"][k].as_u64().unwrap_or(0);
+        if !halts_in_kernel {
+            assert_eq!(
+                u64_of(&kvm["halt_exits"]),
+                own("hlt"),
+                "vCPU {}",
+                v["index"]
+            );
+        }
+        assert_eq!(
+            u64_of(&kvm["signal_exits"]),
+            own("kick"),
+            "vCPU {}",
+            v["index"]
+        );
+        let besides_kicks: u64 = v["exits"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.as_str() != "kick")
+            .map(|(_, n)| u64_of(n))
+            .sum();
+        assert!(
+            u64_of(&kvm["exits"]) >= besides_kicks,
+            "vCPU {}: {v}",
+            v["index"]
+        );
+    }
+    assert!(
+        !run.stderr.contains("not confirmed by KVM"),
+        "{}",
+        run.stderr
+    );
 }

@@ -90,7 +90,7 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// vCPU threads: `KVM_RUN` and the vCPU ioctls (and KVM's binary statistics under kvm-lapic), the
+/// vCPU threads: `KVM_RUN` and the vCPU ioctls (and KVM's binary statistics, when a thread ends), the
 /// halt path's deadline timer and its sleep (`rt_sigtimedwait`), their `/proc` files (opened before
 /// the filter, read with `pread`).
 const VCPU: &[i64] = &[

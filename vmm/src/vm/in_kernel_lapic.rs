@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::layout::Layout;
 use super::{
     begin_vcpu_run, build_machine, crash_outcome, end_vcpu_run, enter_vcpu_thread, exit_stat_name,
-    run_vcpu_threads, vm_stats, GuestImage, Outcome, VmShared, VmmError,
+    record_kvm_exits, run_vcpu_threads, vm_stats, GuestImage, Outcome, VmShared, VmmError,
 };
 use crate::accounting::{LatenessRecorder, WakeupCause};
 use crate::config::VmConfig;
@@ -122,10 +122,8 @@ fn run_vcpu(shared: Arc<Shared>, index: u32, mut vcpu: Vcpu) -> VcpuStats {
         WakeupCause::KernelHalt.name().to_owned(),
         kernel.voluntary_switches,
     );
-    match vcpu.kernel_stats(&["halt_exits"]) {
-        Ok(values) => stats.halts = values[0].unwrap_or(0),
-        Err(e) => log::debug!("vCPU {index}: no halt count: {e}"),
-    }
+    record_kvm_exits(&vcpu, &mut stats);
+    stats.halts = stats.kvm_exits.get("halt_exits").copied().unwrap_or(0);
     shared.publish(&stats);
     stats
 }

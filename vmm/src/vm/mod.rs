@@ -494,6 +494,22 @@ pub(crate) fn end_vcpu_run<D>(
     kernel
 }
 
+/// Reads KVM's own exit counts of a vCPU whose run ended into its statistics (see
+/// [`VcpuStats::kvm_exits`]); leaves them empty, with a debug line, where the kernel has no binary
+/// statistics.
+pub(crate) fn record_kvm_exits(vcpu: &Vcpu, stats: &mut VcpuStats) {
+    match vcpu.kernel_stats(&crate::stats::KVM_EXIT_STATS) {
+        Ok(values) => {
+            stats.kvm_exits = crate::stats::KVM_EXIT_STATS
+                .iter()
+                .zip(values)
+                .filter_map(|(name, v)| Some(((*name).to_owned(), v?)))
+                .collect();
+        }
+        Err(e) => log::debug!("vCPU {}: no KVM exit statistics: {e}", stats.index),
+    }
+}
+
 /// The outcome of an exit that means the guest crashed, the same in every mode; `None` for the exits a
 /// mode handles itself.
 pub(crate) fn crash_outcome(index: u32, exit: &Exit, vcpu: &Vcpu) -> Option<Outcome> {
@@ -756,7 +772,7 @@ fn run_vcpu_threads<D: ModeParts>(
 /// The statistics of a run, from its end and its timer figures.
 fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
     let (user, system) = crate::sys::os::process_cpu_ns();
-    VmStats {
+    let stats = VmStats {
         policy: cfg.policy.to_string(),
         workload: cfg.workload_label(),
         exit_code: ended.outcome.exit_code(),
@@ -767,7 +783,12 @@ fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
         vcpus: ended.vcpus,
         timers,
         console_dropped_bytes: ended.console_dropped_bytes,
+    };
+    // Every exit quietvm counts, KVM counts too: a difference is a bug in quietvm's accounting.
+    for m in stats.kvm_exit_mismatches() {
+        log::warn!("exit count not confirmed by KVM: {m}");
     }
+    stats
 }
 
 impl ModeParts for TimerDevice<GuestClock> {

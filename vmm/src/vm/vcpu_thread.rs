@@ -12,8 +12,8 @@
 use std::sync::Arc;
 
 use super::{
-    begin_vcpu_run, crash_outcome, end_vcpu_run, enter_vcpu_thread, exit_stat_name, GuestClock,
-    Outcome, VcpuRunState, VmShared,
+    begin_vcpu_run, crash_outcome, end_vcpu_run, enter_vcpu_thread, exit_stat_name,
+    record_kvm_exits, GuestClock, Outcome, VcpuRunState, VmShared,
 };
 use crate::accounting::{KickReasons, WakeupCause};
 use crate::devices::timer::{CommandEffect, HaltPlan, TimerDevice, VcpuPort, NO_DEADLINE};
@@ -86,6 +86,7 @@ impl VcpuThread {
             );
         }
         end_vcpu_run(&thread.shared, &mut thread.stats, &kernel_at_start);
+        record_kvm_exits(&thread.vcpu, &mut thread.stats);
         thread.shared.publish(&thread.stats);
         thread.stats
     }
