@@ -236,6 +236,19 @@ impl TimerBase {
                 false
             }
         };
+        self.queue(slots, id, deadline, slack, kind);
+        Ok(was_pending)
+    }
+
+    /// Pushes `id`'s current generation into the `kind` queue (its slot already points here).
+    fn queue(
+        &mut self,
+        slots: &TimerSlots,
+        id: TimerId,
+        deadline: u64,
+        slack: u64,
+        kind: TimerKind,
+    ) {
         let gen = slots.gen[id as usize].load(Ordering::Relaxed);
         self.queues[kind_index(kind)].push(
             slots,
@@ -246,7 +259,6 @@ impl TimerBase {
                 slack,
             },
         );
-        Ok(was_pending)
     }
 
     /// Removes `id` if it is pending on this base; true if it was.
@@ -369,16 +381,7 @@ impl TimerBase {
         kind: TimerKind,
     ) {
         slots.loc[id as usize].store(encode_loc(self.cpu, kind), Ordering::Release);
-        let gen = slots.gen[id as usize].load(Ordering::Relaxed);
-        self.queues[kind_index(kind)].push(
-            slots,
-            Entry {
-                deadline,
-                id,
-                gen,
-                slack,
-            },
-        );
+        self.queue(slots, id, deadline, slack, kind);
     }
 
     /// Number of pending timers of `kind`.
