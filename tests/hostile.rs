@@ -438,10 +438,21 @@ fn finding_4_fd_exhaustion_does_not_spin_and_recovers() {
     let probe = ApiVm::start(&["--timeout-ms", "120000"], None);
     let up = probe.ask(r#"{"op":"stats"}"#, Duration::from_secs(10));
     assert!(up.is_some_and(|a| a["ok"] == true), "the probe VM answers");
-    std::thread::sleep(Duration::from_millis(200));
-    let used = std::fs::read_dir(format!("/proc/{}/fd", probe.child.id()))
-        .unwrap()
-        .count();
+    // Until the count stops moving: on a loaded host the vCPU threads open their files late.
+    let count = || {
+        std::fs::read_dir(format!("/proc/{}/fd", probe.child.id()))
+            .unwrap()
+            .count()
+    };
+    let mut used = count();
+    for _ in 0..25 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = count();
+        if now == used {
+            break;
+        }
+        used = now;
+    }
     drop_vm(probe);
     let vm = ApiVm::start(
         &["--timeout-ms", "120000"],
