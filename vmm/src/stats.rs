@@ -234,6 +234,49 @@ pub struct VmStats {
     /// Console bytes that could not be written to standard output (docs/stats.md).
     #[serde(default)]
     pub console_dropped_bytes: u64,
+    /// What one fired timer cost, over the whole run (`None` if no timer fired).
+    #[serde(default)]
+    pub per_fired_timer: Option<PerFiredTimer>,
+}
+
+/// A run's costs divided by its fired timers: what one timer cost, whichever vCPU paid.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct PerFiredTimer {
+    /// Exits that reached quietvm, all vCPUs.
+    pub exits: f64,
+    /// The same by reason (`VcpuStats::exits`' reasons).
+    pub exits_by_reason: BTreeMap<String, f64>,
+    /// Every VM exit KVM took, those it handled in the kernel included (`None` without KVM's
+    /// statistics): the fair figure beside `kvm-lapic`, whose timer exits never reach quietvm.
+    pub kvm_exits: Option<f64>,
+    /// CPU time of the whole quietvm process (user + system), in ns.
+    pub vmm_cpu_ns: f64,
+}
+
+impl PerFiredTimer {
+    /// The costs of `vcpus` and the process's CPU time, over `fired` timers (`None` if 0).
+    pub fn of(vcpus: &[VcpuStats], process_cpu_ns: u64, fired: u64) -> Option<Self> {
+        if fired == 0 {
+            return None;
+        }
+        let per = |n: u64| n as f64 / fired as f64;
+        let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+        for v in vcpus {
+            for (k, n) in &v.exits {
+                *by_reason.entry(k.clone()).or_default() += n;
+            }
+        }
+        let kvm = vcpus
+            .iter()
+            .map(|v| v.kvm_exits.get("exits").copied())
+            .sum::<Option<u64>>();
+        Some(PerFiredTimer {
+            exits: per(by_reason.values().sum()),
+            exits_by_reason: by_reason.into_iter().map(|(k, n)| (k, per(n))).collect(),
+            kvm_exits: kvm.map(per),
+            vmm_cpu_ns: per(process_cpu_ns),
+        })
+    }
 }
 
 impl VmStats {
@@ -296,6 +339,24 @@ impl VmStats {
                 v.timers_fired,
                 v.exits.values().sum::<u64>(),
                 kvm
+            );
+        }
+        if let Some(p) = &self.per_fired_timer {
+            let reasons: Vec<String> = p
+                .exits_by_reason
+                .iter()
+                .filter(|(_, n)| **n >= 0.005)
+                .map(|(k, n)| format!("{k} {n:.2}"))
+                .collect();
+            let kvm = p
+                .kvm_exits
+                .map_or_else(String::new, |k| format!(", KVM took {k:.2}"));
+            let _ = writeln!(
+                s,
+                "per fired timer: exits {:.2} ({}){kvm}, VMM CPU {:.1} us",
+                p.exits,
+                reasons.join(", "),
+                p.vmm_cpu_ns / 1e3
             );
         }
         let t = &self.timers;

@@ -60,7 +60,7 @@ impl<D: ModeParts> VmHandle<D> {
     fn snapshot(&self) -> VmStats {
         let now = self.shared.now();
         let (user, system) = crate::sys::os::process_cpu_ns();
-        VmStats {
+        let mut stats = VmStats {
             policy: self.cfg.policy.to_string(),
             workload: self.cfg.workload_label(),
             exit_code: 0,
@@ -80,7 +80,11 @@ impl<D: ModeParts> VmHandle<D> {
             },
             timers: self.shared.device.live_timers(now),
             console_dropped_bytes: self.shared.serial.dropped_bytes(),
-        }
+            per_fired_timer: None,
+        };
+        stats.per_fired_timer =
+            crate::stats::PerFiredTimer::of(&stats.vcpus, user + system, stats.timers.fired);
+        stats
     }
 
     fn vcpu_index(&self, vcpu: u32) -> Result<usize, ControlError> {

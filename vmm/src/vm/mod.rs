@@ -27,7 +27,7 @@ use crate::devices::serial::SerialConsole;
 use crate::devices::timer::{TimerDevice, VcpuKicker};
 use crate::devices::{EXIT_PORT, REPORT_PORT, SERIAL_PORTS, TIMER_PORT};
 use crate::exit_code;
-use crate::stats::{ThreadCounters, TimerStats, VcpuStats, VmStats};
+use crate::stats::{PerFiredTimer, ThreadCounters, TimerStats, VcpuStats, VmStats};
 use crate::sync::NoSleepMutex;
 use crate::sys::kvm::kick::{block_kick_in_this_thread, install_kick_handler, ThreadKicker};
 use crate::sys::kvm::vcpu::{BootState, Exit, Vcpu};
@@ -780,6 +780,7 @@ fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
         wall_ns: ended.wall_ns,
         process_user_ns: user,
         process_system_ns: system,
+        per_fired_timer: PerFiredTimer::of(&ended.vcpus, user + system, timers.fired),
         vcpus: ended.vcpus,
         timers,
         console_dropped_bytes: ended.console_dropped_bytes,
