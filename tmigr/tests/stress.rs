@@ -109,7 +109,9 @@ fn vcpu_thread(w: Arc<World>, cpu: u32, seed: u64) {
                 // Unique deadline per arming of an id: it identifies the arming.
                 let d = (clock.now_ns() + 50_000 + rnd(2_000_000)).max(l.last + 1);
                 l.last = d;
-                let was = w.svc.arm(cpu, id, d, 0, kind);
+                // Half of the armings have a window (up to 0.5 ms).
+                let slack = if rnd(2) == 0 { 0 } else { rnd(500_000) };
+                let was = w.svc.arm(cpu, id, d, slack, kind);
                 if was {
                     let old = l.live.unwrap();
                     l.dead.insert(old);

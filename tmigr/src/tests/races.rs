@@ -388,3 +388,32 @@ fn race_stale_wakeup_recomputed_not_trusted() {
     s.vcpu_halt(0);
     s.check_invariants().unwrap();
 }
+
+/// `race_failed_cas_reloads_with_acquire` with a window: the event CPU1
+/// queues from inside CPU0's walk is `[3000, 5000]`. CPU0's retried CAS idles
+/// the root; it must wake at the window's end and the root must keep the
+/// window's start, so that the wake-up expires what opened before it.
+#[test]
+fn race_failed_cas_reloads_with_acquire_keeps_windows() {
+    use crate::types::Expiry;
+    let window = Expiry {
+        soft: 3_000,
+        hard: 5_000,
+    };
+    let h = hier(2, 2);
+    let g = h.cpu_group(0).unwrap();
+    let fired = set_hook_h(
+        &h,
+        move |hk| matches!(hk, Hook::BeforeStateCas { cpu: 0, group, activating: false, attempt: 0 } if group == g),
+        move |h| {
+            let r = h.deactivate(1, window);
+            assert_eq!(r.firstexp, KTIME_MAX, "CPU0 still looks active to CPU1");
+        },
+    );
+    let r = h.deactivate(0, KTIME_MAX);
+    assert!(fired.load(Ordering::SeqCst));
+    assert_eq!(r.firstexp, 5_000, "woken at the window's end");
+    assert_eq!(h.group_next(h.root().unwrap()), window);
+    h.check_invariants(&|c| if c == 1 { window } else { Expiry::NONE })
+        .unwrap();
+}
