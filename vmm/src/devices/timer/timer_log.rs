@@ -197,8 +197,8 @@ impl TimerLog {
     }
 
     fn fail(&self, why: String) {
+        // Not logged here: the run fails with this line (`finish`), once.
         let msg = format!("--timer-log {}: {why}", self.path.display());
-        log::error!("{msg}");
         self.failed.store(true, Ordering::Release);
         {
             let mut e = self.error.lock().unwrap_or_else(|e| e.into_inner());
