@@ -95,6 +95,28 @@ fn every_timer_workload_passes_its_checks_with_slack_under_every_policy() {
 }
 
 #[test]
+fn under_kvm_lapic_the_guest_asks_for_slack_and_gets_none() {
+    // The software device reports exp_slack 0; the guest's Book fails otherwise.
+    for w in ["mixed", "timers", "abi-check"] {
+        passes(
+            w,
+            &[
+                "--workload",
+                w,
+                "--vcpus",
+                "2",
+                "--policy",
+                "kvm-lapic",
+                "--duration-ms",
+                "300",
+                "--arg",
+                "slack_pct=10",
+            ],
+        );
+    }
+}
+
+#[test]
 fn pinned_timers_keep_the_guests_slack_and_movable_ones_get_the_vm_minimum() {
     // `mixed` arms pinned and movable timers; the guest fails unless a pinned arming's exp_slack is
     // exactly what it asked for and a movable one's at least that.
