@@ -150,6 +150,19 @@ fn pinned_timers_keep_the_guests_slack_and_movable_ones_get_the_vm_minimum() {
     ]);
     r.expect_code(101);
     assert!(r.stderr.contains("timer-slack-ns"), "{}", r.stderr);
+    // compare takes the flag into the config it checks and runs.
+    let r = raw(&[
+        "compare",
+        "configs/quickstart.toml",
+        "--policies",
+        "local",
+        "--repeat",
+        "1",
+        "--timer-slack-ns",
+        "1000000001",
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("timer-slack-ns"), "{}", r.stderr);
     // So is a percentage that is not one.
     let r = run(&["--workload", "all-idle", "--arg", "slack_pct=101"]);
     assert_ne!(r.code, 0);
