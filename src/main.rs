@@ -105,6 +105,15 @@ struct RunArgs {
     /// How often --metrics gets a line.
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_period)]
     metrics_period_s: f64,
+    /// The least slack quietvm gives MOVABLE timers, in ns (0..=1000000000; default 0): each may fire
+    /// anywhere in [deadline, deadline + slack], so expiries coalesce (docs/timer-abi.md, "Timer
+    /// windows"). Pinned timers keep the guest's own slack. No effect under kvm-lapic.
+    #[arg(long, value_name = "NS")]
+    timer_slack_ns: Option<u64>,
+    /// Write one JSON line per timer arming when it ends (fired, cancelled, replaced, or pending at
+    /// exit) to this file (docs/timer-abi.md, "The timer log"). If it cannot be written, the run fails.
+    #[arg(long, value_name = "PATH")]
+    timer_log: Option<PathBuf>,
 }
 
 fn parse_period(s: &str) -> Result<f64, String> {
@@ -167,6 +176,9 @@ impl RunArgs {
         }
         if self.no_seccomp {
             cfg.seccomp = false;
+        }
+        if let Some(v) = self.timer_slack_ns {
+            cfg.timer_slack_ns = v;
         }
         Ok(cfg)
     }
@@ -242,6 +254,7 @@ fn run(args: RunArgs) -> ExitCode {
         metrics: args.metrics.clone(),
         metrics_period: std::time::Duration::from_secs_f64(args.metrics_period_s),
         started: Some(started),
+        timer_log: args.timer_log.clone(),
     };
     let stats = match run_vm(&cfg, &opts) {
         Ok(s) => s,

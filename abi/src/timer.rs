@@ -13,7 +13,7 @@ pub const DEVICE_PAGE_SIZE: u64 = crate::boot::PAGE_SIZE;
 // Commands: the value of the 32-bit `out` (docs/timer-abi.md, "Commands").
 /// `value` = `now`.
 pub const CMD_NOW: u32 = 1;
-/// Arms timer `id` with `flags` at `deadline` on this vCPU.
+/// Arms timer `id` with `flags` at `deadline` (and `slack`, [`PageWindow`]) on this vCPU.
 pub const CMD_ARM: u32 = 2;
 /// Cancels timer `id`.
 pub const CMD_CANCEL: u32 = 3;
@@ -96,6 +96,35 @@ pub const OFF_EXP_FIRED_AT: u64 = offset_of!(Page, exp_fired_at) as u64;
 /// The `control` word (u32), written by quietvm only, right after [`Page`].
 pub const OFF_CONTROL: u64 = core::mem::size_of::<Page>() as u64;
 
+/// The timer window block (docs/timer-abi.md, "Timer windows"), 8-aligned after the `control` word
+/// (at [`OFF_WINDOW`]): added in ABI version 1 without a bump, since a guest that never writes it
+/// leaves `slack` 0 (quietvm zeroes guest memory), which is the behaviour from before. A guest that
+/// saves and restores the command block around its own commands saves this block too.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct PageWindow {
+    /// In (`ARM`): the slack in ns: the timer may fire anywhere in `[deadline, deadline + slack]`.
+    /// 0 = no slack. quietvm clamps it to [`MAX_SLACK_NS`].
+    pub slack: u64,
+    /// Out (`POP`): the slack quietvm applied to the handed-over arming (the guest's, raised to the VM's
+    /// minimum for a MOVABLE one, clamped to [`MAX_SLACK_NS`]).
+    pub exp_slack: u64,
+}
+
+/// Where [`PageWindow`] starts: the first 8-aligned offset after the `control` word.
+pub const OFF_WINDOW: u64 = (OFF_CONTROL + 4).next_multiple_of(8);
+pub const OFF_SLACK: u64 = OFF_WINDOW + offset_of!(PageWindow, slack) as u64;
+pub const OFF_EXP_SLACK: u64 = OFF_WINDOW + offset_of!(PageWindow, exp_slack) as u64;
+
+/// The most slack quietvm applies to one arming (1 s): a larger `slack`, or a larger VM minimum, is
+/// clamped to it, so that `deadline + slack` cannot overflow and no timer can be put off for long.
+pub const MAX_SLACK_NS: u64 = 1_000_000_000;
+
+/// Not a wire value: how far past the end of its window (`deadline + slack`) a firing may be before
+/// quietvm's statistics (`late_beyond_window`) and the built-in guest count it as late beyond its
+/// window (100 us: a wakeup, a doorbell injection and a `POP` on a loaded host).
+pub const WINDOW_TOLERANCE_NS: u64 = 100_000;
+
 // `control` values (docs/api.md, vCPU hotplug); quietvm rings the doorbell when it changes the word.
 /// Nothing requested.
 pub const CONTROL_NONE: u32 = 0;
@@ -104,5 +133,6 @@ pub const CONTROL_OFFLINE_REQUESTED: u32 = 1;
 /// The vCPU is back online.
 pub const CONTROL_ONLINE: u32 = 2;
 
-// `control` and the rest of the page fit in it.
-const _: () = assert!(OFF_CONTROL + 4 <= DEVICE_PAGE_SIZE);
+// `control`, the window block and the rest of the page fit in it.
+const _: () = assert!(OFF_CONTROL + 4 <= OFF_WINDOW);
+const _: () = assert!(OFF_WINDOW + core::mem::size_of::<PageWindow>() as u64 <= DEVICE_PAGE_SIZE);

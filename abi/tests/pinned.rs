@@ -130,6 +130,20 @@ fn device_page_layout() {
 }
 
 #[test]
+fn window_block_layout() {
+    use timer::PageWindow;
+    assert_eq!(timer::OFF_WINDOW, 0x48);
+    assert_eq!(offset_of!(PageWindow, slack), 0);
+    assert_eq!(offset_of!(PageWindow, exp_slack), 8);
+    assert_eq!(timer::OFF_SLACK, 0x48);
+    assert_eq!(timer::OFF_EXP_SLACK, 0x50);
+    assert_eq!(size_of::<PageWindow>(), 0x10);
+    assert_eq!(align_of::<PageWindow>(), 8);
+    assert_eq!(timer::MAX_SLACK_NS, 1_000_000_000);
+    assert_eq!(timer::WINDOW_TOLERANCE_NS, 100_000);
+}
+
+#[test]
 fn timer_report_layout() {
     use report::{offset, Header, VcpuEntry};
     assert_eq!(report::MAGIC, 0x3130_5450_524d_5651);

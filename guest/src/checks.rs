@@ -4,6 +4,11 @@
 //! timer's outstanding armings and checks every callback against them:
 //! - every arming fires at most once, never early (`exp_fired_at >= deadline`), for the deadline and
 //!   owner it was armed with, and a pinned one on its owner;
+//! - with `slack_pct=P` (0..=100, default 0) every arming asks for a slack of P% of its timer's period
+//!   or timeout, and the slack quietvm applied (`exp_slack`) is the one asked for (pinned; at most
+//!   `MAX_SLACK_NS`) or at least it (movable: the VM's minimum may raise it); a firing more than
+//!   `WINDOW_TOLERANCE_NS` after `deadline + exp_slack` is counted (`late_beyond_window=` in the
+//!   summary), not failed: lateness is the host's, not a broken promise of the ABI;
 //! - an arming that a cancel reported as pending (value 1), or that a re-arm replaced, never fires;
 //! - an arming that a cancel reported as not pending had already been handed over: it fires exactly once;
 //! - no two callbacks of one timer run at once, and `CANCEL_SYNC` answers `OK` only once none runs.
@@ -14,9 +19,10 @@
 use crate::runtime::arena::{self, Zeroable};
 use crate::runtime::device::{self, status, Expired, Reply, PINNED};
 use crate::runtime::sync::{Published, SpinLock};
-use crate::runtime::{boot, percpu};
+use crate::runtime::{boot, lapic, percpu, vm};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use quietvm_abi::timer::{MAX_SLACK_NS, WINDOW_TOLERANCE_NS};
 
 /// One arming of a timer; deadline 0 means none (deadlines are always after `now` >= 0).
 #[derive(Clone, Copy, Default)]
@@ -24,6 +30,8 @@ struct Arming {
     deadline: u64,
     owner: u32,
     flags: u32,
+    /// The slack asked for.
+    slack: u64,
     /// The owner's `offline_count` when it armed: a pinned timer may fire on another vCPU only if the
     /// owner has gone offline since (quietvm hands a leaving vCPU's timers over).
     owner_offlines: u64,
@@ -69,6 +77,8 @@ pub struct Counters {
     /// Callbacks run on this vCPU, and how many of them for another vCPU's timer.
     pub fired: AtomicU64,
     pub fired_remote: AtomicU64,
+    /// Callbacks handed over more than `WINDOW_TOLERANCE_NS` after `deadline + exp_slack`.
+    pub late_beyond_window: AtomicU64,
 }
 
 // SAFETY: atomics only.
@@ -84,11 +94,14 @@ pub struct Totals {
     pub cancel_late: u64,
     pub fired: u64,
     pub fired_remote: u64,
+    pub late_beyond_window: u64,
 }
 
 pub struct Book {
     slots: &'static [Slot],
     counters: &'static [Counters],
+    /// `slack_pct`: every arming's slack, in percent of its period or timeout.
+    slack_pct: u64,
 }
 
 static BOOK: Published<Book> = Published::new();
@@ -159,7 +172,18 @@ pub fn create_book() -> &'static Book {
     let info = boot::info();
     let slots = arena::alloc::<Slot>(info.max_timers as usize);
     let counters = arena::alloc::<Counters>(info.vcpus as usize);
-    let book = arena::leak(Book { slots, counters });
+    let slack_pct = crate::workloads::arg_u64("slack_pct", 0);
+    if slack_pct > 100 {
+        vm::usage_error(format_args!(
+            "guest: slack_pct={} is not a percentage (0..=100)",
+            slack_pct
+        ));
+    }
+    let book = arena::leak(Book {
+        slots,
+        counters,
+        slack_pct,
+    });
     BOOK.publish(book);
     book
 }
@@ -188,15 +212,24 @@ impl Book {
             t.cancel_late += c.cancel_late.load(Ordering::Relaxed);
             t.fired += c.fired.load(Ordering::Relaxed);
             t.fired_remote += c.fired_remote.load(Ordering::Relaxed);
+            t.late_beyond_window += c.late_beyond_window.load(Ordering::Relaxed);
         }
         t
     }
 
-    /// `ARM`, recorded. Status OK or PAST; anything else is a failed check.
-    pub fn arm(&self, id: u32, flags: u32, deadline: u64) -> Reply {
+    /// The slack to ask for a timer of this period or timeout (ns): `slack_pct` of it.
+    pub fn slack_for(&self, interval: u64) -> u64 {
+        // u128: no overflow, whatever the interval.
+        (u128::from(interval) * u128::from(self.slack_pct) / 100) as u64
+    }
+
+    /// `ARM` at `deadline` with the slack for a timer of period or timeout `interval` (ns), recorded.
+    /// Status OK or PAST; anything else is a failed check.
+    pub fn arm(&self, id: u32, flags: u32, deadline: u64, interval: u64) -> Reply {
         let cpu = percpu::index();
+        let slack = self.slack_for(interval);
         let mut record = self.slot(id).record.lock();
-        let reply = device::arm(id, flags, deadline);
+        let reply = device::arm_with_slack(id, flags, deadline, slack);
         match reply.status {
             status::OK => {
                 self.mine().armed.fetch_add(1, Ordering::Relaxed);
@@ -215,6 +248,7 @@ impl Book {
                     deadline,
                     owner: cpu,
                     flags,
+                    slack,
                     owner_offlines: percpu::of(cpu).offline_count.load(Ordering::SeqCst),
                 };
             }
@@ -360,6 +394,7 @@ impl Book {
                     .offline_count
                     .load(Ordering::SeqCst)
                     != arming.owner_offlines;
+                self.check_slack(id, &arming, expired);
                 if arming.flags == PINNED && cpu != arming.owner && !owner_went_offline {
                     fail!(
                         "pinned timer {} of vCPU {} fired on vCPU {}",
@@ -386,11 +421,36 @@ impl Book {
             );
         }
         let mine = self.mine();
+        let window_end = expired.deadline.saturating_add(expired.slack);
+        if expired.fired_at.saturating_sub(window_end) > WINDOW_TOLERANCE_NS {
+            mine.late_beyond_window.fetch_add(1, Ordering::Relaxed);
+        }
         mine.fired.fetch_add(1, Ordering::Relaxed);
         if cpu != expired.owner {
             mine.fired_remote.fetch_add(1, Ordering::Relaxed);
         }
         CallbackGuard { slot }
+    }
+
+    /// The applied slack (`exp_slack`) against the one asked for (docs/timer-abi.md, "Timer windows").
+    fn check_slack(&self, id: u32, arming: &Arming, expired: &Expired) {
+        let asked = arming.slack.min(MAX_SLACK_NS);
+        let ok = if lapic::active() {
+            expired.slack == 0 // kvm-lapic has no slack
+        } else if arming.flags == PINNED {
+            expired.slack == asked
+        } else {
+            (asked..=MAX_SLACK_NS).contains(&expired.slack)
+        };
+        if !ok {
+            fail!(
+                "timer {} (flags {}) asked for slack {} ns, quietvm applied {} ns",
+                id,
+                arming.flags,
+                arming.slack,
+                expired.slack
+            );
+        }
     }
 
     /// True if the timer has an arming that has not fired (pending or handed over).
@@ -448,8 +508,15 @@ impl fmt::Display for Summary<'_> {
         let t = self.0.totals();
         write!(
             f,
-            "armed={} fired={} cancelled={} rearmed={} past={} fired_remote={} per-vCPU armed/fired/cancelled:",
-            t.armed, t.fired, t.cancelled, t.rearmed, t.past, t.fired_remote
+            "armed={} fired={} cancelled={} rearmed={} past={} fired_remote={} slack_pct={} late_beyond_window={} per-vCPU armed/fired/cancelled:",
+            t.armed,
+            t.fired,
+            t.cancelled,
+            t.rearmed,
+            t.past,
+            t.fired_remote,
+            self.0.slack_pct,
+            t.late_beyond_window
         )?;
         for (cpu, c) in self.0.counters.iter().enumerate() {
             write!(

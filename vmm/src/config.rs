@@ -110,6 +110,10 @@ pub struct VmConfig {
     pub hierarchy_group_size: u32,
     /// Install the seccomp filters (docs/limits.md); `false` only for debugging (`--no-seccomp`).
     pub seccomp: bool,
+    /// The least slack (ns) quietvm applies to MOVABLE armings (docs/timer-abi.md, "Timer windows"):
+    /// a guest's smaller slack is raised to it; pinned armings keep the guest's own. 0: none. At most
+    /// `quietvm_abi::timer::MAX_SLACK_NS`. No effect under `kvm-lapic`.
+    pub timer_slack_ns: u64,
 }
 
 impl Default for VmConfig {
@@ -131,6 +135,7 @@ impl Default for VmConfig {
             vcpu_nodes: Vec::new(),
             hierarchy_group_size: 8,
             seccomp: true,
+            timer_slack_ns: 0,
         }
     }
 }
@@ -169,6 +174,8 @@ pub enum ConfigError {
     BadNode(u32),
     #[error("hierarchy-group-size must be 2..=8, not {0}")]
     BadGroupSize(u32),
+    #[error("timer-slack-ns {0} is more than the most quietvm applies ({max} ns)", max = quietvm_abi::timer::MAX_SLACK_NS)]
+    BadTimerSlack(u64),
 }
 
 /// The most NUMA nodes a VM may have.
@@ -288,6 +295,8 @@ impl VmConfig {
             #[serde(alias = "hierarchy_group_size")]
             hierarchy_group_size: Option<u32>,
             seccomp: Option<bool>,
+            #[serde(alias = "timer_slack_ns")]
+            timer_slack_ns: Option<u64>,
         }
         let p: Partial = toml::from_str(text).map_err(|e| e.message().to_string())?;
         let d = VmConfig::default();
@@ -322,6 +331,7 @@ impl VmConfig {
             vcpu_nodes,
             hierarchy_group_size: p.hierarchy_group_size.unwrap_or(d.hierarchy_group_size),
             seccomp: p.seccomp.unwrap_or(d.seccomp),
+            timer_slack_ns: p.timer_slack_ns.unwrap_or(d.timer_slack_ns),
         })
     }
 
@@ -359,6 +369,9 @@ impl VmConfig {
         }
         if !(2..=8).contains(&self.hierarchy_group_size) {
             return Err(ConfigError::BadGroupSize(self.hierarchy_group_size));
+        }
+        if self.timer_slack_ns > quietvm_abi::timer::MAX_SLACK_NS {
+            return Err(ConfigError::BadTimerSlack(self.timer_slack_ns));
         }
         if let Some(&bad) = self.isolated_vcpus.iter().find(|&&c| c >= self.vcpus) {
             return Err(ConfigError::BadIsolated(bad, self.vcpus));
@@ -449,7 +462,20 @@ mod tests {
         assert!(bad(|c| c.memory_mib = 0));
         assert!(bad(|c| c.isolated_vcpus = vec![1]));
         assert!(bad(|c| c.vcpu_nodes = vec![0, 1]));
+        assert!(bad(
+            |c| c.timer_slack_ns = quietvm_abi::timer::MAX_SLACK_NS + 1
+        ));
+        assert!(!bad(|c| c.timer_slack_ns = quietvm_abi::timer::MAX_SLACK_NS));
         assert!(!bad(|_| {}));
+    }
+
+    #[test]
+    fn timer_slack_parses_both_ways() {
+        assert_eq!(VmConfig::default().timer_slack_ns, 0);
+        let c = VmConfig::from_toml("timer-slack-ns = 50000").unwrap();
+        assert_eq!(c.timer_slack_ns, 50_000);
+        let c = VmConfig::from_toml("timer_slack_ns = 7").unwrap();
+        assert_eq!(c.timer_slack_ns, 7);
     }
 
     #[test]

@@ -198,7 +198,11 @@ pub struct TimerStats {
     pub cancelled: u64,
     /// Fired before the deadline (must be 0).
     pub early: u64,
-    /// Deadline passed, but neither fired nor cancelled when the VM ended.
+    /// Fired more than the tolerance (`quietvm_abi::timer::WINDOW_TOLERANCE_NS`) after the end of
+    /// their window (`deadline + slack`; slack 0: the deadline) (docs/stats.md).
+    #[serde(default)]
+    pub late_beyond_window: u64,
+    /// Window end (`deadline + slack`) passed, but neither fired nor cancelled when the VM ended.
     pub missed: u64,
     /// Fired on a vCPU other than the one that armed it.
     pub remote_expiries: u64,
@@ -362,11 +366,12 @@ impl VmStats {
         let t = &self.timers;
         let _ = writeln!(
             s,
-            "timers: armed {} fired {} cancelled {} early {} missed {} remote {} | lateness p50 {:.1} us p99 {:.1} us max {:.1} us",
+            "timers: armed {} fired {} cancelled {} early {} late_beyond_window {} missed {} remote {} | lateness p50 {:.1} us p99 {:.1} us max {:.1} us",
             t.armed,
             t.fired,
             t.cancelled,
             t.early,
+            t.late_beyond_window,
             t.missed,
             t.remote_expiries,
             t.lateness_ns.p50 as f64 / 1e3,

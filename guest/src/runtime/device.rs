@@ -25,8 +25,21 @@ pub mod control {
 /// never writes back a stale value over one quietvm wrote meanwhile.
 const CONTROL_OFFSET: u64 = abi::OFF_CONTROL;
 
-/// The first 64 bytes of a device page (the ABI's command block).
-pub use abi::Page;
+/// The first 64 bytes of a device page (the ABI's command block), and the window block after the
+/// `control` word.
+pub use abi::{Page, PageWindow};
+
+/// What the doorbell handler saves and puts back: the command block and the window block (the
+/// `slack` of an interrupted `ARM` must survive a callback's own `ARM`), never `control`.
+#[derive(Clone, Copy)]
+pub struct SavedPage {
+    page: Page,
+    window: PageWindow,
+}
+
+fn window() -> *mut PageWindow {
+    (page() as u64 + abi::OFF_WINDOW) as *mut PageWindow
+}
 
 fn page() -> *mut Page {
     let info = boot::info();
@@ -37,13 +50,20 @@ fn page() -> *mut Page {
 /// the software device (`soft_timers`) carries it out instead and writes its results to the same page,
 /// so that the rest of the runtime (the doorbell handler's page save, `expired`) is the same.
 pub fn raw(cmd: u32, id: u32, flags: u32, deadline: u64) -> Reply {
+    raw_with_slack(cmd, id, flags, deadline, 0)
+}
+
+/// [`raw`] with the window block's `slack` (read by `ARM` only; 0 for every other command).
+fn raw_with_slack(cmd: u32, id: u32, flags: u32, deadline: u64, slack: u64) -> Reply {
     let page = page();
     // SAFETY: this vCPU's own device page (mapped, user-accessible); volatile because quietvm writes
-    // it during the `out`, which the compiler cannot see (the asm has no `nomem`).
+    // it during the `out`, which the compiler cannot see (the asm has no `nomem`). The window block
+    // lies in the same page.
     unsafe {
         addr_of_mut!((*page).id).write_volatile(id);
         addr_of_mut!((*page).flags).write_volatile(flags);
         addr_of_mut!((*page).deadline).write_volatile(deadline);
+        addr_of_mut!((*window()).slack).write_volatile(slack);
         if lapic::active() {
             let (reply, expired) = soft_timers::command(percpu::index(), cmd, id, flags, deadline);
             addr_of_mut!((*page).status).write_volatile(reply.status);
@@ -54,6 +74,7 @@ pub fn raw(cmd: u32, id: u32, flags: u32, deadline: u64) -> Reply {
                 addr_of_mut!((*page).exp_owner).write_volatile(e.owner);
                 addr_of_mut!((*page).exp_deadline).write_volatile(e.deadline);
                 addr_of_mut!((*page).exp_fired_at).write_volatile(e.fired_at);
+                addr_of_mut!((*window()).exp_slack).write_volatile(e.slack);
             }
         } else {
             arch::outl(boot::info().timer_port, cmd);
@@ -76,6 +97,7 @@ fn expired() -> Expired {
             owner: addr_of!((*page).exp_owner).read_volatile(),
             deadline: addr_of!((*page).exp_deadline).read_volatile(),
             fired_at: addr_of!((*page).exp_fired_at).read_volatile(),
+            slack: addr_of!((*window()).exp_slack).read_volatile(),
         }
     }
 }
@@ -87,6 +109,11 @@ pub fn now() -> u64 {
 
 pub fn arm(id: u32, flags: u32, deadline: u64) -> Reply {
     raw(command::ARM, id, flags, deadline)
+}
+
+/// `ARM` with a window: the timer may fire anywhere in `[deadline, deadline + slack]`.
+pub fn arm_with_slack(id: u32, flags: u32, deadline: u64, slack: u64) -> Reply {
+    raw_with_slack(command::ARM, id, flags, deadline, slack)
 }
 
 pub fn cancel(id: u32) -> Reply {
@@ -138,12 +165,20 @@ pub fn last_status() -> u32 {
 }
 
 /// Snapshot of the page, for the doorbell handler to put back.
-pub fn save_page() -> Page {
-    // SAFETY: as in `raw`.
-    unsafe { page().read_volatile() }
+pub fn save_page() -> SavedPage {
+    // SAFETY: as in `raw_with_slack`.
+    unsafe {
+        SavedPage {
+            page: page().read_volatile(),
+            window: window().read_volatile(),
+        }
+    }
 }
 
-pub fn restore_page(saved: Page) {
-    // SAFETY: as in `raw`.
-    unsafe { page().write_volatile(saved) }
+pub fn restore_page(saved: SavedPage) {
+    // SAFETY: as in `raw_with_slack`.
+    unsafe {
+        page().write_volatile(saved.page);
+        window().write_volatile(saved.window);
+    }
 }

@@ -56,4 +56,6 @@ pub struct Expired {
     pub owner: u32,
     pub deadline: u64,
     pub fired_at: u64,
+    /// The slack quietvm applied (`exp_slack`); 0 under kvm-lapic, which has none.
+    pub slack: u64,
 }

@@ -30,7 +30,7 @@ pub fn run(env: &Env) -> ! {
             break;
         }
         let deadline = now + rng.range(MS, 3 * MS);
-        if book.arm(id, MOVABLE, deadline).status != status::OK {
+        if book.arm(id, MOVABLE, deadline, deadline - now).status != status::OK {
             continue; // PAST: this vCPU was held up for over a millisecond; nothing armed
         }
         let target = deadline - 300 * US + rng.range(0, 600 * US);

@@ -46,7 +46,7 @@ pub fn run(env: &Env) -> ! {
         vm::halt_forever();
     }
     let book = checks::book();
-    book.arm(hostile, PINNED, time::now() + MS);
+    book.arm(hostile, PINNED, time::now() + MS, MS);
     let limit = env.start + env.duration + 5_000 * MS;
     if !time::poll_until(limit, MS, || DONE.load(Ordering::Acquire)) {
         checks::fail!("the hostile timer's re-arming never fired after its callback ended");
@@ -74,7 +74,7 @@ pub fn on_timer(expired: &Expired) {
     if H_FIRES.fetch_add(1, Ordering::AcqRel) == 0 {
         // The stuck callback. Its re-arming falls due during the stall and must wait for our POP.
         let start = time::now();
-        book.arm(expired.id, MOVABLE, start + MS);
+        book.arm(expired.id, MOVABLE, start + MS, MS);
         // Busy, masked: a NOW every iteration (each an exit) is the only thing it does.
         time::spin_until(start + STALL.load(Ordering::Relaxed));
         STALL_END.store(time::now(), Ordering::Release);

@@ -158,7 +158,7 @@ impl PeriodicSet {
         );
         let mut deadline = deadline;
         loop {
-            let reply = self.book.arm(id, flags, deadline);
+            let reply = self.book.arm(id, flags, deadline, period);
             if reply.status != status::PAST {
                 t.armed_for.store(deadline, Ordering::Relaxed);
                 return;

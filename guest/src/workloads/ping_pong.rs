@@ -46,7 +46,7 @@ pub fn run(env: &Env) -> ! {
         }
         let deadline = now + rng.range(MS, 4 * MS);
         state.expired[cpu].store(false, Ordering::Relaxed);
-        if book.arm(id, MOVABLE, deadline).status != status::OK {
+        if book.arm(id, MOVABLE, deadline, deadline - now).status != status::OK {
             continue; // PAST: this vCPU was held up for over a millisecond; nothing armed
         }
         // Asleep past the deadline, so that under the pull policy another vCPU can expire it first.

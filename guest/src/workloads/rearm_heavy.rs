@@ -65,9 +65,8 @@ pub fn run(env: &Env) -> ! {
     let mut rng = Rng::new(env.seed, u64::from(env.cpu));
     let now = time::now();
     for id in mine {
-        state
-            .book
-            .arm(id, flags_of(id), now + rng.range(2 * MS, 20 * MS));
+        let timeout = rng.range(2 * MS, 20 * MS);
+        state.book.arm(id, flags_of(id), now + timeout, timeout);
     }
     if env.cpu != 0 {
         vm::halt_forever();
@@ -119,11 +118,10 @@ pub fn on_timer(expired: &Expired) {
         }
         for &offset in &order[..3] {
             let id = first + offset;
-            state.book.arm(
-                id,
-                flags_of(id),
-                expired.fired_at + rng.range(2 * MS, 20 * MS),
-            );
+            let timeout = rng.range(2 * MS, 20 * MS);
+            state
+                .book
+                .arm(id, flags_of(id), expired.fired_at + timeout, timeout);
         }
         for &offset in &order[3..5] {
             state.book.cancel(first + offset);

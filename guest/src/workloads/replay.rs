@@ -143,7 +143,8 @@ pub fn run(env: &Env) -> ! {
                 } else {
                     MOVABLE
                 };
-                book.arm(id, kind, at + u64::from(u32_at(op, 12)) * US);
+                let timeout = u64::from(u32_at(op, 12)) * US;
+                book.arm(id, kind, at + timeout, timeout);
             }
             CANCEL => {
                 book.cancel(id);

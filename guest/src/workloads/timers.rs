@@ -31,14 +31,16 @@ pub fn run(env: &Env) -> ! {
         }
         let mut latest = 0;
         for id in mine.clone() {
-            let deadline = now + rng.range(500 * US, 20 * MS);
-            book.arm(id, PINNED, deadline);
+            let timeout = rng.range(500 * US, 20 * MS);
+            let deadline = now + timeout;
+            book.arm(id, PINNED, deadline, timeout);
             latest = latest.max(deadline);
         }
         for id in mine.clone() {
             if rng.chance(25) {
-                let deadline = time::now() + rng.range(500 * US, 20 * MS);
-                book.arm(id, PINNED, deadline);
+                let timeout = rng.range(500 * US, 20 * MS);
+                let deadline = time::now() + timeout;
+                book.arm(id, PINNED, deadline, timeout);
                 latest = latest.max(deadline);
             } else if rng.chance(33) {
                 book.cancel(id);

@@ -32,6 +32,9 @@ pub struct CompareArgs {
     /// Override the config's workload duration.
     #[arg(long)]
     pub duration_ms: Option<u64>,
+    /// Override the config's `timer-slack-ns` (the least slack of MOVABLE timers, ns; docs/timer-abi.md).
+    #[arg(long, value_name = "NS")]
+    pub timer_slack_ns: Option<u64>,
     /// Write every figure as JSON (docs/compare.md).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -117,6 +120,9 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
     if let Some(d) = args.duration_ms {
         config.duration_ms = d;
     }
+    if let Some(v) = args.timer_slack_ns {
+        config.timer_slack_ns = v;
+    }
     config.validate()?;
     if args.repeat == 0 {
         return Err(CompareError::NoRounds);
@@ -169,6 +175,7 @@ fn run_one(
         .arg(config_path)
         .args(["--policy", &policy.to_string()])
         .args(["--duration-ms", &config.duration_ms.to_string()])
+        .args(["--timer-slack-ns", &config.timer_slack_ns.to_string()])
         .arg("--quiet")
         .arg("--stats-json")
         .arg(&json)

@@ -54,6 +54,9 @@ pub struct FleetArgs {
     /// End every VM as failed after this long instead of its config's timeout (0 = no limit).
     #[arg(long)]
     pub timeout_ms: Option<u64>,
+    /// Every VM's `timer-slack-ns` (the least slack of MOVABLE timers, ns; docs/timer-abi.md).
+    #[arg(long, value_name = "NS")]
+    pub timer_slack_ns: Option<u64>,
     /// Start the VMs this many milliseconds apart (0: all at once, as fast as possible).
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,
@@ -494,6 +497,9 @@ fn command(args: &FleetArgs, exe: &Path, i: usize, files: &VmFiles) -> Command {
     }
     if let Some(t) = args.timeout_ms {
         cmd.args(["--timeout-ms", &t.to_string()]);
+    }
+    if let Some(s) = args.timer_slack_ns {
+        cmd.args(["--timer-slack-ns", &s.to_string()]);
     }
     quietvm_vmm::sys::os::terminate_with_parent(&mut cmd);
     cmd.arg("--quiet")

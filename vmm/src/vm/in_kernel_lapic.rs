@@ -232,6 +232,9 @@ impl GuestReport {
         }
         let mut per_vcpu = Vec::with_capacity(vcpus as usize);
         let mut lateness = LatenessRecorder::new();
+        // No slack under kvm-lapic (the guest's LAPIC has none): a window is its deadline, and a
+        // sample past the tolerance is late beyond it (counted over the samples the guest kept).
+        let mut late_beyond_window = 0u64;
         let mut chunk = [0u8; 4 * SAMPLES_PER_READ];
         for i in 0..u64::from(vcpus) {
             let entry = base + REPORT_VCPUS_AT + REPORT_VCPU_SIZE * i;
@@ -254,7 +257,11 @@ impl GuestReport {
                 mem.read_slice(bytes, GuestAddress(from))
                     .map_err(|e| format!("vCPU {i}'s lateness samples at {addr:#x}: {e}"))?;
                 for b in bytes.chunks_exact(4) {
-                    lateness.record(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                    let late = u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    lateness.record(late);
+                    if late > quietvm_abi::timer::WINDOW_TOLERANCE_NS {
+                        late_beyond_window += 1;
+                    }
                 }
                 done += n as u64;
             }
@@ -264,6 +271,7 @@ impl GuestReport {
             fired: u64_at(base + at::FIRED)?,
             cancelled: u64_at(base + at::CANCELLED)?,
             early: u64_at(base + at::EARLY)?,
+            late_beyond_window,
             missed: u64_at(base + at::MISSED)?,
             remote_expiries: u64_at(base + at::REMOTE_EXPIRIES)?,
             serialized: u64_at(base + at::SERIALIZED)?,

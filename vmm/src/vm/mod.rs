@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::accounting::KickReasons;
 use crate::config::{ConfigError, VmConfig, VmPolicy};
 use crate::devices::serial::SerialConsole;
+use crate::devices::timer::timer_log::TimerLog;
 use crate::devices::timer::{TimerDevice, VcpuKicker};
 use crate::devices::{EXIT_PORT, REPORT_PORT, SERIAL_PORTS, TIMER_PORT};
 use crate::exit_code;
@@ -62,6 +63,9 @@ pub enum VmmError {
     Setup(String),
     #[error(transparent)]
     EventLoop(#[from] event_loop::LoopError),
+    /// `--timer-log` could not be opened or written (the log is complete, or the run fails).
+    #[error("{0}")]
+    TimerLog(String),
 }
 
 /// How the outcome text of a VM ended on request (API `shutdown`, a signal) begins: the VM's exit
@@ -646,6 +650,8 @@ pub struct RunOptions {
     /// When quietvm started: `--timeout-ms` counts from here, start-up included (`None`: from the
     /// call to [`run_vm`]).
     pub started: Option<Instant>,
+    /// `--timer-log`: one JSON line per arming when it ends (docs/timer-abi.md, "The timer log").
+    pub timer_log: Option<PathBuf>,
 }
 
 /// The start-up watchdog's line: dropped (which stops the watchdog) once the event loop, whose timer
@@ -861,7 +867,24 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
 
     let policy = match cfg.policy {
         VmPolicy::Userspace(p) => p,
-        VmPolicy::KvmLapic => return in_kernel_lapic::run_vm(cfg, opts, &image, &layout),
+        VmPolicy::KvmLapic => {
+            if let Some(path) = &opts.timer_log {
+                return Err(VmmError::TimerLog(format!(
+                    "--timer-log {}: needs a userspace timer policy (local, push or pull); under \
+                     kvm-lapic the guest keeps its timers itself",
+                    path.display()
+                )));
+            }
+            if cfg.timer_slack_ns > 0 {
+                log::warn!("timer-slack-ns has no effect under kvm-lapic (the LAPIC has no slack)");
+            }
+            return in_kernel_lapic::run_vm(cfg, opts, &image, &layout);
+        }
+    };
+    // Opened before any vCPU runs, so a path that cannot be written fails the run at once.
+    let timer_log = match &opts.timer_log {
+        Some(path) => Some(TimerLog::create(path).map_err(VmmError::TimerLog)?),
+        None => None,
     };
     let machine = build_machine(cfg, &image, &layout, false)?;
     let clock = GuestClock {
@@ -880,13 +903,17 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         cfg.vcpus,
     );
     let kicks = Arc::new(VcpuKicks::new(cfg.vcpus));
-    let device = TimerDevice::new(
+    let mut device = TimerDevice::new(
         service,
         machine.kvm.memory().clone(),
         layout.device_pages,
         cfg.vcpus,
         Arc::clone(&kicks) as Arc<dyn VcpuKicker>,
     );
+    device.set_min_slack(cfg.timer_slack_ns);
+    if let Some(l) = &timer_log {
+        device.set_log(Arc::clone(l));
+    }
     let shared = Arc::new(VmShared::new(
         device,
         kicks,
@@ -894,7 +921,22 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         cfg.vcpus_online(),
         clock.start_mono,
     )?);
-    let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, VcpuThread::run)?;
+    if let Some(l) = &timer_log {
+        // A write that fails ends the VM at once, with that error as its outcome.
+        let weak = Arc::downgrade(&shared);
+        l.on_error(Box::new(move |msg| {
+            if let Some(s) = weak.upgrade() {
+                s.end(Outcome::VmmError(msg));
+            }
+        }));
+    }
+    let ran = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, VcpuThread::run);
+    if let Some(l) = &timer_log {
+        // Every vCPU thread is back: nothing arms or ends any more.
+        shared.device.log_pending_at_end();
+        l.finish().map_err(VmmError::TimerLog)?;
+    }
+    let mut ended = ran?;
 
     ModeParts::vcpu_timer_counts(&shared.device, &mut ended.vcpus);
     let mut timers = shared.device.timer_stats(ended.ended_at);

@@ -50,6 +50,8 @@
 //! timer-abi.md, "Taking part"): until then it is idle to the service, so it is never made a migrator
 //! and handed other vCPUs' timers before its guest can take a doorbell.
 
+pub mod timer_log;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -62,6 +64,7 @@ use crate::accounting::{
 };
 use crate::stats::TimerStats;
 use crate::sync::NoSleepMutex;
+use timer_log::{LogOutcome, LogRecord, TimerLog};
 
 /// Command numbers, statuses and device-page offsets of docs/timer-abi.md: the guest ABI's.
 pub use quietvm_abi::timer as abi;
@@ -149,8 +152,49 @@ impl VcpuPort {
 #[derive(Debug, Clone, Copy)]
 struct Arming {
     deadline: u64,
+    /// The applied slack (docs/timer-abi.md, "Timer windows").
+    slack: u64,
     /// The vCPU that issued the `ARM`: the timer's owner, reported as `exp_owner`.
     armed_by: CpuId,
+    armed_at: u64,
+    kind: TimerKind,
+    /// Its expiry was held back by callback serialization (for the timer log).
+    held: bool,
+}
+
+impl Arming {
+    /// The timer-log record of this arming ending as `outcome` at `at` (`fired_on`: who popped it).
+    fn record(
+        &self,
+        id: TimerId,
+        outcome: LogOutcome,
+        at: Option<u64>,
+        fired_on: Option<CpuId>,
+    ) -> LogRecord {
+        LogRecord {
+            owner: self.armed_by,
+            id,
+            pinned: self.kind == TimerKind::Pinned,
+            armed_at: self.armed_at,
+            deadline: self.deadline,
+            slack: self.slack,
+            outcome,
+            at,
+            fired_on,
+            held: self.held,
+        }
+    }
+}
+
+/// The slack quietvm applies to an arming (docs/timer-abi.md, "Timer windows"): the guest's, raised to
+/// the VM's minimum for a MOVABLE timer (a pinned one keeps the guest's own), then clamped to
+/// [`abi::MAX_SLACK_NS`], whatever the guest wrote.
+pub fn applied_slack(guest: u64, kind: TimerKind, vm_minimum: u64) -> u64 {
+    let raised = match kind {
+        TimerKind::Movable => guest.max(vm_minimum),
+        TimerKind::Pinned => guest,
+    };
+    raised.min(abi::MAX_SLACK_NS)
 }
 
 /// The guest-visible state of one timer id.
@@ -220,6 +264,8 @@ struct DeviceState {
     fired: u64,
     cancelled: u64,
     early: u64,
+    /// Fired more than [`abi::WINDOW_TOLERANCE_NS`] after their window's end.
+    late_beyond_window: u64,
     remote_expiries: u64,
     serialized: u64,
     /// Constant memory however long the VM runs (docs/stats.md).
@@ -233,6 +279,10 @@ pub struct TimerDevice<C: Clock> {
     device_pages: u64,
     kicker: Arc<dyn VcpuKicker>,
     state: NoSleepMutex<DeviceState>,
+    /// The VM's minimum slack for MOVABLE armings (`timer-slack-ns`), at most [`abi::MAX_SLACK_NS`].
+    min_slack: u64,
+    /// `--timer-log`: every arming's end, pushed under the device lock (a leaf lock after it).
+    log: Option<Arc<TimerLog>>,
 }
 
 impl<C: Clock> TimerDevice<C> {
@@ -253,6 +303,7 @@ impl<C: Clock> TimerDevice<C> {
             fired: 0,
             cancelled: 0,
             early: 0,
+            late_beyond_window: 0,
             remote_expiries: 0,
             serialized: 0,
             lateness: LatenessRecorder::new(),
@@ -263,6 +314,38 @@ impl<C: Clock> TimerDevice<C> {
             device_pages,
             kicker,
             state: NoSleepMutex::new(state),
+            min_slack: 0,
+            log: None,
+        }
+    }
+
+    /// Sets the VM's minimum slack for MOVABLE armings (`timer-slack-ns`; clamped to
+    /// [`abi::MAX_SLACK_NS`]). Before the VM runs.
+    pub fn set_min_slack(&mut self, ns: u64) {
+        self.min_slack = ns.min(abi::MAX_SLACK_NS);
+    }
+
+    /// Logs every arming's end to `log` (`--timer-log`). Before the VM runs.
+    pub fn set_log(&mut self, log: Arc<TimerLog>) {
+        self.log = Some(log);
+    }
+
+    fn log(&self, record: LogRecord) {
+        if let Some(l) = &self.log {
+            l.push(record);
+        }
+    }
+
+    /// Logs every arming still pending as `pending` (the VM has ended: its vCPU threads are back).
+    pub fn log_pending_at_end(&self) {
+        if self.log.is_none() {
+            return;
+        }
+        let st = self.lock();
+        for (id, slot) in st.timers.iter().enumerate() {
+            if let Some(a) = slot.armed {
+                self.log(a.record(id as TimerId, LogOutcome::Pending, None, None));
+            }
         }
     }
 
@@ -419,14 +502,14 @@ impl<C: Clock> TimerDevice<C> {
                 abi::CMD_ARM => self.arm(&mut st, cpu, now),
                 abi::CMD_CANCEL => {
                     let id = self.read_u32(cpu, abi::OFF_ID);
-                    match self.cancel(&mut st, id) {
+                    match self.cancel(&mut st, id, now) {
                         Some(was) => (abi::OK, was as u64),
                         None => (abi::INVALID, 0),
                     }
                 }
                 abi::CMD_CANCEL_SYNC => {
                     let id = self.read_u32(cpu, abi::OFF_ID);
-                    match self.cancel(&mut st, id) {
+                    match self.cancel(&mut st, id, now) {
                         Some(was) => match st.timers[id as usize].running_on {
                             Some(r) if r == cpu => (abi::DEADLOCK, was as u64),
                             Some(_) => (abi::RUNNING, was as u64),
@@ -567,10 +650,14 @@ impl<C: Clock> TimerDevice<C> {
             fired: st.fired,
             cancelled: st.cancelled,
             early: st.early,
+            late_beyond_window: st.late_beyond_window,
             missed: st
                 .timers
                 .iter()
-                .filter(|t| t.armed.is_some_and(|a| a.deadline < now))
+                .filter(|t| {
+                    t.armed
+                        .is_some_and(|a| a.deadline.saturating_add(a.slack) < now)
+                })
                 .count() as u64,
             remote_expiries: st.remote_expiries,
             serialized: st.serialized,
@@ -716,6 +803,7 @@ impl<C: Clock> TimerDevice<C> {
         let id = self.read_u32(cpu, abi::OFF_ID);
         let flags = self.read_u32(cpu, abi::OFF_FLAGS);
         let deadline = self.read_u64(cpu, abi::OFF_DEADLINE);
+        let guest_slack = self.read_u64(cpu, abi::OFF_SLACK);
         let kind = match flags {
             abi::FLAG_PINNED => TimerKind::Pinned,
             abi::FLAG_MOVABLE => TimerKind::Movable,
@@ -727,13 +815,21 @@ impl<C: Clock> TimerDevice<C> {
         if deadline <= now {
             return (abi::PAST, 0);
         }
+        let slack = applied_slack(guest_slack, kind, self.min_slack);
         let mut was_pending = Self::unqueue_delivered(st, id);
         let slot = &mut st.timers[id as usize];
         was_pending |= slot.held.take().is_some();
-        was_pending |= self.service.arm(cpu, id, deadline, 0, kind);
+        was_pending |= self.service.arm(cpu, id, deadline, slack, kind);
+        if let Some(old) = slot.armed.take() {
+            self.log(old.record(id, LogOutcome::Replaced, Some(now), None));
+        }
         slot.armed = Some(Arming {
             deadline,
+            slack,
             armed_by: cpu,
+            armed_at: now,
+            kind,
+            held: false,
         });
         st.armed += 1;
         (abi::OK, was_pending as u64)
@@ -750,8 +846,8 @@ impl<C: Clock> TimerDevice<C> {
         }
     }
 
-    /// Cancels `id` wherever its arming is; `None` for an unknown id.
-    fn cancel(&self, st: &mut DeviceState, id: TimerId) -> Option<bool> {
+    /// Cancels `id` wherever its arming is (at guest time `now`); `None` for an unknown id.
+    fn cancel(&self, st: &mut DeviceState, id: TimerId, now: u64) -> Option<bool> {
         if id as usize >= st.timers.len() {
             return None;
         }
@@ -759,7 +855,9 @@ impl<C: Clock> TimerDevice<C> {
         let slot = &mut st.timers[id as usize];
         was_pending |= slot.held.take().is_some();
         was_pending |= self.service.cancel(id);
-        slot.armed = None;
+        if let Some(old) = slot.armed.take() {
+            self.log(old.record(id, LogOutcome::Cancelled, Some(now), None));
+        }
         if was_pending {
             st.cancelled += 1;
         }
@@ -831,7 +929,9 @@ impl<C: Clock> TimerDevice<C> {
         let slot = &mut st.timers[e.id as usize];
         let owner = slot.armed.map_or(e.owner, |a| a.armed_by);
         slot.delivered_to = None;
-        slot.armed = None;
+        if let Some(a) = slot.armed.take() {
+            self.log(a.record(e.id, LogOutcome::Fired, Some(now), Some(cpu)));
+        }
         slot.running_on = Some(cpu);
         if owner != cpu {
             st.vcpus[cpu as usize].remote_expiries += 1;
@@ -846,11 +946,18 @@ impl<C: Clock> TimerDevice<C> {
                 e.deadline - now
             );
         }
+        // Lateness stays measured from the deadline (the window's start); a firing past the window's
+        // end (by more than the tolerance) is counted on its own (docs/stats.md).
         st.lateness.record(now.saturating_sub(e.deadline));
+        let window_end = e.deadline.saturating_add(e.slack);
+        if now.saturating_sub(window_end) > abi::WINDOW_TOLERANCE_NS {
+            st.late_beyond_window += 1;
+        }
         self.write(cpu, abi::OFF_EXP_ID, e.id);
         self.write(cpu, abi::OFF_EXP_OWNER, owner);
         self.write(cpu, abi::OFF_EXP_DEADLINE, e.deadline);
         self.write(cpu, abi::OFF_EXP_FIRED_AT, now);
+        self.write(cpu, abi::OFF_EXP_SLACK, e.slack);
         (abi::OK, 0)
     }
 
@@ -867,6 +974,9 @@ impl<C: Clock> TimerDevice<C> {
             if slot.running_on.is_some() {
                 // Serialization: the previous callback of this timer still runs somewhere.
                 slot.held = Some(e);
+                if let Some(a) = slot.armed.as_mut() {
+                    a.held = true;
+                }
                 st.serialized += 1;
             } else {
                 Self::enqueue(&mut st, cpu, e);

@@ -106,9 +106,21 @@ impl Vm {
     }
 
     fn arm(&mut self, cpu: CpuId, id: u32, flags: u32, deadline: u64) -> (u32, u64) {
+        self.arm_slack(cpu, id, flags, deadline, 0)
+    }
+
+    fn arm_slack(
+        &mut self,
+        cpu: CpuId,
+        id: u32,
+        flags: u32,
+        deadline: u64,
+        slack: u64,
+    ) -> (u32, u64) {
         self.put(cpu, abi::OFF_ID, id);
         self.put(cpu, abi::OFF_FLAGS, flags);
         self.put(cpu, abi::OFF_DEADLINE, deadline);
+        self.put(cpu, abi::OFF_SLACK, slack);
         self.cmd(cpu, abi::CMD_ARM)
     }
 
@@ -439,4 +451,188 @@ fn describe_vcpu_shows_the_queue_the_running_callback_and_the_doorbell() {
         assert!(s.contains(part), "{part} missing from: {s}");
     }
     assert_eq!(vm.dev.describe_vcpu(7), "no vCPU 7");
+}
+
+#[test]
+fn slack_is_the_guests_for_pinned_and_at_least_the_vm_minimum_for_movable() {
+    let mut vm = Vm::new(Policy::Local, 1);
+    vm.dev.set_min_slack(1_000);
+    assert_eq!(vm.arm_slack(0, 1, abi::FLAG_PINNED, 5_000, 200).0, abi::OK);
+    assert_eq!(vm.arm_slack(0, 2, abi::FLAG_MOVABLE, 5_000, 200).0, abi::OK);
+    assert_eq!(
+        vm.arm_slack(0, 3, abi::FLAG_MOVABLE, 5_100, 3_000).0,
+        abi::OK
+    );
+    assert_eq!(vm.arm_slack(0, 4, abi::FLAG_PINNED, 9_000, 0).0, abi::OK);
+    // The vCPU is told to look at the earliest window end (the pinned one's, 5_200)...
+    assert_eq!(vm.entry(0).deadline, 5_200);
+    // ... where every timer whose deadline passed expires at once.
+    vm.clock.set(5_200);
+    assert!(vm.entry(0).inject_doorbell);
+    let mut got = Vec::new();
+    let mut ack = abi::NO_TIMER;
+    while let Some(id) = vm.pop(0, ack) {
+        got.push((id, vm.get_u64(0, abi::OFF_EXP_SLACK)));
+        assert!(vm.get_u64(0, abi::OFF_EXP_FIRED_AT) >= vm.get_u64(0, abi::OFF_EXP_DEADLINE));
+        ack = id;
+    }
+    got.sort_unstable();
+    assert_eq!(got, vec![(1, 200), (2, 1_000), (3, 3_000)]);
+    vm.clock.set(9_000);
+    vm.entry(0);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(4));
+    assert_eq!(
+        vm.get_u64(0, abi::OFF_EXP_SLACK),
+        0,
+        "pinned, no slack asked"
+    );
+    let t = vm.dev.timer_stats(10_000);
+    assert_eq!((t.fired, t.early, t.late_beyond_window), (4, 0, 0));
+}
+
+#[test]
+fn a_hostile_huge_slack_is_clamped_to_the_maximum() {
+    let mut vm = Vm::new(Policy::Pull, 1);
+    let deadline = 5_000;
+    assert_eq!(
+        vm.arm_slack(0, 1, abi::FLAG_MOVABLE, deadline, u64::MAX).0,
+        abi::OK
+    );
+    assert_eq!(vm.entry(0).deadline, deadline + abi::MAX_SLACK_NS);
+    // A deadline near the end of time with a huge slack neither overflows nor panics.
+    assert_eq!(
+        vm.arm_slack(0, 2, abi::FLAG_PINNED, u64::MAX - 1, u64::MAX)
+            .0,
+        abi::OK
+    );
+    vm.clock.set(deadline + abi::MAX_SLACK_NS);
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(1));
+    assert_eq!(vm.get_u64(0, abi::OFF_EXP_SLACK), abi::MAX_SLACK_NS);
+    assert_eq!(vm.pop(0, 1), None);
+    assert_eq!(
+        applied_slack(u64::MAX, TimerKind::Pinned, 0),
+        abi::MAX_SLACK_NS
+    );
+    assert_eq!(
+        applied_slack(0, TimerKind::Movable, u64::MAX),
+        abi::MAX_SLACK_NS
+    );
+    vm.dev.set_min_slack(u64::MAX);
+    assert_eq!(
+        vm.arm_slack(0, 3, abi::FLAG_MOVABLE, deadline * 1_000_000, 0)
+            .0,
+        abi::OK
+    );
+    let t = vm.dev.timer_stats(deadline * 1_000_000);
+    assert_eq!((t.armed, t.fired, t.missed), (3, 1, 0));
+}
+
+#[test]
+fn a_firing_past_its_window_is_counted_and_missed_counts_window_ends() {
+    let mut vm = Vm::new(Policy::Local, 1);
+    let tol = abi::WINDOW_TOLERANCE_NS;
+    assert_eq!(
+        vm.arm_slack(0, 1, abi::FLAG_PINNED, 5_000, 1_000).0,
+        abi::OK
+    );
+    assert_eq!(vm.arm_slack(0, 2, abi::FLAG_PINNED, 5_000, 0).0, abi::OK);
+    // Within the tolerance past the window of 1, beyond it for 2.
+    vm.clock.set(6_000 + tol);
+    vm.entry(0);
+    assert!(vm.pop(0, abi::NO_TIMER).is_some());
+    let a = vm.get_u32(0, abi::OFF_EXP_ID);
+    assert!(vm.pop(0, a).is_some());
+    let b = vm.get_u32(0, abi::OFF_EXP_ID);
+    assert_eq!(vm.pop(0, b), None);
+    let t = vm.dev.timer_stats(vm.clock.now_ns());
+    assert_eq!((t.fired, t.early, t.late_beyond_window), (2, 0, 1));
+    assert_eq!(
+        t.lateness_ns.max,
+        1_000 + tol,
+        "lateness is from the deadline"
+    );
+    // Pending at the end: missed only once its window has ended.
+    let now = vm.clock.now_ns();
+    assert_eq!(
+        vm.arm_slack(0, 3, abi::FLAG_PINNED, now + 10, 500).0,
+        abi::OK
+    );
+    assert_eq!(vm.dev.timer_stats(now + 20).missed, 0);
+    assert_eq!(vm.dev.timer_stats(now + 511).missed, 1);
+}
+
+#[test]
+fn the_timer_log_ends_every_arming_once() {
+    use timer_log::TimerLog;
+    let path =
+        std::env::temp_dir().join(format!("quietvm-device-timer-log-{}", std::process::id()));
+    let log = TimerLog::create(&path).unwrap();
+    let mut vm = Vm::new(Policy::Pull, 2);
+    vm.dev.set_min_slack(300);
+    vm.dev.set_log(Arc::clone(&log));
+    assert_eq!(
+        vm.arm_slack(0, 1, abi::FLAG_MOVABLE, 5_000, 100),
+        (abi::OK, 0)
+    );
+    assert_eq!(
+        vm.arm_slack(0, 1, abi::FLAG_MOVABLE, 6_000, 100),
+        (abi::OK, 1)
+    ); // replaces
+    assert_eq!(
+        vm.arm_slack(1, 2, abi::FLAG_PINNED, 7_000, 100),
+        (abi::OK, 0)
+    );
+    assert_eq!(vm.cancel(1, 2, false), (abi::OK, 1)); // cancelled
+    assert_eq!(vm.arm_slack(1, 3, abi::FLAG_PINNED, 50_000, 0).0, abi::OK); // pending
+    vm.clock.set(6_300);
+    vm.entry(0);
+    assert_eq!(vm.pop(0, abi::NO_TIMER), Some(1)); // fired on 0
+                                                   // Re-armed while its callback runs, and due before the ACK: held.
+    assert_eq!(vm.arm_slack(0, 1, abi::FLAG_PINNED, 6_400, 0).0, abi::OK);
+    vm.clock.set(6_500);
+    vm.entry(0);
+    assert_eq!(vm.pop(0, 1), Some(1)); // the held one, released by this ACK
+    assert_eq!(vm.pop(0, 1), None);
+    vm.dev.log_pending_at_end();
+    log.finish().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let brief: Vec<(u64, &str, &str, u64, bool)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_u64().unwrap(),
+                v["flags"].as_str().unwrap(),
+                v["outcome"].as_str().unwrap(),
+                v["slack_ns"].as_u64().unwrap(),
+                v["held"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        brief,
+        vec![
+            (1, "movable", "replaced", 300, false),
+            (2, "pinned", "cancelled", 100, false),
+            (1, "movable", "fired", 300, false),
+            (1, "pinned", "fired", 0, true),
+            (3, "pinned", "pending", 0, false),
+        ]
+    );
+    let fired = &lines[2];
+    assert_eq!(fired["owner"], 0);
+    assert_eq!(fired["armed_at_ns"], 1_000);
+    assert_eq!(fired["deadline_ns"], 6_000);
+    assert_eq!(fired["at_ns"], 6_300);
+    assert_eq!(fired["fired_on"], 0);
+    assert!(lines[4]["at_ns"].is_null() && lines[4]["fired_on"].is_null());
+    assert_eq!(lines[1]["owner"], 1);
+    let t = vm.dev.timer_stats(6_500);
+    let logged_fired = lines.iter().filter(|v| v["outcome"] == "fired").count() as u64;
+    assert_eq!((t.armed, t.fired), (lines.len() as u64, logged_fired));
 }
