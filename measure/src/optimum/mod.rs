@@ -146,7 +146,10 @@ impl OptimumBuilder {
         o.served_while_running += (before - self.movable.len()) as u64;
         o.movable = min_stabs(&mut self.movable);
         for (owner, mut ws) in self.pinned {
-            let mine = busy.per_cpu.get(owner as usize).map_or(&[][..], Vec::as_slice);
+            let mine = busy
+                .per_cpu
+                .get(owner as usize)
+                .map_or(&[][..], Vec::as_slice);
             let before = ws.len();
             ws.retain(|&w| !BusySpans::meets(mine, w));
             o.served_while_running += (before - ws.len()) as u64;

@@ -13,7 +13,10 @@ fn brute_force(windows: &[Window]) -> u64 {
     let n = ends.len();
     let mut best = n as u64;
     for mask in 0u32..(1 << n) {
-        let points: Vec<u64> = (0..n).filter(|i| mask & (1 << i) != 0).map(|i| ends[i]).collect();
+        let points: Vec<u64> = (0..n)
+            .filter(|i| mask & (1 << i) != 0)
+            .map(|i| ends[i])
+            .collect();
         if (points.len() as u64) < best
             && windows
                 .iter()

@@ -228,13 +228,22 @@ mod tests {
 
     #[test]
     fn a_bad_line_is_an_error_naming_its_number() {
-        let text = format!("{}\n{{\"owner\":1}}\n", line(0, "movable", 1, 0, "fired", "1"));
+        let text = format!(
+            "{}\n{{\"owner\":1}}\n",
+            line(0, "movable", 1, 0, "fired", "1")
+        );
         let e = sum(&text).unwrap_err().to_string();
-        assert!(e.starts_with("timer log t.jsonl, line 2: missing field"), "{e}");
+        assert!(
+            e.starts_with("timer log t.jsonl, line 2: missing field"),
+            "{e}"
+        );
         let e = sum("\n\nnot json\n").unwrap_err().to_string();
         assert!(e.contains("line 3:"), "{e}");
         let bad_flag = line(0, "sticky", 1, 0, "fired", "1");
-        assert!(sum(&bad_flag).unwrap_err().to_string().contains("line 1: unknown variant"));
+        assert!(sum(&bad_flag)
+            .unwrap_err()
+            .to_string()
+            .contains("line 1: unknown variant"));
         let negative = line(0, "movable", 1, 0, "fired", "-1");
         assert!(sum(&negative).unwrap_err().to_string().contains("line 1:"));
         let no_time = line(0, "movable", 1, 0, "fired", "null");
@@ -269,6 +278,8 @@ mod tests {
     #[test]
     fn a_missing_file_is_one_line() {
         let e = summarize_file(Path::new("/nonexistent/quietvm.jsonl")).unwrap_err();
-        assert!(e.to_string().starts_with("cannot read the timer log /nonexistent/quietvm.jsonl"));
+        assert!(e
+            .to_string()
+            .starts_with("cannot read the timer log /nonexistent/quietvm.jsonl"));
     }
 }

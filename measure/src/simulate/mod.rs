@@ -188,7 +188,9 @@ pub enum SimError {
     },
     #[error("--wake-latency-us and --exit-cost-us must be at most 1 s")]
     Costs,
-    #[error("--period-min-us must be above 0 and below --period-max-us, which must be at most 60 s")]
+    #[error(
+        "--period-min-us must be above 0 and below --period-max-us, which must be at most 60 s"
+    )]
     Periods,
     #[error("--slack-pct must be 0..={MAX_SLACK_PCT}, not {0}")]
     SlackPct(u32),
@@ -945,8 +947,7 @@ impl<'a> Engine<'a> {
         PolicyReport {
             policy: self.policy.to_string(),
             wakeups,
-            wakeups_per_optimum: (optimum.total > 0)
-                .then(|| wakeups as f64 / optimum.total as f64),
+            wakeups_per_optimum: (optimum.total > 0).then(|| wakeups as f64 / optimum.total as f64),
             optimum,
             movable_wakeups: movable,
             wakeup_causes: causes,
