@@ -377,7 +377,7 @@ pub fn render(cmp: &Comparison) -> String {
             let _ = writeln!(
                 out,
                 "{}: host wakeups less the VM-end ones {:.0} = {:.2}x the optimum of its own runs ({:.0}) \
-                 (K={}, [{:.2}-{:.2}]); timer log: {} fired early, {} after their window",
+                 (K={}, [{:.2}-{:.2}]); timer logs of the {} runs: {} fired early, {} after their window",
                 s.policy,
                 s.host_wakeups_less_end.median,
                 r.median,
@@ -385,6 +385,7 @@ pub fn render(cmp: &Comparison) -> String {
                 s.rounds,
                 r.min,
                 r.max,
+                s.rounds,
                 s.log_fired_early,
                 s.log_fired_after_window
             );
