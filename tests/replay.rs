@@ -378,3 +378,63 @@ fn the_guest_replays_a_trace_on_kvm_under_every_policy_and_under_compare() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// `--windows both` on every committed trace: each policy without and with the wheel's windows
+/// (`[expires, bucket_expiry]`). Nothing fires early; with windows pull makes no more wakeups of its
+/// own; no column makes fewer than the optimum of what it fired. Counts only.
+#[test]
+fn the_wheels_windows_beside_the_kernel_on_the_committed_traces() {
+    for trace in traces() {
+        let (out, v) = replay(&trace, &["--windows", "both"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}: {stdout}", trace.display());
+        assert!(stdout.contains("pull+wheel"), "{stdout}");
+        assert!(
+            stdout.contains("optimum: fewest idle-CPU wakeups"),
+            "{stdout}"
+        );
+        let cols = v["policies"].as_array().unwrap();
+        assert_eq!(
+            cols.len(),
+            6,
+            "three policies, each without and with windows"
+        );
+        let col = |policy: &str, windows: &str| {
+            cols.iter()
+                .find(|c| c["policy"] == policy && c["windows"] == windows)
+                .unwrap_or_else(|| panic!("{policy} {windows} in {}", trace.display()))
+        };
+        for c in cols {
+            assert_eq!(n(&c["checks"]["early"]), 0, "{c}");
+            assert_eq!(n(&c["checks"]["missed"]), 0, "{c}");
+            assert!(
+                n(&c["optimum"]["total"]) <= n(&c["timer_wakeups_policy_made"]),
+                "{}: {c}",
+                trace.display()
+            );
+        }
+        let made = |p: &str, w: &str| n(&col(p, w)["timer_wakeups_policy_made"]);
+        assert!(
+            made("pull", "wheel") <= made("pull", "none"),
+            "{}",
+            trace.display()
+        );
+    }
+}
+
+/// Without `--windows`, the replay is what it was: no slack, every column `none`.
+#[test]
+fn the_default_replay_has_no_windows() {
+    let trace = &traces()[0];
+    let (out, v) = replay(trace, &[]);
+    assert!(out.status.success());
+    for c in v["policies"].as_array().unwrap() {
+        assert_eq!(c["windows"], "none");
+    }
+    let (out, _) = replay(trace, &["--windows", "sideways"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad --windows is a usage error"
+    );
+}

@@ -12,6 +12,7 @@ use std::process::{Command, ExitCode, Stdio};
 use clap::Args;
 use serde::Serialize;
 
+use crate::optimum::timer_log::{self, TimerLogSummary};
 use quietvm_vmm::config::{ConfigError, VmConfig, VmPolicy};
 use quietvm_vmm::stats::VmStats;
 pub use summary::{CrossCheck, PolicySummary, Spread};
@@ -48,6 +49,10 @@ pub struct CompareArgs {
     /// With --external: how long to sample.
     #[arg(long, default_value_t = 5.0, requires = "external")]
     pub seconds: f64,
+    /// Keep each run's `--timer-log` as DIR/POLICY-ROUND.jsonl (round 0-based) instead of a
+    /// temporary file, so the optimum can be recomputed from outside.
+    #[arg(long, value_name = "DIR", conflicts_with = "external")]
+    pub keep_timer_logs: Option<PathBuf>,
 }
 
 fn parse_policy(s: &str) -> Result<VmPolicy, String> {
@@ -60,6 +65,9 @@ pub struct RunRecord {
     pub policy: String,
     pub round: u32,
     pub stats: VmStats,
+    /// What the run's `--timer-log` held and its optimum (docs/compare.md, "The optimum"); null
+    /// for kvm-lapic (quietvm does not see its timers).
+    pub timer_log: Option<TimerLogSummary>,
 }
 
 /// Everything `compare` measured.
@@ -70,6 +78,8 @@ pub struct Comparison {
     pub runs: Vec<RunRecord>,
     pub summary: Vec<PolicySummary>,
     pub cross_check: CrossCheck,
+    /// The optimum over every run that has a timer log (`total` of each), or null if none has.
+    pub optimum: Option<Spread>,
 }
 
 /// `quietvm compare ...`
@@ -130,6 +140,13 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
     if args.policies.is_empty() {
         return Err(CompareError::NoPolicies);
     }
+    let exe = std::env::current_exe().map_err(CompareError::NoBinary)?;
+    if let Some(dir) = &args.keep_timer_logs {
+        std::fs::create_dir_all(dir).map_err(|source| CompareError::LogDir {
+            dir: dir.clone(),
+            source,
+        })?;
+    }
     let total = args.repeat as usize * args.policies.len();
     let mut runs = Vec::with_capacity(total);
     for round in 0..args.repeat {
@@ -139,11 +156,34 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
                 runs.len() + 1,
                 round + 1
             );
-            let stats = run_one(config_path, &config, *policy)?;
+            // quietvm sees a kvm-lapic guest's timers no more than its halts.
+            let log =
+                matches!(policy, VmPolicy::Userspace(_)).then(|| match &args.keep_timer_logs {
+                    Some(dir) => (dir.join(format!("{policy}-{round}.jsonl")), true),
+                    None => (
+                        std::env::temp_dir().join(format!(
+                            "quietvm-compare-{}-{policy}-{round}.timers.jsonl",
+                            std::process::id()
+                        )),
+                        false,
+                    ),
+                });
+            let stats = run_one(&exe, config_path, &config, *policy, log.as_ref())?;
+            let timer_log = match &log {
+                Some((path, keep)) => {
+                    let s = timer_log::summarize_file(path);
+                    if !keep {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    Some(s?)
+                }
+                None => None,
+            };
             runs.push(RunRecord {
                 policy: policy.to_string(),
                 round,
                 stats,
+                timer_log,
             });
         }
     }
@@ -151,27 +191,30 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
     let policies: Vec<String> = args.policies.iter().map(|p| p.to_string()).collect();
     let summary = summary::summarize(&policies, &runs);
     let cross_check = summary::cross_check(&runs);
+    let optimum = summary::optimum_over_runs(&runs);
     Ok(Comparison {
         config,
         repeat: args.repeat,
         runs,
         summary,
         cross_check,
+        optimum,
     })
 }
 
 fn run_one(
+    exe: &Path,
     config_path: &Path,
     config: &VmConfig,
     policy: VmPolicy,
+    timer_log: Option<&(PathBuf, bool)>,
 ) -> Result<VmStats, CompareError> {
-    let exe = std::env::current_exe().map_err(CompareError::NoBinary)?;
     let json = std::env::temp_dir().join(format!(
         "quietvm-compare-{}-{policy}.json",
         std::process::id()
     ));
-    let out = Command::new(exe)
-        .arg("run")
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
         .arg(config_path)
         .args(["--policy", &policy.to_string()])
         .args(["--duration-ms", &config.duration_ms.to_string()])
@@ -179,9 +222,11 @@ fn run_one(
         .arg("--quiet")
         .arg("--stats-json")
         .arg(&json)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(CompareError::Spawn)?;
+        .stdin(Stdio::null());
+    if let Some((path, _)) = timer_log {
+        cmd.arg("--timer-log").arg(path);
+    }
+    let out = cmd.output().map_err(CompareError::Spawn)?;
     let text = std::fs::read_to_string(&json);
     let _ = std::fs::remove_file(&json);
     if !out.status.success() {
@@ -222,6 +267,13 @@ pub enum CompareError {
         policy: VmPolicy,
         source: std::io::Error,
     },
+    #[error("cannot create {}: {source}", dir.display())]
+    LogDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    TimerLog(#[from] timer_log::TimerLogError),
     #[error("the {policy} run's statistics do not parse: {source}")]
     BadStats {
         policy: VmPolicy,

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::{Comparison, RunRecord};
+use crate::optimum::timer_log::TimerLogSummary;
 use quietvm_vmm::stats::VmStats;
 
 /// A figure over the K rounds: its median and its range.
@@ -73,6 +74,17 @@ pub struct PolicySummary {
     pub savings_vs_kvm_lapic: Option<Spread>,
     /// Lateness histogram summed over the rounds (`[upper_bound_ns, count]`, as in the stats).
     pub lateness_histogram: Vec<[u64; 2]>,
+    /// `host_wakeups` less the VM-end wakeups (cause `control`), per run: what the optimum is
+    /// compared with.
+    pub host_wakeups_less_end: Spread,
+    /// The optimum of each run's own timer log (null without logs; docs/compare.md).
+    pub optimum: Option<Spread>,
+    /// `host_wakeups_less_end / optimum`, each run against its own optimum.
+    pub wakeups_per_optimum: Option<Spread>,
+    /// From the timer logs, summed over rounds: fired before their deadline (must be 0), and after
+    /// the end of their window (counted, not hidden).
+    pub log_fired_early: u64,
+    pub log_fired_after_window: u64,
 }
 
 /// One vCPU whose counts disagree.
@@ -96,6 +108,31 @@ pub struct CrossCheck {
 
 fn halted_wakeups(s: &VmStats) -> u64 {
     s.vcpus.iter().map(|v| v.host_wakeups).sum()
+}
+
+/// The wakeups that ended the VM: each vCPU halted when the VM ends is woken once to stop, with
+/// the cause `control` (nothing pauses or reconfigures a compare run, the cause's other uses).
+/// kvm-lapic runs count every wakeup as `kernel_halt`, so nothing is left out of them.
+pub fn end_wakeups(s: &VmStats) -> u64 {
+    s.vcpus
+        .iter()
+        .map(|v| v.wakeups(quietvm_vmm::accounting::WakeupCause::Control))
+        .sum()
+}
+
+/// Host wakeups of halted vCPUs less the VM-end ones.
+pub fn wakeups_less_end(s: &VmStats) -> u64 {
+    halted_wakeups(s).saturating_sub(end_wakeups(s))
+}
+
+/// The optimum over every run with a timer log, whatever its policy.
+pub fn optimum_over_runs(runs: &[RunRecord]) -> Option<Spread> {
+    let v: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.timer_log.as_ref())
+        .map(|l| l.optimum.total as f64)
+        .collect();
+    (!v.is_empty()).then(|| Spread::of(v))
 }
 
 /// Figures per policy, in the order given.
@@ -125,6 +162,18 @@ pub fn summarize(policies: &[String], runs: &[RunRecord]) -> Vec<PolicySummary> 
         .map(|policy| {
             let mine = by_round(policy);
             let all: Vec<&VmStats> = mine.values().copied().collect();
+            let logs: Vec<(&VmStats, &TimerLogSummary)> = runs
+                .iter()
+                .filter(|r| &r.policy == policy)
+                .filter_map(|r| Some((&r.stats, r.timer_log.as_ref()?)))
+                .collect();
+            let optimum = (!logs.is_empty())
+                .then(|| Spread::of(logs.iter().map(|(_, l)| l.optimum.total as f64).collect()));
+            let ratios: Vec<f64> = logs
+                .iter()
+                .filter(|(_, l)| l.optimum.total > 0)
+                .map(|(s, l)| wakeups_less_end(s) as f64 / l.optimum.total as f64)
+                .collect();
             let per = |f: &dyn Fn(&VmStats) -> f64| Spread::of(all.iter().map(|s| f(s)).collect());
             let mut exit_kinds: BTreeMap<String, Vec<f64>> = BTreeMap::new();
             for s in &all {
@@ -180,6 +229,11 @@ pub fn summarize(policies: &[String], runs: &[RunRecord]) -> Vec<PolicySummary> 
                     .then(|| savings_against(&mine, "kvm-lapic"))
                     .flatten(),
                 lateness_histogram: histogram.into_iter().map(|(b, n)| [b, n]).collect(),
+                host_wakeups_less_end: per(&|s| wakeups_less_end(s) as f64),
+                optimum,
+                wakeups_per_optimum: (!ratios.is_empty()).then(|| Spread::of(ratios)),
+                log_fired_early: logs.iter().map(|(_, l)| l.early).sum(),
+                log_fired_after_window: logs.iter().map(|(_, l)| l.after_window).sum(),
             }
         })
         .collect()
@@ -267,6 +321,26 @@ pub fn render(cmp: &Comparison) -> String {
             s.cpu_system_ms.median,
         );
     }
+    if let Some(o) = &cmp.optimum {
+        // The optimum as a row beside the policies: the fewest wakeups that could have served
+        // every fired arming in its window, over every run with a timer log.
+        let fired = Spread::of(
+            cmp.runs
+                .iter()
+                .filter_map(|r| r.timer_log.as_ref())
+                .map(|l| l.fired as f64)
+                .collect(),
+        );
+        let _ = writeln!(
+            out,
+            "{:<10} {:>16} {:>10} {:>9.3} {:>8.0}",
+            "optimum",
+            format!("{:.0} [{:.0}-{:.0}]", o.median, o.min, o.max),
+            "-",
+            o.median / fired.median.max(1.0),
+            fired.median,
+        );
+    }
     let _ = writeln!(out, "VM exits per run, by reason (medians):");
     for s in &cmp.summary {
         let exits: Vec<String> = s.exits.iter().map(|(k, n)| format!("{k} {n:.0}")).collect();
@@ -295,6 +369,25 @@ pub fn render(cmp: &Comparison) -> String {
                 d.vcpu,
                 d.quietvm,
                 d.kernel
+            );
+        }
+    }
+    for s in &cmp.summary {
+        if let (Some(r), Some(o)) = (&s.wakeups_per_optimum, &s.optimum) {
+            let _ = writeln!(
+                out,
+                "{}: host wakeups less the VM-end ones {:.0} = {:.2}x the optimum of its own runs ({:.0}) \
+                 (K={}, [{:.2}-{:.2}]); timer logs of the {} runs: {} fired early, {} after their window",
+                s.policy,
+                s.host_wakeups_less_end.median,
+                r.median,
+                o.median,
+                s.rounds,
+                r.min,
+                r.max,
+                s.rounds,
+                s.log_fired_early,
+                s.log_fired_after_window
             );
         }
     }
@@ -328,6 +421,129 @@ mod tests {
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         assert_eq!(Spread::of(vec![1.0, 2.0, 3.0, 4.0]).median, 2.5);
         assert_eq!(Spread::of(vec![]), Spread::default());
+    }
+
+    /// A run whose vCPUs woke `wakeups[i]` times, of which `end[i]` at the VM's end.
+    fn stats(policy: &str, wakeups: &[u64], end: &[u64], fired: u64) -> VmStats {
+        use quietvm_vmm::stats::{TimerStats, VcpuStats, WakeupCause};
+        let vcpus = wakeups
+            .iter()
+            .zip(end)
+            .enumerate()
+            .map(|(i, (&w, &e))| {
+                let mut v = VcpuStats::new(i as u32);
+                for _ in 0..e {
+                    v.count_wakeup(WakeupCause::Control);
+                }
+                for _ in e..w {
+                    v.count_wakeup(WakeupCause::RemoteMovableTimer);
+                }
+                v.kernel_voluntary_switches = w;
+                v
+            })
+            .collect();
+        VmStats {
+            policy: policy.to_string(),
+            workload: "all-idle".to_string(),
+            exit_code: 0,
+            outcome: "ok".to_string(),
+            wall_ns: 1_000_000_000,
+            process_user_ns: 0,
+            process_system_ns: 0,
+            vcpus,
+            timers: TimerStats {
+                fired,
+                ..TimerStats::default()
+            },
+            console_dropped_bytes: 0,
+            per_fired_timer: None,
+        }
+    }
+
+    /// A timer log of `n` movable timers 1 ms apart with `slack` each, fired at their deadlines.
+    fn log(n: u64, slack: u64) -> TimerLogSummary {
+        let text: String = (0..n)
+            .map(|i| {
+                let d = 1_000_000 * (i + 1);
+                format!(
+                    "{{\"owner\":{},\"id\":{i},\"flags\":\"movable\",\"armed_at_ns\":0,\"deadline_ns\":{d},\"slack_ns\":{slack},\"outcome\":\"fired\",\"at_ns\":{d},\"fired_on\":0,\"held\":false}}\n",
+                    i % 4
+                )
+            })
+            .collect();
+        crate::optimum::timer_log::summarize(text.as_bytes(), std::path::Path::new("t"))
+            .expect("sample log parses")
+    }
+
+    #[test]
+    fn each_run_is_set_against_its_own_optimum_without_the_vm_end_wakeups() {
+        let runs = vec![
+            // 10 timers 1 ms apart, no slack: optimum 10. local woke 12 + 4 at the end.
+            RunRecord {
+                policy: "local".into(),
+                round: 0,
+                stats: stats("local", &[4, 4, 4, 4], &[1, 1, 1, 1], 10),
+                timer_log: Some(log(10, 0)),
+            },
+            // pull, with 2.5 ms slack: windows [1, 3.5], [2, 4.5], ... ms: points at 3.5, 6.5, 9.5
+            // and 12.5 ms, optimum 4. It woke 4 + 2 at the end (two vCPUs ran at the VM's end).
+            RunRecord {
+                policy: "pull".into(),
+                round: 0,
+                stats: stats("pull", &[4, 2, 0, 0], &[1, 1, 0, 0], 10),
+                timer_log: Some(log(10, 2_500_000)),
+            },
+            RunRecord {
+                policy: "kvm-lapic".into(),
+                round: 0,
+                stats: stats("kvm-lapic", &[5, 5, 5, 5], &[0, 0, 0, 0], 10),
+                timer_log: None,
+            },
+        ];
+        let policies = ["local", "pull", "kvm-lapic"].map(String::from);
+        let sum = summarize(&policies, &runs);
+        assert_eq!(sum[0].host_wakeups.median, 16.0);
+        assert_eq!(sum[0].host_wakeups_less_end.median, 12.0);
+        assert_eq!(sum[0].optimum.unwrap().median, 10.0);
+        assert_eq!(sum[0].wakeups_per_optimum.unwrap().median, 1.2);
+        assert_eq!(sum[1].host_wakeups_less_end.median, 4.0);
+        assert_eq!(sum[1].optimum.unwrap().median, 4.0);
+        assert_eq!(sum[1].wakeups_per_optimum.unwrap().median, 1.0);
+        assert!(sum[2].optimum.is_none() && sum[2].wakeups_per_optimum.is_none());
+        assert_eq!(sum[2].host_wakeups_less_end.median, 20.0);
+        let over = optimum_over_runs(&runs).unwrap();
+        assert_eq!((over.min, over.max), (4.0, 10.0));
+
+        let cmp = Comparison {
+            config: quietvm_vmm::config::VmConfig::default(),
+            repeat: 1,
+            runs: runs.clone(),
+            summary: sum,
+            cross_check: cross_check(&runs),
+            optimum: Some(over),
+        };
+        let text = render(&cmp);
+        assert!(text.contains("\noptimum "), "{text}");
+        assert!(
+            text.contains(
+                "pull: host wakeups less the VM-end ones 4 = 1.00x the optimum of its own runs (4)"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("kvm-lapic: host wakeups less"), "{text}");
+    }
+
+    #[test]
+    fn without_timer_logs_there_is_no_optimum_row() {
+        let runs = vec![RunRecord {
+            policy: "pull".into(),
+            round: 0,
+            stats: stats("pull", &[2], &[1], 1),
+            timer_log: None,
+        }];
+        assert!(optimum_over_runs(&runs).is_none());
+        let sum = summarize(&["pull".to_string()], &runs);
+        assert!(sum[0].optimum.is_none());
     }
 
     #[test]

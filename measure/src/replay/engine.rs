@@ -25,6 +25,23 @@
 //! else other CPUs' timers (as migrator or last idle CPU). Policy-made wakeups that expired
 //! nothing (a kick, a stale wake time) are counted as `other_wakeups`.
 //!
+//! **Windows** (`--windows wheel`): the kernel's wheel already coalesces: it files a timer due at
+//! jiffy `expires` in a bucket that expires at `bucket_expiry` (up to 12.5 % of the timeout later
+//! on the coarser levels), so the timer's contract tolerates any time in between. With windows,
+//! each non-deferrable arming goes to the service with its deadline at the start of `expires` and
+//! its slack up to the start of `bucket_expiry` (docs/replay.md); without (the default), with its
+//! deadline at `bucket_expiry` and no slack, as before. Deferrable timers stay as they are (they
+//! never wake anyone). The trace's hrtimers are not replayed at all (the parser skips their events):
+//! they are per-CPU in the kernel, not part of its hierarchy, and would keep slack 0.
+//!
+//! **The optimum** ([`crate::optimum`]): the fewest idle-CPU wakeups that could have served every
+//! non-deferrable arming this policy fired inside its window, given when the trace's CPUs run
+//! anyway: a movable window that meets any CPU's running span (outside its trace idle spans) needs
+//! no wakeup, nor a pinned one that meets its own CPU's; the rest is interval stabbing (movable
+//! ones machine-wide, pinned ones per CPU). The policy's wakeups it made itself
+//! (`timer_wakeups_policy_made`) are set against it: a window none of the trace's running spans
+//! meets can only be served by a policy-made wakeup (or after the window's end).
+//!
 //! Checked on every expiry: a timer fires with the deadline it was armed with and not before it,
 //! not after a cancel or a re-arm, and a pinned one only on the CPU whose wheel it was queued on;
 //! at the end no non-deferrable arming is still pending more than [`MISS_GRACE_NS`] plus the wake
@@ -42,6 +59,7 @@ use tmigr::service::{
 };
 
 use super::timeline::{Op, OpKind, Timeline};
+use crate::optimum::{BusySpans, Optimum, OptimumBuilder};
 use crate::simulate::MISS_GRACE_NS;
 use quietvm_vmm::accounting::{ExpiryCounts, Lateness, LatenessRecorder, WakeupCause};
 
@@ -52,6 +70,26 @@ pub struct Costs {
     pub wake_latency_ns: u64,
     /// From a running CPU's `next_event` (or kick) to its `expire`.
     pub exit_cost_ns: u64,
+}
+
+/// Which window each arming gets (`quietvm replay --windows`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Windows {
+    /// Deadline at the wheel's bucket, no slack (what the replay always did).
+    #[default]
+    None,
+    /// `[expires, bucket_expiry]`: the window the wheel's rounding grants (module docs).
+    Wheel,
+}
+
+impl Windows {
+    pub fn name(self) -> &'static str {
+        match self {
+            Windows::None => "none",
+            Windows::Wheel => "wheel",
+        }
+    }
 }
 
 /// Correctness checks (all must be 0 / "ok").
@@ -94,9 +132,11 @@ impl Checks {
 }
 
 /// What one policy did with the trace.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct PolicyFigures {
     pub policy: String,
+    /// The windows the armings had.
+    pub windows: Windows,
     /// Idle CPUs' wakeups for timers (policy-made or at a trace exit, see the module docs).
     pub timer_wakeups: u64,
     pub timer_wakeups_own_pinned: u64,
@@ -131,6 +171,23 @@ pub struct PolicyFigures {
     pub checks: Checks,
     /// Steps the replay took.
     pub steps: u64,
+    /// Non-deferrable timers fired after the end of their window (the deadline without windows):
+    /// the wake latency, the exit cost, or the policy's delay (counted, not a failure).
+    pub after_window: u64,
+    /// The fewest idle-CPU wakeups that could have served what this run fired (module docs).
+    pub optimum: Optimum,
+    /// `timer_wakeups_policy_made / optimum.total` (`null` if the optimum is 0).
+    pub policy_made_per_optimum: Option<f64>,
+}
+
+impl PolicyFigures {
+    /// The column heading: the policy, and `+wheel` with windows.
+    pub fn label(&self) -> String {
+        match self.windows {
+            Windows::None => self.policy.clone(),
+            Windows::Wheel => format!("{}+wheel", self.policy),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +195,7 @@ enum Arming {
     Idle,
     Pending {
         deadline: u64,
+        slack: u64,
         armed_by: CpuId,
         base: CpuId,
         kind: TimerKind,
@@ -173,6 +231,8 @@ struct Engine<'a> {
     expired: Vec<Expired>,
     kick_buf: Vec<CpuId>,
     fig: PolicyFigures,
+    windows: Windows,
+    optimum: OptimumBuilder,
     late: LatenessRecorder,
     def_late: LatenessRecorder,
 }
@@ -192,7 +252,19 @@ pub enum EngineError {
 }
 
 pub fn replay(tl: &Timeline, policy: Policy, costs: Costs) -> Result<PolicyFigures, EngineError> {
+    replay_with(tl, policy, costs, Windows::None)
+}
+
+/// Replays `tl` under `policy` with the given windows.
+pub fn replay_with(
+    tl: &Timeline,
+    policy: Policy,
+    costs: Costs,
+    windows: Windows,
+) -> Result<PolicyFigures, EngineError> {
     let mut e = Engine::new(tl, policy, costs);
+    e.windows = windows;
+    e.fig.windows = windows;
     e.run()?;
     Ok(e.finish())
 }
@@ -229,6 +301,8 @@ impl<'a> Engine<'a> {
                 policy: policy.to_string(),
                 ..PolicyFigures::default()
             },
+            windows: Windows::None,
+            optimum: OptimumBuilder::new(),
             late: LatenessRecorder::new(),
             def_late: LatenessRecorder::new(),
         }
@@ -335,10 +409,15 @@ impl<'a> Engine<'a> {
                 id,
                 base,
                 deadline,
+                earliest,
                 kind,
                 deferrable,
             } => {
-                self.arm(c, id, base, deadline, kind, deferrable);
+                let window = match self.windows {
+                    Windows::Wheel => (earliest.min(deadline), deadline),
+                    Windows::None => (deadline, deadline),
+                };
+                self.arm(c, id, base, window, kind, deferrable);
                 self.deliver_kicks(c);
             }
             OpKind::Cancel { id } => {
@@ -434,6 +513,7 @@ impl<'a> Engine<'a> {
             found.count(c, e);
             let Arming::Pending {
                 deadline,
+                slack,
                 armed_by,
                 base,
                 kind,
@@ -442,12 +522,15 @@ impl<'a> Engine<'a> {
                 self.fig.checks.bogus += 1;
                 continue;
             };
-            if deadline != e.deadline {
+            if deadline != e.deadline || slack != e.slack {
                 self.fig.checks.bogus += 1;
                 continue;
             }
             self.armings[e.id as usize] = Arming::Idle;
             self.fig.expired += 1;
+            self.fig.after_window += (self.now > deadline.saturating_add(slack)) as u64;
+            self.optimum
+                .add(base, kind == TimerKind::Pinned, deadline, slack);
             if self.now < deadline {
                 self.fig.checks.early += 1;
             }
@@ -508,23 +591,26 @@ impl<'a> Engine<'a> {
         actor: CpuId,
         id: TimerId,
         base: CpuId,
-        deadline: u64,
+        (earliest, deadline): (u64, u64),
         kind: TimerKind,
         deferrable: bool,
     ) {
         // The kernel fires a timer armed in the past at its next tick; the service wants a
         // deadline in the future.
-        let deadline = deadline.max(self.now + 1);
+        let end = deadline.max(self.now + 1);
+        let deadline = earliest.max(self.now + 1);
+        let slack = end - deadline;
         let prev = self.armings[id as usize];
         let was_pending = !matches!(prev, Arming::Idle);
         if was_pending {
             self.fig.replaced += 1;
         }
         if deferrable {
+            // Deferrable timers keep the wheel's bucket: they never wake anyone anyway.
             self.withdraw(id);
-            self.cpus[base as usize].deferred.insert((deadline, id));
+            self.cpus[base as usize].deferred.insert((end, id));
             self.armings[id as usize] = Arming::Deferred {
-                deadline,
+                deadline: end,
                 armed_by: actor,
                 base,
             };
@@ -541,12 +627,13 @@ impl<'a> Engine<'a> {
         {
             self.cpus[b as usize].deferred.remove(&(d, id));
         }
-        let was = self.svc.arm(base, id, deadline, 0, kind);
+        let was = self.svc.arm(base, id, deadline, slack, kind);
         if was != matches!(prev, Arming::Pending { .. }) {
             self.fig.checks.api_mismatches += 1;
         }
         self.armings[id as usize] = Arming::Pending {
             deadline,
+            slack,
             armed_by: actor,
             base,
             kind,
@@ -596,7 +683,9 @@ impl<'a> Engine<'a> {
         let end = self.tl.end;
         for a in &self.armings {
             match *a {
-                Arming::Pending { deadline, .. } if deadline.saturating_add(grace) < end => {
+                Arming::Pending {
+                    deadline, slack, ..
+                } if deadline.saturating_add(slack).saturating_add(grace) < end => {
                     self.fig.checks.missed += 1;
                 }
                 Arming::Deferred { .. } => self.fig.deferrable_pending_at_end += 1,
@@ -615,6 +704,41 @@ impl<'a> Engine<'a> {
         self.fig.svc_push_remote_placements = s.push_remote_placements;
         self.fig.remote_cpu_handled = s.hierarchy.remote_cpu_handled;
         self.fig.remote_backoffs = s.hierarchy.remote_backoffs;
+        let optimum = mem::take(&mut self.optimum).finish_with_busy(&busy_spans(self.tl));
+        self.fig.policy_made_per_optimum = (optimum.total > 0)
+            .then(|| self.fig.timer_wakeups_policy_made as f64 / optimum.total as f64);
+        self.fig.optimum = optimum;
         self.fig
     }
+}
+
+/// When each CPU of the trace runs: outside its idle spans (an idle exit ended early by an
+/// interrupt in idle counts from that event, as the timeline puts it), from 0 to the trace's end.
+pub fn busy_spans(tl: &Timeline) -> BusySpans {
+    let n = tl.cpus as usize;
+    let mut per_cpu: Vec<Vec<(u64, u64)>> = vec![Vec::new(); n];
+    // The start of each CPU's current running span, if it runs.
+    let mut since: Vec<Option<u64>> = (0..n)
+        .map(|c| (!tl.initially_idle[c]).then_some(0))
+        .collect();
+    for op in &tl.ops {
+        let c = op.cpu as usize;
+        match op.kind {
+            OpKind::IdleEnter => {
+                if let Some(from) = since[c].take() {
+                    per_cpu[c].push((from, op.t));
+                }
+            }
+            OpKind::IdleExit { .. } => {
+                since[c].get_or_insert(op.t);
+            }
+            _ => {}
+        }
+    }
+    for (c, s) in since.into_iter().enumerate() {
+        if let Some(from) = s {
+            per_cpu[c].push((from, tl.end.max(from)));
+        }
+    }
+    BusySpans { per_cpu }
 }

@@ -73,6 +73,7 @@ pub fn encode(tl: &Timeline) -> Result<Vec<u8>, String> {
                 deadline,
                 kind,
                 deferrable,
+                ..
             } => {
                 let after = deadline.saturating_sub(op.t).div_ceil(1_000).max(1);
                 let mut flags = 0;

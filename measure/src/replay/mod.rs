@@ -31,6 +31,7 @@ use std::process::ExitCode;
 use serde::Serialize;
 use tmigr::service::Policy;
 
+pub use engine::Windows;
 use engine::{Costs, PolicyFigures};
 use timeline::{ArmingCounts, HzInfo, KernelFigures, Timeline};
 
@@ -50,6 +51,10 @@ pub struct ReplayArgs {
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Timer windows: `none` (deadline at the wheel's bucket, no slack), `wheel` (each timer may
+    /// fire from its `expires` to its `bucket_expiry`), or `both` (every policy twice, side by side).
+    #[arg(long, value_enum, default_value = "none")]
+    pub windows: WindowsArg,
     /// The kernel's tick rate (CONFIG_HZ); inferred from the trace when not given.
     #[arg(long)]
     pub hz: Option<u32>,
@@ -63,6 +68,25 @@ pub struct ReplayArgs {
     /// (the VM config's `payload`; docs/replay.md).
     #[arg(long)]
     pub guest_out: Option<PathBuf>,
+}
+
+/// `--windows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WindowsArg {
+    None,
+    Wheel,
+    Both,
+}
+
+impl WindowsArg {
+    /// The replays to run for each policy, in column order.
+    pub fn each(self) -> &'static [Windows] {
+        match self {
+            WindowsArg::None => &[Windows::None],
+            WindowsArg::Wheel => &[Windows::Wheel],
+            WindowsArg::Both => &[Windows::None, Windows::Wheel],
+        }
+    }
 }
 
 /// Record this machine's timer activity for `quietvm replay` (root; uses a tracefs instance of
@@ -151,16 +175,19 @@ pub enum LoadError {
     },
 }
 
-/// Replays a loaded trace under `policies`.
+/// Replays a loaded trace under `policies`, each with every one of `windows`.
 pub fn run(
     trace: &str,
     tl: &Timeline,
     policies: &[Policy],
     costs: Costs,
+    windows: &[Windows],
 ) -> Result<ReplayReport, engine::EngineError> {
     let mut figs = Vec::new();
     for &p in policies {
-        figs.push(engine::replay(tl, p, costs)?);
+        for &w in windows {
+            figs.push(engine::replay_with(tl, p, costs, w)?);
+        }
     }
     Ok(ReplayReport {
         trace: trace.to_string(),
@@ -233,14 +260,14 @@ impl ReplayReport {
         );
         let _ = write!(s, "\n{:<44}", "");
         for p in &self.policies {
-            let _ = write!(s, "{:>14}", p.policy);
+            let _ = write!(s, " {:>13}", p.label());
         }
         let _ = writeln!(s, " {:>13}", "kernel");
         let k = &self.kernel;
         let row = |s: &mut String, name: &str, f: &dyn Fn(&PolicyFigures) -> String, kv: String| {
             let _ = write!(s, "{name:<44}");
             for p in &self.policies {
-                let _ = write!(s, "{:>14}", f(p));
+                let _ = write!(s, " {:>13}", f(p));
             }
             let _ = writeln!(s, " {kv:>13}");
         };
@@ -342,6 +369,27 @@ impl ReplayReport {
         );
         row(
             &mut s,
+            "fired after their window",
+            &|p| p.after_window.to_string(),
+            "-".to_string(),
+        );
+        row(
+            &mut s,
+            "optimum: fewest idle-CPU wakeups (**)",
+            &|p| p.optimum.total.to_string(),
+            "-".to_string(),
+        );
+        row(
+            &mut s,
+            "  policy-made timer wakeups / optimum",
+            &|p| {
+                p.policy_made_per_optimum
+                    .map_or("-".to_string(), |r| format!("{r:.3}"))
+            },
+            "-".to_string(),
+        );
+        row(
+            &mut s,
             "checks",
             &|p| {
                 if p.checks.failures().is_empty() {
@@ -357,6 +405,11 @@ impl ReplayReport {
             "(*) kernel: tmigr_handle_remote_cpu events (also those that found nothing due); \
              tmigr_cpu_idle {}, tmigr_cpu_active {}, tick_stop {}",
             k.tmigr_cpu_idle, k.tmigr_cpu_active, k.tick_stops
+        );
+        let _ = writeln!(
+            s,
+            "(**) serving every timer the column fired inside its window, timers whose window meets \
+             a span the trace runs a CPU that may expire them needing none (docs/replay.md)"
         );
         let _ = writeln!(
             s,
@@ -408,7 +461,13 @@ pub fn main(args: ReplayArgs) -> ExitCode {
             return usage(cmd, format!("cannot write {}: {e}", path.display()));
         }
     }
-    let report = match run(&args.trace.display().to_string(), &tl, &policies, costs) {
+    let report = match run(
+        &args.trace.display().to_string(),
+        &tl,
+        &policies,
+        costs,
+        args.windows.each(),
+    ) {
         Ok(r) => r,
         Err(e) => return usage(cmd, e),
     };

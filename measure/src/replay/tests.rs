@@ -2,7 +2,7 @@
 
 use tmigr::service::{Policy, TimerKind};
 
-use super::engine::{replay, Costs, PolicyFigures};
+use super::engine::{busy_spans, replay, replay_with, Costs, PolicyFigures, Windows};
 use super::guest;
 use super::parse::{parse_line, parse_trace, Ev, Line, TimerFlags};
 use super::timeline::{build, OpKind, Timeline, TICK_SLACK_NS};
@@ -537,4 +537,70 @@ fn finding_7_a_dense_trace_reports_no_false_misses() {
         let f = run(&tl, p);
         assert_eq!(f.checks.missed, 0, "{p}: {:?}", f.checks);
     }
+}
+
+/// `timer_start` at `ns` on `cpu`: due `ticks` jiffies later, in a bucket `bucket` jiffies later.
+fn start_in_bucket(ns: u64, cpu: u32, timer: u64, ticks: u64, bucket: u64) -> String {
+    let now = jiffy(ns);
+    format!(
+        "     task-1     [{cpu:03}] d..1. {}: timer_start: timer={timer:016x} function=f \
+         expires={} [timeout={ticks}] bucket_expiry={} cpu={cpu} idx=1 flags=",
+        ts(ns),
+        now + ticks,
+        now + bucket
+    )
+}
+
+/// Both CPUs idle from the start; two movable timers whose wheel windows overlap
+/// (`[10, 16]` and `[12, 14]` jiffies) but whose buckets differ.
+fn overlapping_buckets() -> Timeline {
+    timeline(&[
+        start_in_bucket(0, 0, 0xa, 10, 16),
+        start_in_bucket(1_000, 1, 0xb, 12, 14),
+        idle(2_000, 0, true),
+        idle(3_000, 1, true),
+        idle(200 * MS, 0, false),
+    ])
+}
+
+#[test]
+fn wheel_windows_let_one_wakeup_serve_overlapping_buckets() {
+    let tl = overlapping_buckets();
+    let run_w = |p, w| {
+        let f = replay_with(&tl, p, COSTS, w).expect("replays");
+        assert!(f.checks.failures().is_empty(), "{p} {w:?}: {:?}", f.checks);
+        assert_eq!(f.expired, 2);
+        assert_eq!(f.windows, w);
+        f
+    };
+    let pull = run_w(Policy::Pull, Windows::None);
+    let pull_w = run_w(Policy::Pull, Windows::Wheel);
+    // Without windows the deadlines are the buckets, 14 and 16: two wakeups, and the optimum is 2.
+    assert_eq!(pull.timer_wakeups_policy_made, 2, "{pull:?}");
+    assert_eq!((pull.optimum.total, pull.optimum.movable), (2, 2));
+    // With them, one wakeup at the earliest window end (14) expires both.
+    assert_eq!(pull_w.timer_wakeups_policy_made, 1, "{pull_w:?}");
+    assert_eq!(pull_w.optimum.total, 1);
+    assert_eq!(pull_w.policy_made_per_optimum, Some(1.0));
+    // Local wakes each CPU for its own timer either way.
+    let local_w = run_w(Policy::Local, Windows::Wheel);
+    assert_eq!(local_w.timer_wakeups_policy_made, 2);
+    assert!(local_w.optimum.total <= local_w.timer_wakeups_policy_made);
+    // The default replay is the no-window one.
+    assert_eq!(replay(&tl, Policy::Pull, COSTS).unwrap(), pull);
+}
+
+#[test]
+fn busy_spans_are_the_time_outside_idle_spans() {
+    let tl = overlapping_buckets();
+    let b = busy_spans(&tl);
+    assert_eq!(b.per_cpu.len(), 2);
+    // CPU 0: runs until it idles at 2 us (its first idle event is an entry), again from 200 ms.
+    assert_eq!(b.per_cpu[0], vec![(0, 2_000), (200 * MS, 200 * MS)]);
+    assert_eq!(b.per_cpu[1], vec![(0, 3_000)]);
+    // A timer of CPU 1 due while CPU 0 runs needs no wakeup: one_busy's CPU 0 runs throughout.
+    let tl = one_busy("");
+    let pull = run(&tl, Policy::Pull);
+    assert_eq!(pull.optimum.total, 0, "{pull:?}");
+    assert_eq!(pull.optimum.served_while_running, pull.expired);
 }

@@ -80,7 +80,12 @@ pub enum OpKind {
     Arm {
         id: TimerId,
         base: CpuId,
+        /// When the wheel fires it: the start of its `bucket_expiry` jiffy (module docs).
         deadline: u64,
+        /// The start of its `expires` jiffy, the same way (`deadline` if the trace's bucket is
+        /// before `expires`): the earliest its contract lets it fire. `[earliest, deadline]` is the
+        /// window the wheel's rounding already grants it (`quietvm replay --windows wheel`).
+        earliest: u64,
         kind: TimerKind,
         deferrable: bool,
     },
@@ -491,6 +496,7 @@ pub fn build(parsed: &ParsedTrace, hz: Option<u32>) -> Result<Timeline> {
             }
             Ev::TimerStart {
                 timer,
+                expires,
                 bucket_expiry,
                 base_cpu,
                 flags,
@@ -506,6 +512,11 @@ pub fn build(parsed: &ParsedTrace, hz: Option<u32>) -> Result<Timeline> {
                     ));
                 }
                 let deadline = g.deadline(bucket_expiry);
+                let earliest = if bucket_expiry >= expires {
+                    g.deadline(expires)
+                } else {
+                    deadline
+                };
                 let kind = if flags.pinned {
                     TimerKind::Pinned
                 } else {
@@ -532,6 +543,7 @@ pub fn build(parsed: &ParsedTrace, hz: Option<u32>) -> Result<Timeline> {
                         id,
                         base: base_cpu,
                         deadline,
+                        earliest,
                         kind,
                         deferrable: flags.deferrable,
                     },

@@ -45,6 +45,16 @@ pub struct SimulateArgs {
     /// expire another vCPU's timer; checked.
     #[arg(long, value_name = "LIST")]
     pub isolated_vcpus: Option<String>,
+    /// Each arming's slack in percent of its period (periodic timers) or timeout: it may fire
+    /// anywhere in `[deadline, deadline + slack]` (0..=100; 0: exact deadlines).
+    #[arg(long, default_value_t = 0)]
+    pub slack_pct: u32,
+    /// Periodic timers (one-busy, all-idle, mostly-busy): shortest period, in us.
+    #[arg(long, default_value_t = 1_000)]
+    pub period_min_us: u64,
+    /// Periodic timers: longest period, in us (periods are drawn from [min, max)).
+    #[arg(long, default_value_t = 10_000)]
+    pub period_max_us: u64,
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -92,6 +102,11 @@ impl SimulateArgs {
         cfg.wake_latency_ns = micros("--wake-latency-us", self.wake_latency_us)?;
         cfg.exit_cost_ns = micros("--exit-cost-us", self.exit_cost_us)?;
         cfg.progress = !self.quiet;
+        cfg.slack_pct = self.slack_pct;
+        cfg.periods_ns = (
+            self.period_min_us.saturating_mul(1_000),
+            self.period_max_us.saturating_mul(1_000),
+        );
         if let Some(list) = &self.isolated_vcpus {
             cfg.isolated = quietvm_vmm::config::parse_cpu_list(list, super::MAX_VCPUS)
                 .map_err(SimError::IsolatedList)?;

@@ -69,6 +69,7 @@ pub use cli::{main, SimulateArgs};
 use report::{HierarchyFigures, PolicyReport, ServiceFigures, SimReport, TimerFigures};
 use workloads::{Action, Workload, WorkloadKind};
 
+use crate::optimum::OptimumBuilder;
 use quietvm_vmm::accounting::{
     classify_wakeup, ExpiryCounts, KickReasons, LatenessRecorder, WakeupCause,
 };
@@ -81,6 +82,10 @@ const MAX_DURATION_S: u64 = MAX_DURATION_NS / 1_000_000_000;
 pub const MAX_TIMERS_PER_VCPU: u32 = 64;
 /// Longest simulated run.
 pub const MAX_DURATION_NS: u64 = 3_600 * 1_000_000_000;
+/// Largest `--slack-pct`: a window as long as the period.
+pub const MAX_SLACK_PCT: u32 = 100;
+/// Longest period of a periodic timer (`--period-max-us`).
+pub const MAX_PERIOD_NS: u64 = 60 * 1_000_000_000;
 /// Largest wake latency or exit cost.
 pub const MAX_COST_NS: u64 = 1_000_000_000;
 /// An arming still pending this long (plus wake latency and exit cost) after its deadline at the end
@@ -108,6 +113,11 @@ pub struct SimConfig {
     /// vCPUs kept out of the hierarchy (tmigr's `ServiceConfig::isolated`): they never expire
     /// another vCPU's timer.
     pub isolated: Vec<CpuId>,
+    /// Each arming's slack, in percent of its period or timeout (0: exact deadlines): the timer may
+    /// fire anywhere in `[deadline, deadline + slack]`.
+    pub slack_pct: u32,
+    /// The periodic workloads' periods are drawn from `[min, max)` (default 1-10 ms).
+    pub periods_ns: (u64, u64),
 }
 
 impl SimConfig {
@@ -125,6 +135,8 @@ impl SimConfig {
             check_every: 0,
             progress: false,
             isolated: Vec::new(),
+            slack_pct: 0,
+            periods_ns: (workloads::PERIOD_MIN, workloads::PERIOD_MAX),
         }
     }
 
@@ -150,6 +162,13 @@ impl SimConfig {
         if let Some(&c) = self.isolated.iter().find(|&&c| c >= self.vcpus) {
             return Err(SimError::Isolated(c, self.vcpus));
         }
+        if self.slack_pct > MAX_SLACK_PCT {
+            return Err(SimError::SlackPct(self.slack_pct));
+        }
+        let (lo, hi) = self.periods_ns;
+        if lo == 0 || lo >= hi || hi > MAX_PERIOD_NS {
+            return Err(SimError::Periods);
+        }
         Ok(())
     }
 }
@@ -169,6 +188,12 @@ pub enum SimError {
     },
     #[error("--wake-latency-us and --exit-cost-us must be at most 1 s")]
     Costs,
+    #[error(
+        "--period-min-us must be above 0 and below --period-max-us, which must be at most 60 s"
+    )]
+    Periods,
+    #[error("--slack-pct must be 0..={MAX_SLACK_PCT}, not {0}")]
+    SlackPct(u32),
     #[error("isolated vCPU {0} does not exist (the simulation has {1})")]
     Isolated(CpuId, u32),
     #[error("--isolated-vcpus: {0}")]
@@ -211,6 +236,8 @@ pub fn simulate(cfg: &SimConfig, policies: &[Policy]) -> Result<(SimReport, Vec<
         timers_per_vcpu: cfg.timers_per_vcpu,
         wake_latency_ns: cfg.wake_latency_ns,
         exit_cost_ns: cfg.exit_cost_ns,
+        slack_pct: cfg.slack_pct,
+        periods_ns: cfg.periods_ns,
         policies: Vec::new(),
         ratios_vs_local: Vec::new(),
     };
@@ -296,12 +323,14 @@ enum Arming {
     /// Queued in the service.
     Pending {
         deadline: u64,
+        slack: u64,
         armed_by: CpuId,
     },
     /// Returned by `expire`, its callback not run yet (a callback before it in the same batch may
     /// still cancel or re-arm it, which withdraws the delivery, as the device does).
     Delivered {
         deadline: u64,
+        slack: u64,
         armed_by: CpuId,
     },
 }
@@ -333,6 +362,8 @@ struct Engine<'a> {
     // Figures.
     wakeups: [u64; WakeupCause::ALL.len()],
     timers: TimerFigures,
+    /// Every fired arming's window, for the optimum.
+    optimum: OptimumBuilder,
     lateness: LatenessRecorder,
     last_expiry_instant: u64,
     guest_exits: u64,
@@ -346,7 +377,9 @@ struct Engine<'a> {
 
 impl<'a> Engine<'a> {
     fn new(cfg: &'a SimConfig, policy: Policy) -> Self {
-        let wl = Workload::new(cfg.workload, cfg.vcpus, cfg.timers_per_vcpu, cfg.seed);
+        let (lo, hi) = cfg.periods_ns;
+        let wl = Workload::new(cfg.workload, cfg.vcpus, cfg.timers_per_vcpu, cfg.seed)
+            .with_periods(lo, hi);
         let svc = TimerService::new(
             ServiceConfig {
                 policy,
@@ -385,6 +418,7 @@ impl<'a> Engine<'a> {
             kick_buf: Vec::new(),
             wakeups: [0; WakeupCause::ALL.len()],
             timers: TimerFigures::default(),
+            optimum: OptimumBuilder::new(),
             lateness: LatenessRecorder::new(),
             last_expiry_instant: KTIME_MAX,
             guest_exits: 0,
@@ -687,8 +721,16 @@ impl<'a> Engine<'a> {
             out.found.count(cpu, e);
             // Every returned timer must be pending with that deadline.
             match self.armings[e.id as usize] {
-                Arming::Pending { deadline, armed_by } if deadline == e.deadline => {
-                    self.armings[e.id as usize] = Arming::Delivered { deadline, armed_by };
+                Arming::Pending {
+                    deadline,
+                    slack,
+                    armed_by,
+                } if deadline == e.deadline && slack == e.slack => {
+                    self.armings[e.id as usize] = Arming::Delivered {
+                        deadline,
+                        slack,
+                        armed_by,
+                    };
                 }
                 _ => self.timers.bogus += 1,
             }
@@ -713,7 +755,12 @@ impl<'a> Engine<'a> {
         let mut ran = 0;
         let mut actions = mem::take(&mut self.actions);
         for e in expired {
-            let Arming::Delivered { deadline, armed_by } = self.armings[e.id as usize] else {
+            let Arming::Delivered {
+                deadline,
+                slack,
+                armed_by,
+            } = self.armings[e.id as usize]
+            else {
                 continue; // withdrawn by an earlier callback of this batch (or bogus)
             };
             if deadline != e.deadline {
@@ -721,7 +768,12 @@ impl<'a> Engine<'a> {
             }
             self.armings[e.id as usize] = Arming::Idle;
             self.timers.fired += 1;
+            self.optimum
+                .add(e.owner, e.kind == TimerKind::Pinned, deadline, slack);
             ran += 1;
+            if self.now > deadline.saturating_add(slack) {
+                self.timers.after_window += 1;
+            }
             if self.now < deadline {
                 self.timers.early += 1;
                 self.lateness.record(0);
@@ -769,7 +821,12 @@ impl<'a> Engine<'a> {
         let mut busy = None;
         for a in actions.drain(..) {
             match a {
-                Action::Arm { id, deadline, kind } => self.arm(cpu, id, deadline, kind),
+                Action::Arm {
+                    id,
+                    deadline,
+                    kind,
+                    span,
+                } => self.arm(cpu, id, deadline, kind, span),
                 Action::Cancel { id } => self.cancel(id),
                 Action::Busy { until } => busy = busy.max(Some(until)),
                 Action::Post { to, msg } => {
@@ -783,10 +840,12 @@ impl<'a> Engine<'a> {
         busy
     }
 
-    fn arm(&mut self, cpu: CpuId, id: TimerId, deadline: u64, kind: TimerKind) {
+    fn arm(&mut self, cpu: CpuId, id: TimerId, deadline: u64, kind: TimerKind, span: u64) {
         // The device refuses a deadline not in the future; the workloads never ask for one.
         let deadline = deadline.max(self.now + 1);
-        let was = self.svc.arm(cpu, id, deadline, 0, kind);
+        let span = if span == 0 { deadline - self.now } else { span };
+        let slack = span.saturating_mul(u64::from(self.cfg.slack_pct)) / 100;
+        let was = self.svc.arm(cpu, id, deadline, slack, kind);
         let expected = match self.armings[id as usize] {
             Arming::Pending { .. } => {
                 self.timers.replaced += 1;
@@ -804,6 +863,7 @@ impl<'a> Engine<'a> {
         self.timers.armed += 1;
         self.armings[id as usize] = Arming::Pending {
             deadline,
+            slack,
             armed_by: cpu,
         };
     }
@@ -864,8 +924,8 @@ impl<'a> Engine<'a> {
             .armings
             .iter()
             .filter(|a| {
-                matches!(a, Arming::Pending { deadline, .. } | Arming::Delivered { deadline, .. }
-                    if deadline.saturating_add(grace) < self.end)
+                matches!(a, Arming::Pending { deadline, slack, .. } | Arming::Delivered { deadline, slack, .. }
+                    if deadline.saturating_add(*slack).saturating_add(grace) < self.end)
             })
             .count() as u64;
         self.timers.lateness_ns = self.lateness.summary();
@@ -882,9 +942,13 @@ impl<'a> Engine<'a> {
             .collect();
         let movable = self.wakeups[WakeupCause::OwnMovableTimer.index()]
             + self.wakeups[WakeupCause::RemoteMovableTimer.index()];
+        let wakeups: u64 = self.wakeups.iter().sum();
+        let optimum = mem::take(&mut self.optimum).finish();
         PolicyReport {
             policy: self.policy.to_string(),
-            wakeups: self.wakeups.iter().sum(),
+            wakeups,
+            wakeups_per_optimum: (optimum.total > 0).then(|| wakeups as f64 / optimum.total as f64),
+            optimum,
             movable_wakeups: movable,
             wakeup_causes: causes,
             guest_exits: self.guest_exits,

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::optimum::Optimum;
+
 pub use quietvm_vmm::accounting::Lateness;
 
 /// Timer figures from the simulator's own record of every arming (not the service's counters).
@@ -34,6 +36,9 @@ pub struct TimerFigures {
     pub api_mismatches: u64,
     /// Periods the periodic workloads skipped because the next deadline had already passed.
     pub skipped_periods: u64,
+    /// Fired after the end of their window (`deadline + slack`): the wake latency or exit cost, or
+    /// a policy's delay (counted, not a failure).
+    pub after_window: u64,
     /// Distinct instants at which at least one timer expired.
     pub expiry_instants: u64,
     pub lateness_ns: Lateness,
@@ -69,7 +74,7 @@ pub struct HierarchyFigures {
 }
 
 /// One policy's run.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PolicyReport {
     pub policy: String,
     /// Sleeps of halted vCPUs that ended before the end of the run (host wakeups).
@@ -89,6 +94,11 @@ pub struct PolicyReport {
     pub invariants: String,
     /// Simulation events processed.
     pub events: u64,
+    /// The fewest wakeups that could have served every arming this run fired inside its window
+    /// (crate::optimum; as if every vCPU were idle).
+    pub optimum: Optimum,
+    /// `wakeups / optimum.total` (`null` if the optimum is 0).
+    pub wakeups_per_optimum: Option<f64>,
 }
 
 impl PolicyReport {
@@ -136,6 +146,10 @@ pub struct SimReport {
     pub timers_per_vcpu: u32,
     pub wake_latency_ns: u64,
     pub exit_cost_ns: u64,
+    /// `--slack-pct`: each arming's slack in percent of its period or timeout.
+    pub slack_pct: u32,
+    /// The periodic timers' periods, `[min, max)` ns.
+    pub periods_ns: (u64, u64),
     pub policies: Vec<PolicyReport>,
     /// Each other policy against `local`, when `local` was run.
     pub ratios_vs_local: Vec<Ratio>,
@@ -169,7 +183,7 @@ impl SimReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "simulate: workload {}, {} vCPUs, {:.3} s simulated, seed {}, {} timers/vCPU, wake latency {:.1} us, exit cost {:.1} us",
+            "simulate: workload {}, {} vCPUs, {:.3} s simulated, seed {}, {} timers/vCPU, wake latency {:.1} us, exit cost {:.1} us, slack {}%, periods {}-{} us",
             self.workload,
             self.vcpus,
             self.duration_ns as f64 / 1e9,
@@ -177,6 +191,9 @@ impl SimReport {
             self.timers_per_vcpu,
             self.wake_latency_ns as f64 / 1e3,
             self.exit_cost_ns as f64 / 1e3,
+            self.slack_pct,
+            self.periods_ns.0 / 1_000,
+            self.periods_ns.1 / 1_000,
         );
         let _ = writeln!(
             s,
@@ -243,6 +260,25 @@ impl SimReport {
                 r.policy,
                 fmt_ratio(r.wakeups),
                 fmt_ratio(r.movable_wakeups)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "optimum: the fewest wakeups that could have served every timer each policy fired inside \
+             its window (all vCPUs idle; docs/performance.md):"
+        );
+        for p in &self.policies {
+            let o = &p.optimum;
+            let _ = writeln!(
+                s,
+                "  {:<6} optimum {} (movable {}, pinned {}; {} fired, {} after their window); wakeups / optimum {}",
+                p.policy,
+                o.total,
+                o.movable,
+                o.pinned,
+                o.armings,
+                p.timers.after_window,
+                p.wakeups_per_optimum.map_or("-".to_string(), |r| format!("{r:.3}"))
             );
         }
         s

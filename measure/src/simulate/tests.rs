@@ -137,3 +137,69 @@ fn bad_configurations_are_refused_with_one_line() {
         assert!(!e.to_string().contains('\n'));
     }
 }
+
+/// The all-idle sparse case of issue 12: 8 vCPUs, periods 10-100 ms.
+fn sparse(slack_pct: u32) -> SimConfig {
+    let mut c = cfg(8, WorkloadKind::AllIdle, 5_000);
+    c.periods_ns = (10_000_000, 100_000_000);
+    c.slack_pct = slack_pct;
+    c
+}
+
+#[test]
+fn with_slack_pull_wakes_less_and_nothing_fires_early() {
+    let exact = run(&sparse(0), Policy::Pull);
+    let slack = run(&sparse(25), Policy::Pull);
+    assert_correct(&exact);
+    assert_correct(&slack);
+    assert_eq!(slack.timers.early, 0);
+    assert!(
+        slack.wakeups <= exact.wakeups,
+        "slack {} exact {}",
+        slack.wakeups,
+        exact.wakeups
+    );
+    // Slack 0: every window is a point, so the optimum is the number of distinct deadlines, and
+    // windows only ever shrink it.
+    assert!(slack.optimum.total <= exact.optimum.total);
+    assert_eq!(exact.optimum.armings, exact.timers.fired);
+    assert_eq!(slack.optimum.pinned, 0, "all-idle arms movable timers only");
+}
+
+#[test]
+fn with_free_wakeups_no_policy_beats_the_optimum_and_pull_reaches_it() {
+    // With no wake latency and no exit cost every timer fires inside its window at a wakeup, so
+    // the wake instants stab every window: no policy can wake less than the optimum. Pull wakes
+    // at the earliest window end and expires everything due, the greedy itself.
+    for slack_pct in [0, 10, 25, 100] {
+        let mut c = sparse(slack_pct);
+        c.wake_latency_ns = 0;
+        c.exit_cost_ns = 0;
+        for p in [Policy::Local, Policy::Push, Policy::Pull] {
+            let r = run(&c, p);
+            assert_correct(&r);
+            assert_eq!(r.timers.after_window, 0, "{p} {slack_pct}%: {r:#?}");
+            assert!(
+                r.optimum.total <= r.wakeups,
+                "{p} {slack_pct}%: optimum {} wakeups {}",
+                r.optimum.total,
+                r.wakeups
+            );
+            if p == Policy::Pull {
+                assert_eq!(r.wakeups, r.optimum.total, "{slack_pct}%: {r:#?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn slack_is_a_share_of_the_period_and_bad_values_are_refused() {
+    let mut c = sparse(101);
+    assert!(matches!(c.validate(), Err(SimError::SlackPct(101))));
+    c.slack_pct = 100;
+    assert!(c.validate().is_ok());
+    c.periods_ns = (5, 5);
+    assert!(matches!(c.validate(), Err(SimError::Periods)));
+    c.periods_ns = (0, 5);
+    assert!(matches!(c.validate(), Err(SimError::Periods)));
+}

@@ -99,6 +99,9 @@ pub enum Action {
         id: TimerId,
         deadline: u64,
         kind: TimerKind,
+        /// The timer's period (periodic workloads), or 0 for its timeout (deadline minus now):
+        /// what `--slack-pct` is a share of.
+        span: u64,
     },
     /// Cancel a timer wherever it is pending.
     Cancel { id: TimerId },
@@ -131,9 +134,9 @@ pub struct Workload {
     pub skipped_periods: u64,
 }
 
-/// Periodic timers: 1-10 ms.
-const PERIOD_MIN: u64 = MS;
-const PERIOD_MAX: u64 = 10 * MS;
+/// Periodic timers: 1-10 ms unless [`Workload::with_periods`] says otherwise.
+pub const PERIOD_MIN: u64 = MS;
+pub const PERIOD_MAX: u64 = 10 * MS;
 /// mostly-busy: busy 1-5 ms, then halted 0.2-1 ms (on a pinned sleep timer).
 const BURST_MIN: u64 = MS;
 const BURST_MAX: u64 = 5 * MS;
@@ -166,6 +169,17 @@ impl Workload {
             }
         }
         w
+    }
+
+    /// The periodic timers' periods drawn from `[min, max)` instead (`min < max`, both above 0).
+    pub fn with_periods(mut self, min: u64, max: u64) -> Self {
+        if self.periodic() {
+            for id in 0..self.vcpus * self.per_cpu {
+                self.timers[id as usize].period =
+                    Rng::keyed(self.seed, u64::from(id), u64::MAX).range(min, max);
+            }
+        }
+        self
     }
 
     /// Timer ids the workload uses (`0..max_timers`).
@@ -226,6 +240,7 @@ impl Workload {
                             id,
                             deadline: now + period,
                             kind: TimerKind::Movable,
+                            span: period,
                         });
                     }
                 }
@@ -242,6 +257,7 @@ impl Workload {
                         id,
                         deadline: now + r.range(REARM_MIN, REARM_MAX),
                         kind: TimerKind::Movable,
+                        span: 0,
                     });
                 }
                 if cpu == 0 {
@@ -254,6 +270,7 @@ impl Workload {
                     id: cpu,
                     deadline: now + r.range(PING_MIN, PING_MAX),
                     kind: TimerKind::Movable,
+                    span: 0,
                 });
                 if cpu == 0 {
                     out.push(Action::Busy { until: KTIME_MAX });
@@ -286,10 +303,12 @@ impl Workload {
                     self.skipped_periods += 1;
                     next = now + t.period;
                 }
+                let span = t.period;
                 out.push(Action::Arm {
                     id,
                     deadline: next,
                     kind: TimerKind::Movable,
+                    span,
                 });
             }
             WorkloadKind::RearmHeavy => {
@@ -299,6 +318,7 @@ impl Workload {
                     id,
                     deadline: now + r.range(REARM_MIN, REARM_MAX),
                     kind: TimerKind::Movable,
+                    span: 0,
                 });
                 // Four distinct others of the set: re-arm two, cancel two.
                 let mut others: Vec<TimerId> =
@@ -311,6 +331,7 @@ impl Workload {
                             id: pick,
                             deadline: now + rp.range(REARM_MIN, REARM_MAX),
                             kind: TimerKind::Movable,
+                            span: 0,
                         });
                     } else {
                         out.push(Action::Cancel { id: pick });
@@ -335,6 +356,7 @@ impl Workload {
             id,
             deadline: now + r.range(PING_MIN, PING_MAX),
             kind: TimerKind::Movable,
+            span: 0,
         });
     }
 
@@ -358,6 +380,7 @@ impl Workload {
                 id: self.sleep_timer(cpu),
                 deadline: now + r.range(NAP_MIN, NAP_MAX),
                 kind: TimerKind::Pinned,
+                span: 0,
             });
         }
     }
