@@ -436,7 +436,9 @@ impl OwnProcFiles {
         }
     }
 
-    /// The calling thread's counters, from its open files (or from /proc by path if it has none).
+    /// The calling thread's counters, from its open files. A thread that could not open them (its
+    /// warning said why: at the descriptor limit, say) reads /proc by path, unless its seccomp filter
+    /// forbids opening files: then its counters stay 0 rather than the filter ending the VM.
     fn counters() -> ThreadCounters {
         use std::os::unix::fs::FileExt;
         let read = |f: &std::fs::File| {
@@ -451,7 +453,13 @@ impl OwnProcFiles {
                 let f = files.as_ref()?;
                 ThreadCounters::parse(&read(&f.status)?, &read(&f.schedstat)?)
             })
-            .unwrap_or_else(ThreadCounters::of_this_thread)
+            .unwrap_or_else(|| {
+                if crate::sys::seccomp::enabled() {
+                    ThreadCounters::default()
+                } else {
+                    ThreadCounters::of_this_thread()
+                }
+            })
     }
 }
 

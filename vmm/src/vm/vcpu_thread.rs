@@ -236,6 +236,9 @@ impl VcpuThread {
     /// The guest halted: sleep until something is due for this vCPU, then return to the guest.
     fn halt(&mut self) {
         self.set_state(VcpuRunState::Halted);
+        // Before it sleeps, as well as after: a vCPU may sleep for the VM's whole life, and a live
+        // `stats` should still show what it did up to its halt.
+        self.shared.publish(&self.stats);
         loop {
             if self.shared.stopping() || self.shared.paused() {
                 break;
