@@ -434,11 +434,12 @@ impl State {
     }
 }
 
-/// Fills the report page and hands its page number to quietvm (a 32-bit `out` to `report_port`).
-/// Called by the vCPU that ends the VM, just before it does.
-pub fn report() {
+/// Fills the report page and hands its page number to quietvm (a 32-bit `out` to `report_port`), and
+/// returns it (`None` before the backend's set-up). Called by the vCPU that ends the VM, just before it
+/// does.
+pub fn report() -> Option<u32> {
     let Some(soft) = SOFT.try_get() else {
-        return;
+        return None;
     };
     let info = boot::info();
     let now = lapic::now();
@@ -492,8 +493,7 @@ pub fn report() {
     }
     // SeqCst: every store above comes before the `out` (which the compiler cannot see through).
     core::sync::atomic::fence(Ordering::SeqCst);
-    arch::outl(
-        info.report_port,
-        (r.as_ptr() as u64 >> abi::PAGE_SHIFT) as u32,
-    );
+    let page = (r.as_ptr() as u64 >> abi::PAGE_SHIFT) as u32;
+    arch::outl(info.report_port, page);
+    Some(page)
 }

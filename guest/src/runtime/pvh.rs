@@ -1,0 +1,170 @@
+//! Running under a foreign VMM that started the image through its PVH entry (arch::pvh, docs/qemu.md).
+//! quietvm's boot info does not exist there: vCPU 0 builds it from the VMM's command line and memory
+//! map, starts the other vCPUs with INIT and SIPI, and at the end hands the VMM's launcher its
+//! figures on the console (the timer report's page, each vCPU's halts), waits for it to read the
+//! host's counters (one byte on the UART, or a second), and ends through QEMU's `isa-debug-exit`.
+
+use super::boot::{BootInfo, MAGIC, VERSION};
+use crate::arch::{self, layout, msr, pvh};
+use quietvm_abi::boot::{ARGS_SIZE, PAGE_SIZE, PERCPU_SIZE};
+use quietvm_abi::{ports, timer};
+
+/// Timer ids under a foreign VMM: quietvm's default (`max_timers` in docs/boot.md's configs).
+const MAX_TIMERS: u32 = 4096;
+/// The line the launcher waits for (docs/qemu.md): `quietvm-pvh-end code=C report=0xP halts=a,b,..`.
+pub const END_MARKER: &str = "quietvm-pvh-end";
+/// How long the guest waits for the launcher's byte before it ends anyway (a VM run by hand).
+const ACK_WAIT_MS: u64 = 1000;
+/// The same without a clock: polls of the UART (each an exit to the VMM).
+const ACK_POLLS_WITHOUT_CLOCK: u32 = 20_000;
+
+/// x2APIC ICR: INIT, level assert, to all but self.
+const ICR_INIT_ALL_BUT_SELF: u64 = (0b11 << 18) | (1 << 14) | (0b101 << 8);
+/// x2APIC ICR: start-up, to all but self (the vector is the trampoline's page number).
+const ICR_SIPI_ALL_BUT_SELF: u64 = (0b11 << 18) | (1 << 14) | (0b110 << 8);
+
+/// Whether this VM came in through the PVH entry.
+pub fn active() -> bool {
+    arch::pvh::booted()
+}
+
+/// Why the boot info could not be built (exit code 93, `vm::EXIT_BAD_BOOT`).
+pub type BootError = &'static str;
+
+/// The value of `key=` in a command line of space-separated words (the last one wins, as `boot::arg`).
+pub fn word<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split(' ')
+        .filter_map(|w| w.split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .last()
+}
+
+/// The end of the RAM the memory map gives below 4 GiB, where the guest's memory is contiguous from 0
+/// (0 if none).
+pub fn memory_top(map: &[pvh::MemmapEntry]) -> u64 {
+    map.iter()
+        .filter(|e| e.kind == pvh::MEMMAP_RAM)
+        .map(|e| e.addr.saturating_add(e.size))
+        .filter(|&end| end <= 1 << 32)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Writes docs/boot.md's boot info at `info` from the PVH command line and memory map (vCPU 0, at ring
+/// 3, before anything reads it). The layout is quietvm's: per-vCPU areas right after the image (the
+/// entry put vCPU 0's stack there), then the device pages, then free memory.
+pub fn fill_boot_info(info: &mut BootInfo) -> Result<(), BootError> {
+    let line = core::str::from_utf8(pvh::cmdline()).map_err(|_| "command line is not ASCII")?;
+    let number = |key: &str| -> Result<Option<u64>, BootError> {
+        word(line, key)
+            .map(|v| v.parse::<u64>().map_err(|_| "a number in the command line is malformed"))
+            .transpose()
+    };
+    let vcpus = number("vcpus")?.unwrap_or(1);
+    let tsc_khz = number("tsc_khz")?.unwrap_or(0);
+    if vcpus == 0 || vcpus > 255 {
+        return Err("vcpus= must be 1..255 (the trampoline numbers vCPUs by their 8-bit APIC id)");
+    }
+    // QEMU 7.2's microvm firmware (qboot) hands over no memory map (start info version 0): the
+    // launcher then says how much memory it gave (`mem_mib=`).
+    let mem_size = match (memory_top(pvh::memmap()), number("mem_mib")?) {
+        (0, Some(mib)) => mib.checked_mul(1 << 20).ok_or("mem_mib= is too large")?,
+        (top, _) => top,
+    };
+    let percpu_base = info.percpu_base; // the entry's, where vCPU 0's stack already is
+    let device_pages = percpu_base + PERCPU_SIZE * vcpus;
+    let free_base = device_pages + PAGE_SIZE * vcpus;
+    if mem_size < free_base + (1 << 20) {
+        return Err("too little RAM below 4 GiB (no memory map, and no or a small mem_mib=)");
+    }
+    let mut args = [0u8; ARGS_SIZE];
+    let n = line.len().min(ARGS_SIZE - 1);
+    args[..n].copy_from_slice(&line.as_bytes()[..n]);
+    *info = BootInfo {
+        magic: MAGIC,
+        version: VERSION,
+        vcpus: vcpus as u32,
+        mem_size,
+        device_pages,
+        percpu_base,
+        percpu_size: PERCPU_SIZE,
+        free_base,
+        serial_port: ports::SERIAL_PORT,
+        exit_port: pvh::DEBUG_EXIT_PORT,
+        timer_port: ports::TIMER_PORT,
+        doorbell_vector: timer::DOORBELL_VECTOR,
+        reserved: 0,
+        max_timers: MAX_TIMERS,
+        args_len: n as u32,
+        args,
+        tsc_khz: u32::try_from(tsc_khz).map_err(|_| "tsc_khz= is too large")?,
+        report_port: ports::REPORT_PORT,
+        reserved2: 0,
+        payload_base: 0,
+        payload_len: 0,
+    };
+    Ok(())
+}
+
+/// Starts every other vCPU (vCPU 0, after its LAPIC is in x2APIC mode): copies the trampoline below
+/// 1 MiB and sends INIT and one SIPI to all but itself. KVM starts a vCPU on the first SIPI after INIT.
+pub fn start_other_vcpus(vcpus: u32) {
+    if vcpus <= 1 {
+        return;
+    }
+    let code = pvh::trampoline();
+    // SAFETY: the trampoline page is guest RAM no one else uses (arch::pvh::TRAMPOLINE), mapped and
+    // user-accessible by the entry's page tables; `code` is a few dozen bytes.
+    unsafe {
+        core::ptr::copy_nonoverlapping(code.as_ptr(), pvh::TRAMPOLINE as *mut u8, code.len())
+    };
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+    arch::wrmsr(msr::X2APIC_ICR, ICR_INIT_ALL_BUT_SELF);
+    arch::wrmsr(
+        msr::X2APIC_ICR,
+        ICR_SIPI_ALL_BUT_SELF | (pvh::TRAMPOLINE as u64 >> 12),
+    );
+}
+
+/// Halts of vCPU `cpu` so far (counted by the ring-0 #GP stub, arch::layout::HALTS).
+fn halts(cpu: u32) -> u64 {
+    let at = super::percpu::area_base(cpu) + layout::PERCPU_DATA + layout::HALTS;
+    // SAFETY: a u64 in vCPU `cpu`'s per-CPU page that only its ring-0 stub writes; a racy read of an
+    // aligned u64 is one load.
+    unsafe { core::ptr::read_volatile(at as *const u64) }
+}
+
+/// Tells the launcher the VM is ending and how (the end line), gives it up to a second to read the
+/// host's counters (it answers with one byte on the UART), then ends QEMU with `code`.
+pub fn end(code: u32, report_page: Option<u32>) -> ! {
+    let info = super::boot::info();
+    print!(
+        "{END_MARKER} code={code} report={:#x} halts=",
+        report_page.unwrap_or(0)
+    );
+    for cpu in 0..info.vcpus {
+        print!("{}{}", if cpu == 0 { "" } else { "," }, halts(cpu));
+    }
+    println!();
+    // The line status register's "data ready". The clock needs the LAPIC backend's set-up; a VM that
+    // ends before it (a bad command line) waits a bounded number of polls instead.
+    let lsr = info.serial_port + 5;
+    let clock = super::lapic::active();
+    let give_up = if clock {
+        super::lapic::now().saturating_add(ACK_WAIT_MS * 1_000_000)
+    } else {
+        0
+    };
+    let mut polls = 0u32;
+    while arch::inb(lsr) & 1 == 0 {
+        polls += 1;
+        if (clock && super::lapic::now() >= give_up) || (!clock && polls >= ACK_POLLS_WITHOUT_CLOCK) {
+            break;
+        }
+        arch::pause();
+    }
+    arch::outl(info.exit_port, code);
+    super::vm::halt_forever()
+}
