@@ -68,6 +68,7 @@ extern "C" fn guest_main(cpu: u64, info: *const BootInfo) -> ! {
     if runtime::lapic::wanted() {
         runtime::lapic::init(cpu as u32);
         if cpu == 0 && runtime::pvh::active() {
+            runtime::pvh::announce_start();
             runtime::pvh::start_other_vcpus(info.vcpus);
         }
         runtime::soft_timers::init(cpu as u32);

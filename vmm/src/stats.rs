@@ -158,6 +158,29 @@ pub struct VmStats {
     /// Console bytes that could not be written to standard output (docs/stats.md).
     #[serde(default)]
     pub console_dropped_bytes: u64,
+    /// Under `--policy qemu` only: the foreign VMM that ran the guest (docs/qemu.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerStats>,
+}
+
+/// The foreign VMM process of a `--policy qemu` run (docs/qemu.md): how it was started, and what the
+/// kernel says it cost. The vCPU and timer figures of such a run are in [`VmStats`] as for kvm-lapic.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct PeerStats {
+    /// The exact command line, program first, so that anyone can rerun it.
+    pub command: Vec<String>,
+    /// Its process id, and its exit status as the kernel gave it.
+    pub pid: u32,
+    pub exit_status: Option<i32>,
+    pub exit_signal: Option<i32>,
+    /// Its peak resident set size (`wait4`'s `ru_maxrss`), KiB.
+    pub max_rss_kib: u64,
+    /// From its start to the guest's first console line.
+    pub startup_ns: Option<u64>,
+    /// Over what the vCPU threads' counters were taken (docs/qemu.md): `guest_start_to_end` when the
+    /// guest's start and end lines came and the threads were read at each before the guest went on;
+    /// otherwise a note of what was missing.
+    pub counters_read: String,
 }
 
 impl VmStats {

@@ -13,6 +13,9 @@ use quietvm_abi::{ports, timer};
 const MAX_TIMERS: u32 = 4096;
 /// The line the launcher waits for (docs/qemu.md): `quietvm-pvh-end code=C report=0xP halts=a,b,..`.
 pub const END_MARKER: &str = "quietvm-pvh-end";
+/// The line vCPU 0 prints before it starts the others: the launcher reads the host's counters then
+/// (what QEMU's threads did before the guest ran is not the guest's) and answers with one byte.
+pub const START_MARKER: &str = "quietvm-pvh-start";
 /// How long the guest waits for the launcher's byte before it ends anyway (a VM run by hand).
 const ACK_WAIT_MS: u64 = 1000;
 /// The same without a clock: polls of the UART (each an exit to the VMM).
@@ -128,6 +131,12 @@ pub fn start_other_vcpus(vcpus: u32) {
     );
 }
 
+/// Tells the launcher the guest runs (vCPU 0, before it starts the others) and waits for its answer.
+pub fn announce_start() {
+    println!("{START_MARKER}");
+    wait_for_launcher();
+}
+
 /// Halts of vCPU `cpu` so far (counted by the ring-0 #GP stub, arch::layout::HALTS).
 fn halts(cpu: u32) -> u64 {
     let at = super::percpu::area_base(cpu) + layout::PERCPU_DATA + layout::HALTS;
@@ -148,6 +157,14 @@ pub fn end(code: u32, report_page: Option<u32>) -> ! {
         print!("{}{}", if cpu == 0 { "" } else { "," }, halts(cpu));
     }
     println!();
+    wait_for_launcher();
+    arch::outl(info.exit_port, code);
+    super::vm::halt_forever()
+}
+
+/// Waits for one byte on the UART (the launcher read the host's counters), for a second at most.
+fn wait_for_launcher() {
+    let info = super::boot::info();
     // The line status register's "data ready". The clock needs the LAPIC backend's set-up; a VM that
     // ends before it (a bad command line) waits a bounded number of polls instead.
     let lsr = info.serial_port + 5;
@@ -165,6 +182,6 @@ pub fn end(code: u32, report_page: Option<u32>) -> ! {
         }
         arch::pause();
     }
-    arch::outl(info.exit_port, code);
-    super::vm::halt_forever()
+    // Take the byte, so that the next wait does not see it.
+    let _ = arch::inb(info.serial_port);
 }

@@ -80,6 +80,7 @@ impl<D: ModeParts> VmHandle<D> {
             },
             timers: self.shared.device.live_timers(now),
             console_dropped_bytes: self.shared.serial.dropped_bytes(),
+            peer: None,
         }
     }
 

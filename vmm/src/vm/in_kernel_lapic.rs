@@ -191,6 +191,41 @@ fn no_timer_device(index: u32) -> Outcome {
     ))
 }
 
+/// Reads the guest's timer report from a file that held a VM's guest memory from address 0 (QEMU's
+/// file memory backend, docs/qemu.md), after the VM ended: the timer figures and, per vCPU, (timers
+/// fired there, of those armed on another vCPU). Checked as strictly as quietvm's own.
+pub fn read_report_file(
+    path: &std::path::Path,
+    mem_size: u64,
+    page: u32,
+    vcpus: u32,
+) -> Result<(TimerStats, Vec<(u64, u64)>), String> {
+    // Read and write: vm-memory maps it shared.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if len < mem_size {
+        return Err(format!(
+            "{} holds {len} bytes, not the guest's {mem_size}",
+            path.display()
+        ));
+    }
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+        GuestAddress(0),
+        mem_size as usize,
+        Some(vm_memory::FileOffset::new(file, 0)),
+    )])
+    .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
+    let report = GuestReport::read(&mem, page, vcpus)?;
+    Ok((report.timers, report.per_vcpu))
+}
+
 /// The guest's timer report (docs/boot.md, "The timer report").
 struct GuestReport {
     timers: TimerStats,
