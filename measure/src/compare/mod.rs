@@ -45,6 +45,9 @@ pub struct CompareArgs {
     /// With --external: how long to sample.
     #[arg(long, default_value_t = 5.0, requires = "external")]
     pub seconds: f64,
+    /// For the qemu policy: the QEMU binary (default: qemu-system-x86_64 on PATH; docs/qemu.md).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
 }
 
 fn parse_policy(s: &str) -> Result<VmPolicy, String> {
@@ -124,6 +127,12 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
     if args.policies.is_empty() {
         return Err(CompareError::NoPolicies);
     }
+    // Before any run: without QEMU the comparison could not be whole.
+    let qemu = if args.policies.contains(&VmPolicy::Qemu) {
+        Some(crate::qemu::find_qemu(args.qemu.as_deref())?)
+    } else {
+        None
+    };
     let total = args.repeat as usize * args.policies.len();
     let mut runs = Vec::with_capacity(total);
     for round in 0..args.repeat {
@@ -133,7 +142,7 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
                 runs.len() + 1,
                 round + 1
             );
-            let stats = run_one(config_path, &config, *policy)?;
+            let stats = run_one(config_path, &config, *policy, qemu.as_deref())?;
             runs.push(RunRecord {
                 policy: policy.to_string(),
                 round,
@@ -158,15 +167,19 @@ fn run_one(
     config_path: &Path,
     config: &VmConfig,
     policy: VmPolicy,
+    qemu: Option<&Path>,
 ) -> Result<VmStats, CompareError> {
     let exe = std::env::current_exe().map_err(CompareError::NoBinary)?;
     let json = std::env::temp_dir().join(format!(
         "quietvm-compare-{}-{policy}.json",
         std::process::id()
     ));
-    let out = Command::new(exe)
-        .arg("run")
-        .arg(config_path)
+    let mut cmd = Command::new(exe);
+    cmd.arg("run").arg(config_path);
+    if let (VmPolicy::Qemu, Some(qemu)) = (policy, qemu) {
+        cmd.arg("--qemu").arg(qemu);
+    }
+    let out = cmd
         .args(["--policy", &policy.to_string()])
         .args(["--duration-ms", &config.duration_ms.to_string()])
         .arg("--quiet")
@@ -200,6 +213,8 @@ pub enum CompareError {
     NoRounds,
     #[error("--policies needs at least one policy")]
     NoPolicies,
+    #[error(transparent)]
+    Qemu(#[from] crate::qemu::QemuError),
     #[error("cannot find the quietvm binary: {0}")]
     NoBinary(#[source] std::io::Error),
     #[error("cannot start quietvm run: {0}")]

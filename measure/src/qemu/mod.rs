@@ -179,7 +179,16 @@ pub fn run_vm(cfg: &VmConfig, qemu: Option<&Path>, echo: bool) -> Result<VmStats
         source,
     })?;
 
-    let (exit_code, outcome) = outcome_of(&console, &exit, timed_out);
+    let (mut exit_code, mut outcome) = outcome_of(&console, &exit, timed_out);
+    // Every vCPU's thread must have been read, or the run's counts are not whole.
+    if console.end.is_some() && console.threads.len() != cfg.vcpus as usize {
+        exit_code = exit_code::GUEST_CRASH;
+        outcome = format!(
+            "found {} of QEMU's {} vCPU threads (named CPU n/KVM) at the guest's end",
+            console.threads.len(),
+            cfg.vcpus
+        );
+    }
     if console.end.is_none() && !timed_out && exit.signal.is_none() && exit.code == Some(1) {
         // QEMU's own failures exit 1 without any guest output: not a run.
         let message = stderr_text
