@@ -16,7 +16,7 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// Where the other vCPUs start: below 1 MiB, page-aligned, in no area docs/boot.md uses; the SIPI's
 /// vector is its page number.
 pub const TRAMPOLINE: usize = 0x8000;
-const _: () = assert!(TRAMPOLINE < 0x10_0000 && TRAMPOLINE % 4096 == 0);
+const _: () = assert!(TRAMPOLINE < 0x10_0000 && TRAMPOLINE.is_multiple_of(4096));
 const _: () = assert!(
     TRAMPOLINE >= (quietvm_abi::boot::BOOT_INFO + 4096) as usize
         && TRAMPOLINE + 4096 <= quietvm_abi::boot::PML4 as usize
@@ -83,7 +83,7 @@ pub fn booted() -> bool {
 /// The VMM's command line as the entry copied it (up to its first NUL).
 pub fn cmdline() -> &'static [u8] {
     // SAFETY: written once by the 32-bit entry, read-only since; its last byte is always 0.
-    let all: &[u8; CMDLINE_SIZE] = unsafe { &*(&raw const quietvm_pvh_cmdline) };
+    let all: &[u8; CMDLINE_SIZE] = unsafe { &quietvm_pvh_cmdline };
     let len = all.iter().position(|&b| b == 0).unwrap_or(CMDLINE_SIZE - 1);
     &all[..len]
 }
@@ -94,7 +94,7 @@ pub fn memmap() -> &'static [MemmapEntry] {
     unsafe {
         let n = (core::ptr::read_volatile(&raw const quietvm_pvh_memmap_entries) as usize)
             .min(MEMMAP_MAX);
-        &(&*(&raw const quietvm_pvh_memmap))[..n]
+        &quietvm_pvh_memmap[..n]
     }
 }
 

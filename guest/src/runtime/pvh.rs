@@ -39,9 +39,8 @@ pub fn word<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split(' ')
         .filter_map(|w| w.split_once('='))
-        .filter(|(k, _)| *k == key)
+        .rfind(|(k, _)| *k == key)
         .map(|(_, v)| v)
-        .last()
 }
 
 /// The end of the RAM the memory map gives below 4 GiB, where the guest's memory is contiguous from 0
@@ -62,7 +61,10 @@ pub fn fill_boot_info(info: &mut BootInfo) -> Result<(), BootError> {
     let line = core::str::from_utf8(pvh::cmdline()).map_err(|_| "command line is not ASCII")?;
     let number = |key: &str| -> Result<Option<u64>, BootError> {
         word(line, key)
-            .map(|v| v.parse::<u64>().map_err(|_| "a number in the command line is malformed"))
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| "a number in the command line is malformed")
+            })
             .transpose()
     };
     let vcpus = number("vcpus")?.unwrap_or(1);
@@ -177,7 +179,8 @@ fn wait_for_launcher() {
     let mut polls = 0u32;
     while arch::inb(lsr) & 1 == 0 {
         polls += 1;
-        if (clock && super::lapic::now() >= give_up) || (!clock && polls >= ACK_POLLS_WITHOUT_CLOCK) {
+        if (clock && super::lapic::now() >= give_up) || (!clock && polls >= ACK_POLLS_WITHOUT_CLOCK)
+        {
             break;
         }
         arch::pause();

@@ -438,9 +438,7 @@ impl State {
 /// returns it (`None` before the backend's set-up). Called by the vCPU that ends the VM, just before it
 /// does.
 pub fn report() -> Option<u32> {
-    let Some(soft) = SOFT.try_get() else {
-        return None;
-    };
+    let soft = SOFT.try_get()?;
     let info = boot::info();
     let now = lapic::now();
     // The VM is ending: a lock held elsewhere will be released soon, but one held by this very vCPU

@@ -275,6 +275,62 @@ mod tests {
         }
     }
 
+    /// The built-in guest carries the PVH note QEMU looks for: a PT_NOTE segment with a note named
+    /// "Xen" of type 18 (XEN_ELFNOTE_PHYS32_ENTRY) whose 8-byte descriptor is an address in the
+    /// guest's executable PT_LOAD segment, below 4 GiB (a 32-bit entry); and quietvm's entry is still
+    /// the ELF entry at 1 MiB.
+    #[test]
+    fn the_built_in_guest_has_a_pvh_entry_note() {
+        let elf = quietvm_vmm::vm::builtin_guest_elf();
+        let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+        assert_eq!(u64_at(24), 0x10_0000, "e_entry: quietvm's own entry");
+        let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16_at(54) as usize, u16_at(56));
+        let mut entry = None;
+        let mut text = None;
+        for i in 0..phnum as usize {
+            let ph = phoff + i * phentsize;
+            let (kind, flags) = (u32_at(ph), u32_at(ph + 4));
+            let (offset, vaddr, filesz) = (u64_at(ph + 8), u64_at(ph + 16), u64_at(ph + 32));
+            const PT_LOAD: u32 = 1;
+            const PT_NOTE: u32 = 4;
+            const PF_X: u32 = 1;
+            if kind == PT_LOAD && flags & PF_X != 0 {
+                text = Some(vaddr..vaddr + filesz);
+            }
+            if kind != PT_NOTE {
+                continue;
+            }
+            assert_eq!(
+                u64_at(ph + 48),
+                4,
+                "note alignment: QEMU aligns the name to it"
+            );
+            let mut at = offset as usize;
+            while at < (offset + filesz) as usize {
+                let (namesz, descsz, ty) = (u32_at(at), u32_at(at + 4), u32_at(at + 8));
+                let name = &elf[at + 12..at + 12 + namesz as usize];
+                let desc = at + 12 + (namesz as usize).next_multiple_of(4);
+                if name == b"Xen\0" && ty == 18 {
+                    assert_eq!(descsz, 8, "QEMU reads 8 bytes");
+                    entry = Some(u64_at(desc));
+                }
+                at = desc + (descsz as usize).next_multiple_of(4);
+            }
+        }
+        let entry = entry.expect("a Xen note of type 18");
+        let text = text.expect("an executable segment");
+        assert!(
+            text.contains(&entry) && entry < 1 << 32,
+            "{entry:#x} in {text:x?}"
+        );
+        assert_ne!(
+            entry, 0x10_0000,
+            "the PVH entry is not quietvm's 64-bit entry"
+        );
+    }
+
     #[test]
     fn an_explicit_qemu_must_be_an_executable_file() {
         let dir = tempfile::tempdir().unwrap();
