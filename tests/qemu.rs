@@ -64,6 +64,16 @@ fn qemu(workload: &str, vcpu_count: u32, duration_ms: u32) -> Run {
         );
     }
     assert!(u64_of(&peer["max_rss_kib"]) > 0, "{peer}");
+    // The guest memory file and the guest ELF are gone.
+    for word in peer["command"].as_array().unwrap() {
+        let word = word.as_str().unwrap();
+        if let Some(path) = word.split(',').find_map(|p| p.strip_prefix("mem-path=")) {
+            assert!(!std::path::Path::new(path).exists(), "{path} left behind");
+        }
+        if word.ends_with(".elf") {
+            assert!(!std::path::Path::new(word).exists(), "{word} left behind");
+        }
+    }
     r
 }
 

@@ -61,14 +61,21 @@ pub enum QemuError {
     },
 }
 
-/// Files a run creates, removed when it ends.
+/// Files a run creates, removed when it ends, or as soon as QEMU has them open (the guest's start
+/// line), so that a launcher killed afterwards leaves nothing behind.
 struct TempFiles(Vec<PathBuf>);
+
+impl TempFiles {
+    fn remove_all(&mut self) {
+        for p in self.0.drain(..) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
 
 impl Drop for TempFiles {
     fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
+        self.remove_all();
     }
 }
 
@@ -169,7 +176,18 @@ pub fn run_vm(cfg: &VmConfig, qemu: Option<&Path>, echo: bool) -> Result<VmStats
             _ => false,
         }
     });
-    let console = read_console(pid, stdout, stdin, echo);
+    // Once the guest runs, QEMU has loaded the kernel and mapped the memory file: keep the memory file
+    // open for the report, and unlink both.
+    let mut memory: Option<std::fs::File> = None;
+    let console = read_console(pid, stdout, stdin, echo, || {
+        memory = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&memory_file)
+            .map_err(|e| log::warn!("cannot open {}: {e}", memory_file.display()))
+            .ok();
+        temp.remove_all();
+    });
     let exit = wait_child(pid);
     let _ = done_tx.send(());
     let timed_out = watchdog.join().unwrap_or(false);
@@ -204,10 +222,10 @@ pub fn run_vm(cfg: &VmConfig, qemu: Option<&Path>, echo: bool) -> Result<VmStats
             message,
         });
     }
-    let timers_and_per_vcpu = match &console.end {
-        Some(end) if end.report_page != 0 => Some(
+    let timers_and_per_vcpu = match (&console.end, memory) {
+        (Some(end), Some(file)) if end.report_page != 0 => Some(
             quietvm_vmm::vm::read_report_file(
-                &memory_file,
+                file,
                 cfg.memory_mib << 20,
                 end.report_page,
                 cfg.vcpus,
@@ -294,6 +312,7 @@ fn read_console(
     stdout: Option<std::process::ChildStdout>,
     mut stdin: Option<std::process::ChildStdin>,
     echo: bool,
+    mut on_start: impl FnMut(),
 ) -> ConsoleEnd {
     let mut c = ConsoleEnd {
         end: None,
@@ -333,6 +352,7 @@ fn read_console(
             at_start = read_vcpu_threads(pid);
             c.start_at = Some(now);
             answer(&mut stdin);
+            on_start();
         } else if c.end.is_none() {
             if let Some(end) = parse_end_line(text.trim_end()) {
                 c.threads = read_vcpu_threads(pid)
