@@ -231,6 +231,27 @@ fn a_guest_crash_under_qemu_is_a_crash() {
     assert!(r.stderr.contains("guest crash"), "{}", r.stderr);
 }
 
+#[test]
+fn timeout_ms_kills_a_hung_guest_under_qemu() {
+    // vCPU 0 spins in a callback that never ends: only --timeout-ms ends the VM.
+    let out = quietvm()
+        .args([
+            "run",
+            "--workload",
+            "never-ack",
+            "--vcpus",
+            "2",
+            "--policy",
+            "qemu",
+        ])
+        .args(["--duration-ms", "600000", "--timeout-ms", "5000", "--quiet"])
+        .output()
+        .expect("spawn quietvm");
+    assert_eq!(out.status.code(), Some(100));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("timeout"), "{stderr}");
+}
+
 /// The last line of stderr, which must be the only one.
 fn one_error_line(r: &Run) -> &str {
     let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -67,11 +67,10 @@ extern "C" fn guest_main(cpu: u64, info: *const BootInfo) -> ! {
     runtime::doorbell::set_timer_callback(&ON_TIMER);
     if runtime::lapic::wanted() {
         runtime::lapic::init(cpu as u32);
-        if cpu == 0 && runtime::pvh::active() {
-            runtime::pvh::announce_start();
-            runtime::pvh::start_other_vcpus(info.vcpus);
-        }
         runtime::soft_timers::init(cpu as u32);
+        if runtime::pvh::active() {
+            runtime::pvh::rendezvous(cpu as u32, info.vcpus);
+        }
     }
     workloads::run(cpu as u32)
 }

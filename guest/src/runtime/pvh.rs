@@ -6,6 +6,7 @@
 
 use super::boot::{BootInfo, MAGIC, VERSION};
 use crate::arch::{self, layout, msr, pvh};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use quietvm_abi::boot::{ARGS_SIZE, PAGE_SIZE, PERCPU_SIZE};
 use quietvm_abi::{ports, timer};
 
@@ -25,6 +26,22 @@ const ACK_POLLS_WITHOUT_CLOCK: u32 = 20_000;
 const ICR_INIT_ALL_BUT_SELF: u64 = (0b11 << 18) | (1 << 14) | (0b101 << 8);
 /// x2APIC ICR: start-up, to all but self (the vector is the trampoline's page number).
 const ICR_SIPI_ALL_BUT_SELF: u64 = (0b11 << 18) | (1 << 14) | (0b110 << 8);
+
+/// vCPUs the rendezvous handles: every vCPU the trampoline can number.
+const MAX_CPUS: usize = 256;
+/// Other vCPUs that reached the rendezvous.
+static CHECKED_IN: AtomicU32 = AtomicU32::new(0);
+/// Per vCPU: the halt count at which it sleeps in the rendezvous (its count on arrival, plus one).
+static RENDEZVOUS_HALTS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per vCPU: its halts when the guest's run began (the start line), subtracted at the end.
+static HALTS_AT_START: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// The run has begun: the vCPUs leave the rendezvous.
+static GO: AtomicBool = AtomicBool::new(false);
+/// How long vCPU 0 lets the others settle into their sleep (the kernel's halt polling lasts up to
+/// some hundreds of microseconds) before the launcher reads the counters.
+const SETTLE_NS: u64 = 2_000_000;
+/// x2APIC ICR: fixed delivery to all but self, level assert (the vector is added).
+const ICR_FIXED_ALL_BUT_SELF: u64 = (0b11 << 18) | (1 << 14);
 
 /// Whether this VM came in through the PVH entry.
 pub fn active() -> bool {
@@ -115,7 +132,7 @@ pub fn fill_boot_info(info: &mut BootInfo) -> Result<(), BootError> {
 
 /// Starts every other vCPU (vCPU 0, after its LAPIC is in x2APIC mode): copies the trampoline below
 /// 1 MiB and sends INIT and one SIPI to all but itself. KVM starts a vCPU on the first SIPI after INIT.
-pub fn start_other_vcpus(vcpus: u32) {
+fn start_other_vcpus(vcpus: u32) {
     if vcpus <= 1 {
         return;
     }
@@ -133,13 +150,46 @@ pub fn start_other_vcpus(vcpus: u32) {
     );
 }
 
-/// Tells the launcher the guest runs (vCPU 0, before it starts the others) and waits for its answer.
-pub fn announce_start() {
+/// Every vCPU, with its LAPIC backend set up, before its workload: the guest's run begins with all of
+/// them up and asleep, so that what the host counts from the start line on is the run alone. vCPU 0
+/// starts the others, waits until each sleeps in its halt here, prints the start line (the launcher
+/// reads the host's counters, then answers), notes every vCPU's halts so far, and wakes them (one IPI
+/// to all but itself).
+pub fn rendezvous(cpu: u32, vcpus: u32) {
+    let n = (vcpus as usize).min(MAX_CPUS);
+    if cpu != 0 {
+        RENDEZVOUS_HALTS[cpu as usize].store(halts(cpu) + 1, Ordering::Release);
+        CHECKED_IN.fetch_add(1, Ordering::Release);
+        super::time::wait_until(None, || GO.load(Ordering::Acquire));
+        return;
+    }
+    start_other_vcpus(vcpus);
+    let asleep = |c: usize| {
+        let want = RENDEZVOUS_HALTS[c].load(Ordering::Acquire);
+        want != 0 && halts(c as u32) >= want
+    };
+    while CHECKED_IN.load(Ordering::Acquire) + 1 < vcpus || !(1..n).all(asleep) {
+        arch::pause();
+    }
+    let settled = super::lapic::now() + SETTLE_NS;
+    while super::lapic::now() < settled {
+        arch::pause();
+    }
     println!("{START_MARKER}");
     wait_for_launcher();
+    for c in 0..n {
+        HALTS_AT_START[c].store(halts(c as u32), Ordering::Relaxed);
+    }
+    GO.store(true, Ordering::Release);
+    if vcpus > 1 {
+        arch::wrmsr(
+            msr::X2APIC_ICR,
+            ICR_FIXED_ALL_BUT_SELF | u64::from(super::lapic::TIMER_VECTOR),
+        );
+    }
 }
 
-/// Halts of vCPU `cpu` so far (counted by the ring-0 #GP stub, arch::layout::HALTS).
+/// Halts of vCPU `cpu` so far (counted by the ring-0 #GP stub, arch::layout::HALTS), from its start.
 fn halts(cpu: u32) -> u64 {
     let at = super::percpu::area_base(cpu) + layout::PERCPU_DATA + layout::HALTS;
     // SAFETY: a u64 in vCPU `cpu`'s per-CPU page that only its ring-0 stub writes; a racy read of an
@@ -156,7 +206,14 @@ pub fn end(code: u32, report_page: Option<u32>) -> ! {
         report_page.unwrap_or(0)
     );
     for cpu in 0..info.vcpus {
-        print!("{}{}", if cpu == 0 { "" } else { "," }, halts(cpu));
+        let at_start = HALTS_AT_START
+            .get(cpu as usize)
+            .map_or(0, |h| h.load(Ordering::Relaxed));
+        print!(
+            "{}{}",
+            if cpu == 0 { "" } else { "," },
+            halts(cpu).saturating_sub(at_start)
+        );
     }
     println!();
     wait_for_launcher();

@@ -53,6 +53,8 @@ pub enum QemuError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot wait for QEMU (pid {pid}): {source}")]
+    Wait { pid: u32, source: std::io::Error },
     #[error("{} failed (exit status {status}) before the guest ended: {message}", path.display())]
     QemuFailed {
         path: PathBuf,
@@ -192,10 +194,7 @@ pub fn run_vm(cfg: &VmConfig, qemu: Option<&Path>, echo: bool) -> Result<VmStats
     let _ = done_tx.send(());
     let timed_out = watchdog.join().unwrap_or(false);
     let stderr_text = stderr_tail.join().unwrap_or_default();
-    let exit = exit.map_err(|source| QemuError::Spawn {
-        path: qemu.clone(),
-        source,
-    })?;
+    let exit = exit.map_err(|source| QemuError::Wait { pid, source })?;
 
     let (mut exit_code, mut outcome) = outcome_of(&console, &exit, timed_out);
     // Every vCPU's thread must have been read, or the run's counts are not whole.
