@@ -1,8 +1,10 @@
 //! Running under a foreign VMM that started the image through its PVH entry (arch::pvh, docs/qemu.md).
 //! quietvm's boot info does not exist there: vCPU 0 builds it from the VMM's command line and memory
-//! map, starts the other vCPUs with INIT and SIPI, and at the end hands the VMM's launcher its
-//! figures on the console (the timer report's page, each vCPU's halts), waits for it to read the
-//! host's counters (one byte on the UART, or a second), and ends through QEMU's `isa-debug-exit`.
+//! map, starts the other vCPUs with INIT and SIPI, and begins the run once all of them sleep in a
+//! rendezvous (the start line). At the end it hands the VMM's launcher its figures on the console (the
+//! timer report's page, each vCPU's halts since the start line). After each line it waits for the
+//! launcher to read the host's counters (one byte on the UART, or a second); it ends through QEMU's
+//! `isa-debug-exit`.
 
 use super::boot::{BootInfo, MAGIC, VERSION};
 use crate::arch::{self, layout, msr, pvh};
