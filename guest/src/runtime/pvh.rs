@@ -14,13 +14,14 @@ use quietvm_abi::{ports, timer};
 
 /// Timer ids under a foreign VMM: quietvm's default (`max_timers` in docs/boot.md's configs).
 const MAX_TIMERS: u32 = 4096;
-/// The line the launcher waits for (docs/qemu.md): `quietvm-pvh-end code=C report=0xP halts=a,b,..`.
+/// The line the launcher waits for (docs/qemu.md):
+/// `quietvm-pvh-end code=C report=0xP started=0|1 halts=a,b,..`.
 pub const END_MARKER: &str = "quietvm-pvh-end";
 /// The line vCPU 0 prints before it starts the others: the launcher reads the host's counters then
 /// (what QEMU's threads did before the guest ran is not the guest's) and answers with one byte.
 pub const START_MARKER: &str = "quietvm-pvh-start";
-/// How long the guest waits for the launcher's byte before it ends anyway (a VM run by hand).
-const ACK_WAIT_MS: u64 = 1000;
+/// How long the guest waits for the launcher's byte before it goes on anyway (a VM run by hand).
+const ACK_WAIT_MS: u64 = 2000;
 /// The same without a clock: polls of the UART (each an exit to the VMM).
 const ACK_POLLS_WITHOUT_CLOCK: u32 = 20_000;
 
@@ -39,6 +40,8 @@ static RENDEZVOUS_HALTS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; M
 static HALTS_AT_START: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// The run has begun: the vCPUs leave the rendezvous.
 static GO: AtomicBool = AtomicBool::new(false);
+/// The launcher answered the start line in time (its counters are from the run's start).
+static START_ANSWERED: AtomicBool = AtomicBool::new(false);
 /// How long vCPU 0 lets the others settle into their sleep (the kernel's halt polling lasts up to
 /// some hundreds of microseconds) before the launcher reads the counters.
 const SETTLE_NS: u64 = 2_000_000;
@@ -178,7 +181,7 @@ pub fn rendezvous(cpu: u32, vcpus: u32) {
         arch::pause();
     }
     println!("{START_MARKER}");
-    wait_for_launcher();
+    START_ANSWERED.store(wait_for_launcher(), Ordering::Relaxed);
     for c in 0..n {
         HALTS_AT_START[c].store(halts(c as u32), Ordering::Relaxed);
     }
@@ -204,8 +207,9 @@ fn halts(cpu: u32) -> u64 {
 pub fn end(code: u32, report_page: Option<u32>) -> ! {
     let info = super::boot::info();
     print!(
-        "{END_MARKER} code={code} report={:#x} halts=",
-        report_page.unwrap_or(0)
+        "{END_MARKER} code={code} report={:#x} started={} halts=",
+        report_page.unwrap_or(0),
+        u8::from(START_ANSWERED.load(Ordering::Relaxed))
     );
     for cpu in 0..info.vcpus {
         let at_start = HALTS_AT_START
@@ -218,13 +222,14 @@ pub fn end(code: u32, report_page: Option<u32>) -> ! {
         );
     }
     println!();
-    wait_for_launcher();
+    let _ = wait_for_launcher();
     arch::outl(info.exit_port, code);
     super::vm::halt_forever()
 }
 
-/// Waits for one byte on the UART (the launcher read the host's counters), for a second at most.
-fn wait_for_launcher() {
+/// Waits for one byte on the UART (the launcher read the host's counters), for `ACK_WAIT_MS` at most;
+/// whether it came.
+fn wait_for_launcher() -> bool {
     let info = super::boot::info();
     // The line status register's "data ready". The clock needs the LAPIC backend's set-up; a VM that
     // ends before it (a bad command line) waits a bounded number of polls instead.
@@ -236,14 +241,17 @@ fn wait_for_launcher() {
         0
     };
     let mut polls = 0u32;
+    let mut answered = true;
     while arch::inb(lsr) & 1 == 0 {
         polls += 1;
         if (clock && super::lapic::now() >= give_up) || (!clock && polls >= ACK_POLLS_WITHOUT_CLOCK)
         {
+            answered = false;
             break;
         }
         arch::pause();
     }
     // Take the byte, so that the next wait does not see it.
     let _ = arch::inb(info.serial_port);
+    answered
 }

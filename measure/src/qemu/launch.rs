@@ -12,7 +12,8 @@ pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// The start of the guest memory file's name (`/dev/shm/quietvm-qemu-mem-PID-N.mem`), which `fleet`
 /// recognises in QEMU's `smaps` as the guest memory mapping.
 pub const MEMORY_FILE_PREFIX: &str = "quietvm-qemu-mem-";
-/// The guest's end line (guest/src/runtime/pvh.rs): `quietvm-pvh-end code=C report=0xP halts=a,b,..`.
+/// The guest's end line (guest/src/runtime/pvh.rs):
+/// `quietvm-pvh-end code=C report=0xP started=0|1 halts=a,b,..`.
 pub const END_MARKER: &str = "quietvm-pvh-end";
 /// The line vCPU 0 prints once it runs, before it starts the other vCPUs.
 pub const START_MARKER: &str = "quietvm-pvh-start";
@@ -108,23 +109,28 @@ pub struct EndLine {
     pub code: u32,
     /// Page number of its timer report (0: none).
     pub report_page: u32,
+    /// The guest got the launcher's answer to its start line before it went on (so the counters read
+    /// then are from the run's start).
+    pub start_answered: bool,
     /// Halts per vCPU, as the guest counted them.
     pub halts: Vec<u64>,
 }
 
-/// Parses `quietvm-pvh-end code=C report=0xP halts=a,b,...`; `None` for any other line.
+/// Parses `quietvm-pvh-end code=C report=0xP started=0|1 halts=a,b,...`; `None` for any other line.
 pub fn parse_end_line(line: &str) -> Option<EndLine> {
     let mut words = line.split(' ');
     if words.next()? != END_MARKER {
         return None;
     }
-    let (mut code, mut report_page, mut halts) = (None, None, None);
+    let (mut code, mut report_page, mut started, mut halts) = (None, None, None, None);
     for word in words {
         match word.split_once('=')? {
             ("code", v) => code = Some(v.parse().ok()?),
             ("report", v) => {
                 report_page = Some(u32::from_str_radix(v.strip_prefix("0x")?, 16).ok()?)
             }
+            ("started", "0") => started = Some(false),
+            ("started", "1") => started = Some(true),
             ("halts", "") => halts = Some(Vec::new()),
             ("halts", v) => {
                 halts = Some(
@@ -139,6 +145,7 @@ pub fn parse_end_line(line: &str) -> Option<EndLine> {
     Some(EndLine {
         code: code?,
         report_page: report_page?,
+        start_answered: started?,
         halts: halts?,
     })
 }
@@ -232,24 +239,28 @@ mod tests {
     #[test]
     fn end_lines_parse_and_others_do_not() {
         assert_eq!(
-            parse_end_line("quietvm-pvh-end code=0 report=0x1bf halts=0,12,3"),
+            parse_end_line("quietvm-pvh-end code=0 report=0x1bf started=1 halts=0,12,3"),
             Some(EndLine {
                 code: 0,
                 report_page: 0x1bf,
+                start_answered: true,
                 halts: vec![0, 12, 3]
             })
         );
         assert_eq!(
-            parse_end_line("quietvm-pvh-end code=93 report=0x0 halts="),
+            parse_end_line("quietvm-pvh-end code=93 report=0x0 started=0 halts="),
             Some(EndLine {
                 code: 93,
                 report_page: 0,
+                start_answered: false,
                 halts: vec![]
             })
         );
         for bad in [
             "hello from vCPU 0 of 1",
-            "quietvm-pvh-end code=x report=0x0 halts=",
+            "quietvm-pvh-end code=x report=0x0 started=1 halts=",
+            "quietvm-pvh-end code=0 report=0x1 halts=1",
+            "quietvm-pvh-end code=0 report=0x1 started=2 halts=1",
             "quietvm-pvh-end code=0 report=12 halts=1",
             "quietvm-pvh-end code=0 halts=1",
             "quietvm-pvh-end code=0 report=0x1 halts=1,,2",

@@ -197,8 +197,14 @@ pub fn run_vm(cfg: &VmConfig, qemu: Option<&Path>, echo: bool) -> Result<VmStats
     let exit = exit.map_err(|source| QemuError::Wait { pid, source })?;
 
     let (mut exit_code, mut outcome) = outcome_of(&console, &exit, timed_out);
-    // Every vCPU's thread must have been read, or the run's counts are not whole.
-    if console.end.is_some() && console.threads.len() != cfg.vcpus as usize {
+    // Every vCPU's thread must have been read over the whole run, or its counts are not exact.
+    if console.start_at.is_some() && console.end.as_ref().is_some_and(|e| !e.start_answered) {
+        exit_code = exit_code::GUEST_CRASH;
+        outcome =
+            "the guest went on before the launcher answered its start line (a host too busy?): \
+                   the counts would not be the run's"
+                .into();
+    } else if console.end.is_some() && console.threads.len() != cfg.vcpus as usize {
         exit_code = exit_code::GUEST_CRASH;
         outcome = format!(
             "found {} of QEMU's {} vCPU threads (named CPU n/KVM) at the guest's end",
