@@ -182,8 +182,8 @@ pub fn rendezvous(cpu: u32, vcpus: u32) {
     }
     println!("{START_MARKER}");
     START_ANSWERED.store(wait_for_launcher(), Ordering::Relaxed);
-    for c in 0..n {
-        HALTS_AT_START[c].store(halts(c as u32), Ordering::Relaxed);
+    for (c, at_start) in HALTS_AT_START.iter().enumerate().take(n) {
+        at_start.store(halts(c as u32), Ordering::Relaxed);
     }
     GO.store(true, Ordering::Release);
     if vcpus > 1 {
