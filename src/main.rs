@@ -67,8 +67,8 @@ struct RunArgs {
     /// Workload duration in milliseconds.
     #[arg(long)]
     duration_ms: Option<u64>,
-    /// Timer policy: local, push or pull (quietvm's placement of movable timers), or kvm-lapic (the
-    /// in-kernel LAPIC baseline).
+    /// Timer policy: local, push or pull (quietvm's placement of movable timers), kvm-lapic (the
+    /// in-kernel LAPIC baseline), or qemu (the same guest under QEMU with KVM, docs/qemu.md).
     #[arg(long, value_parser = parse_policy)]
     policy: Option<VmPolicy>,
     /// Seed for the guest's random choices.
@@ -102,6 +102,9 @@ struct RunArgs {
     /// Spread the vCPUs over N NUMA nodes of consecutive vCPUs (the hierarchy groups them per node).
     #[arg(long, value_name = "N")]
     numa_nodes: Option<u32>,
+    /// With --policy qemu: the QEMU binary (default: qemu-system-x86_64 on PATH).
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
     /// How often --metrics gets a line.
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = parse_period)]
     metrics_period_s: f64,
@@ -256,9 +259,19 @@ fn run(args: RunArgs) -> ExitCode {
         started: Some(started),
         timer_log: args.timer_log.clone(),
     };
-    let stats = match run_vm(&cfg, &opts) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
+    let stats = if cfg.policy == VmPolicy::Qemu {
+        if args.api_sock.is_some() || args.metrics.is_some() {
+            return fail("--api-sock and --metrics need quietvm's own VMM, not --policy qemu");
+        }
+        match quietvm_measure::qemu::run_vm(&cfg, args.qemu.as_deref(), true) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        }
+    } else {
+        match run_vm(&cfg, &opts) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        }
     };
     // The last words go to stderr without ever blocking on a reader that does not read.
     let deadline = std::time::Instant::now() + quietvm_vmm::limits::EXIT_FLUSH;

@@ -28,12 +28,24 @@ static ON_TIMER: fn(&Expired) = workloads::on_timer;
 /// Entered at ring 3 from `_start` (arch/ring0.s) on every vCPU: the symbol arch/ needs.
 #[no_mangle]
 extern "C" fn guest_main(cpu: u64, info: *const BootInfo) -> ! {
+    // Under a foreign VMM (the PVH entry) vCPU 0 builds the boot info first; the other vCPUs start
+    // only after that (runtime::pvh).
+    let pvh_error = if cpu == 0 && runtime::pvh::active() {
+        // SAFETY: the boot info page (rsi, docs/boot.md) is vCPU 0's alone until it starts the others.
+        runtime::pvh::fill_boot_info(unsafe { &mut *info.cast_mut() }).err()
+    } else {
+        None
+    };
     // SAFETY: quietvm passes the boot info address in rsi (docs/boot.md); it stays valid and unchanged.
     let info = unsafe { &*info };
     let area = (info.percpu_base + info.percpu_size * cpu) as usize;
     // First, so that any fault from here on is reported rather than a triple fault.
     arch::idt::init(area, info.doorbell_vector, runtime::lapic::TIMER_VECTOR);
     boot::set(info);
+    if let Some(why) = pvh_error {
+        println!("guest: cannot boot from the PVH start info: {why}");
+        vm::exit(vm::EXIT_BAD_BOOT);
+    }
     if info.magic != boot::MAGIC
         || info.version != boot::VERSION
         || info.percpu_size < arch::layout::MIN_AREA as u64
@@ -56,6 +68,9 @@ extern "C" fn guest_main(cpu: u64, info: *const BootInfo) -> ! {
     if runtime::lapic::wanted() {
         runtime::lapic::init(cpu as u32);
         runtime::soft_timers::init(cpu as u32);
+        if runtime::pvh::active() {
+            runtime::pvh::rendezvous(cpu as u32, info.vcpus);
+        }
     }
     workloads::run(cpu as u32)
 }

@@ -6,6 +6,8 @@
 //! - [`replay`]: `quietvm replay` (real Linux timer traces under each policy) and `quietvm trace-host`.
 //! - [`optimum`]: the fewest wake-ups that could have served every fired timer in its window, and the
 //!   reader of `quietvm run --timer-log`; the figure the three above are measured against.
+//! - [`qemu`]: the `qemu` policy, the same guest under QEMU with KVM as a peer (`quietvm run --policy
+//!   qemu`, which `compare` and `fleet` run like any other).
 //!
 //! `compare` and `fleet` run the real `quietvm run` in child processes; `simulate` and `replay` drive
 //! the same timer code the VMM runs (tmigr's service and the VMM's expiry accounting) on virtual time.
@@ -13,5 +15,6 @@
 pub mod compare;
 pub mod fleet;
 pub mod optimum;
+pub mod qemu;
 pub mod replay;
 pub mod simulate;

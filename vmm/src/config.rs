@@ -17,6 +17,9 @@ pub enum VmPolicy {
     Userspace(Policy),
     /// KVM's in-kernel irqchip and LAPIC timer.
     KvmLapic,
+    /// Not quietvm at all: the same guest under QEMU with KVM (its in-kernel LAPIC), as a peer to
+    /// measure against (docs/qemu.md). `quietvm run` launches `qemu-system-x86_64` for it.
+    Qemu,
 }
 
 impl VmPolicy {
@@ -34,6 +37,7 @@ impl fmt::Display for VmPolicy {
         match self {
             VmPolicy::Userspace(p) => write!(f, "{p}"),
             VmPolicy::KvmLapic => f.write_str("kvm-lapic"),
+            VmPolicy::Qemu => f.write_str("qemu"),
         }
     }
 }
@@ -43,10 +47,10 @@ impl FromStr for VmPolicy {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "kvm-lapic" => Ok(VmPolicy::KvmLapic),
-            _ => s
-                .parse()
-                .map(VmPolicy::Userspace)
-                .map_err(|_| format!("unknown policy `{s}` (local, push, pull or kvm-lapic)")),
+            "qemu" => Ok(VmPolicy::Qemu),
+            _ => s.parse().map(VmPolicy::Userspace).map_err(|_| {
+                format!("unknown policy `{s}` (local, push, pull, kvm-lapic or qemu)")
+            }),
         }
     }
 }
@@ -437,6 +441,9 @@ mod tests {
         assert_eq!(c.policy, VmPolicy::Userspace(Policy::Local));
         let c = VmConfig::from_toml("policy = \"kvm-lapic\"").unwrap();
         assert_eq!(c.policy, VmPolicy::KvmLapic);
+        assert_eq!("qemu".parse::<VmPolicy>(), Ok(VmPolicy::Qemu));
+        assert_eq!(VmPolicy::Qemu.to_string(), "qemu");
+        assert!("qemu2".parse::<VmPolicy>().unwrap_err().contains("qemu"));
     }
 
     #[test]

@@ -241,6 +241,9 @@ pub struct VmStats {
     /// What one fired timer cost, over the whole run (`None` if no timer fired).
     #[serde(default)]
     pub per_fired_timer: Option<PerFiredTimer>,
+    /// Under `--policy qemu` only: the foreign VMM that ran the guest (docs/qemu.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerStats>,
 }
 
 /// A run's costs divided by its fired timers: what one timer cost, whichever vCPU paid.
@@ -281,6 +284,26 @@ impl PerFiredTimer {
             vmm_cpu_ns: per(process_cpu_ns),
         })
     }
+}
+
+/// The foreign VMM process of a `--policy qemu` run (docs/qemu.md): how it was started, and what the
+/// kernel says it cost. The vCPU and timer figures of such a run are in [`VmStats`] as for kvm-lapic.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct PeerStats {
+    /// The exact command line, program first, so that anyone can rerun it.
+    pub command: Vec<String>,
+    /// Its process id, and its exit status as the kernel gave it.
+    pub pid: u32,
+    pub exit_status: Option<i32>,
+    pub exit_signal: Option<i32>,
+    /// Its peak resident set size (`wait4`'s `ru_maxrss`), KiB.
+    pub max_rss_kib: u64,
+    /// From its start to the guest's first console line.
+    pub startup_ns: Option<u64>,
+    /// Over what the vCPU threads' counters were taken (docs/qemu.md): `guest_start_to_end` when the
+    /// guest's start and end lines came and the threads were read at each before the guest went on;
+    /// otherwise a note of what was missing.
+    pub counters_read: String,
 }
 
 impl VmStats {

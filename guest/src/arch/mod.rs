@@ -11,6 +11,7 @@
 //! [`idt::init`]).
 
 pub mod idt;
+pub mod pvh;
 
 use core::arch::{asm, global_asm};
 
@@ -31,6 +32,9 @@ pub mod layout {
     pub const IRQ_MASKED: usize = 0;
     /// In the per-vCPU data: a doorbell came while masked (set to 1 by the ring-0 stubs).
     pub const IRQ_PENDING: usize = 4;
+    /// In the per-vCPU data, at its page's end: u64, the halts the #GP stub executed (`hlt` that went
+    /// to the VMM or the kernel), which the guest reports under a foreign VMM (runtime::pvh).
+    pub const HALTS: usize = 0xff8;
     /// One page of ring-0 stack; its top is TSS.RSP0.
     pub const R0_STACK: usize = 0x5000;
     pub const R0_STACK_TOP: usize = 0x6000;
@@ -111,6 +115,7 @@ global_asm!(
     PERCPU_DATA = const layout::PERCPU_DATA,
     IRQ_MASKED = const layout::IRQ_MASKED,
     IRQ_PENDING = const layout::IRQ_PENDING,
+    HALTS = const layout::HALTS,
     TRIPLE_FAULT_MAGIC = const TRIPLE_FAULT_MAGIC,
     EXIT_EXCEPTION = const EXIT_EXCEPTION,
     MSR_X2APIC_EOI = const msr::X2APIC_EOI,
@@ -142,6 +147,14 @@ pub fn run_doorbell_handler() {
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O at ring 3, allowed by the TSS I/O bitmap; a port of quietvm's devices (or ignored).
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags)) };
+}
+
+#[inline(always)]
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as `outb`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nostack, preserves_flags)) };
+    value
 }
 
 /// A 32-bit `out`. Not `nomem`: quietvm's timer device reads and writes the device page during it.

@@ -133,6 +133,7 @@ quietvm_gp_stub:
     mov dword ptr [rax - {R0_STACK} + {PERCPU_DATA} + {IRQ_MASKED}], 0
     cmp dword ptr [rax - {R0_STACK} + {PERCPU_DATA} + {IRQ_PENDING}], 0
     jne 1f                                  // a doorbell came while masked: handle it now
+    inc qword ptr [rax - {R0_STACK} + {PERCPU_DATA} + {HALTS}]   // halts, for the guest's own count
     sti
     hlt                                     // sleeps in quietvm; the doorbell stub returns here
     cli

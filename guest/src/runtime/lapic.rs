@@ -29,9 +29,10 @@ static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// The TSC at guest time 0 (vCPU 0's, at its `init`; 0 until then).
 static TSC_BASE: AtomicU64 = AtomicU64::new(0);
 
-/// Whether the launch arguments ask for this backend (quietvm always passes `policy=`).
+/// Whether the launch arguments ask for this backend (quietvm always passes `policy=`), or the VM came
+/// in through the PVH entry (a foreign VMM: its in-kernel LAPIC is all there is).
 pub fn wanted() -> bool {
-    boot::arg("policy") == Some("kvm-lapic")
+    boot::arg("policy") == Some("kvm-lapic") || super::pvh::active()
 }
 
 /// Whether this backend is in use (set by `init` on every vCPU before its workload starts).

@@ -8,6 +8,7 @@
 //! - the timer device: its vocabulary (`timer_abi`), the LAPIC (`lapic`) and the software device on
 //!   it (`soft_timers`), the client (`device`), and going offline on a halt (`hotplug`);
 //! - waiting (`time`), and ending the VM (`vm`, which hands over the software device's report first);
+//! - under a foreign VMM (the PVH entry): the boot info, the other vCPUs' start and the end (`pvh`);
 //! - the doorbell handler (`doorbell`), which runs the sleep timers' callbacks and the workload's.
 //!
 //! `irq::unmask` runs the doorbell handler as the upcall trampoline does, through the symbol that
@@ -26,6 +27,7 @@ pub mod irq;
 pub mod lapic;
 pub mod mem;
 pub mod percpu;
+pub mod pvh;
 pub mod rand;
 pub mod soft_timers;
 pub mod sync;

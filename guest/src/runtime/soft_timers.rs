@@ -436,12 +436,11 @@ impl State {
     }
 }
 
-/// Fills the report page and hands its page number to quietvm (a 32-bit `out` to `report_port`).
-/// Called by the vCPU that ends the VM, just before it does.
-pub fn report() {
-    let Some(soft) = SOFT.try_get() else {
-        return;
-    };
+/// Fills the report page and hands its page number to quietvm (a 32-bit `out` to `report_port`), and
+/// returns it (`None` before the backend's set-up). Called by the vCPU that ends the VM, just before it
+/// does.
+pub fn report() -> Option<u32> {
+    let soft = SOFT.try_get()?;
     let info = boot::info();
     let now = lapic::now();
     // The VM is ending: a lock held elsewhere will be released soon, but one held by this very vCPU
@@ -494,8 +493,7 @@ pub fn report() {
     }
     // SeqCst: every store above comes before the `out` (which the compiler cannot see through).
     core::sync::atomic::fence(Ordering::SeqCst);
-    arch::outl(
-        info.report_port,
-        (r.as_ptr() as u64 >> abi::PAGE_SHIFT) as u32,
-    );
+    let page = (r.as_ptr() as u64 >> abi::PAGE_SHIFT) as u32;
+    arch::outl(info.report_port, page);
+    Some(page)
 }

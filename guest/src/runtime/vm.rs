@@ -15,10 +15,16 @@ pub const EXIT_BAD_BOOT: u32 = 93;
 
 /// Ends the VM with `code` (a 32-bit `out` to the exit port), and halts if quietvm does not stop at once.
 /// Under `policy=kvm-lapic` it first hands quietvm the software timers' figures, which quietvm cannot
-/// count itself there.
+/// count itself there; under a foreign VMM (PVH entry) it ends through `pvh::end`.
 pub fn exit(code: u32) -> ! {
-    if super::lapic::active() {
-        super::soft_timers::report();
+    let report = if super::lapic::active() {
+        super::soft_timers::report()
+    } else {
+        None
+    };
+    if super::pvh::active() {
+        // A foreign VMM has no report port: the launcher learns the page from the console.
+        super::pvh::end(code, report);
     }
     crate::arch::outl(boot::info().exit_port, code);
     halt_forever()

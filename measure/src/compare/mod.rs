@@ -53,6 +53,9 @@ pub struct CompareArgs {
     /// temporary file, so the optimum can be recomputed from outside.
     #[arg(long, value_name = "DIR", conflicts_with = "external")]
     pub keep_timer_logs: Option<PathBuf>,
+    /// For the qemu policy: the QEMU binary (default: qemu-system-x86_64 on PATH; docs/qemu.md).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
 }
 
 fn parse_policy(s: &str) -> Result<VmPolicy, String> {
@@ -147,6 +150,12 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
             source,
         })?;
     }
+    // Before any run: without QEMU the comparison could not be whole.
+    let qemu = if args.policies.contains(&VmPolicy::Qemu) {
+        Some(crate::qemu::find_qemu(args.qemu.as_deref())?)
+    } else {
+        None
+    };
     let total = args.repeat as usize * args.policies.len();
     let mut runs = Vec::with_capacity(total);
     for round in 0..args.repeat {
@@ -168,7 +177,14 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
                         false,
                     ),
                 });
-            let stats = run_one(&exe, config_path, &config, *policy, log.as_ref())?;
+            let stats = run_one(
+                &exe,
+                config_path,
+                &config,
+                *policy,
+                log.as_ref(),
+                qemu.as_deref(),
+            )?;
             let timer_log = match &log {
                 Some((path, keep)) => {
                     let s = timer_log::summarize_file(path);
@@ -208,15 +224,18 @@ fn run_one(
     config: &VmConfig,
     policy: VmPolicy,
     timer_log: Option<&(PathBuf, bool)>,
+    qemu: Option<&Path>,
 ) -> Result<VmStats, CompareError> {
     let json = std::env::temp_dir().join(format!(
         "quietvm-compare-{}-{policy}.json",
         std::process::id()
     ));
     let mut cmd = Command::new(exe);
-    cmd.arg("run")
-        .arg(config_path)
-        .args(["--policy", &policy.to_string()])
+    cmd.arg("run").arg(config_path);
+    if let (VmPolicy::Qemu, Some(qemu)) = (policy, qemu) {
+        cmd.arg("--qemu").arg(qemu);
+    }
+    cmd.args(["--policy", &policy.to_string()])
         .args(["--duration-ms", &config.duration_ms.to_string()])
         .args(["--timer-slack-ns", &config.timer_slack_ns.to_string()])
         .arg("--quiet")
@@ -252,6 +271,8 @@ pub enum CompareError {
     NoRounds,
     #[error("--policies needs at least one policy")]
     NoPolicies,
+    #[error(transparent)]
+    Qemu(#[from] crate::qemu::QemuError),
     #[error("cannot find the quietvm binary: {0}")]
     NoBinary(#[source] std::io::Error),
     #[error("cannot start quietvm run: {0}")]

@@ -37,7 +37,7 @@ pub struct FleetArgs {
     /// How many VMs to run.
     #[arg(long)]
     pub vms: u32,
-    /// Run every VM with this policy (local, push, pull or kvm-lapic) instead of its config's.
+    /// Run every VM with this policy (local, push, pull, kvm-lapic or qemu) instead of its config's.
     #[arg(long, value_parser = parse_policy)]
     pub policy: Option<VmPolicy>,
     /// Run this workload of the built-in guest in every VM instead of its config's (e.g. `hello`,
@@ -67,6 +67,9 @@ pub struct FleetArgs {
     /// Write every per-VM figure and the aggregate as JSON (docs/fleet.md).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// With --policy qemu: the QEMU binary (default: qemu-system-x86_64 on PATH; docs/qemu.md).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
 }
 
 fn parse_policy(s: &str) -> Result<VmPolicy, String> {
@@ -159,6 +162,10 @@ struct Finished {
 /// to its console), the sampler thread (periodically) and the main thread (at the end).
 struct Watch {
     pid: u32,
+    /// The VM runs under QEMU (`--policy qemu`): its memory is QEMU's, a child of `pid`, found on the
+    /// first sample that sees it (0 until then).
+    qemu: bool,
+    qemu_pid: std::sync::atomic::AtomicU32,
     /// `--sample-ms` is not 0.
     enabled: bool,
     /// Set by the reader thread once the VM's standard output closed (it is exiting): no more samples.
@@ -177,7 +184,21 @@ impl Watch {
         if !self.enabled || self.exiting.load(Ordering::Acquire) {
             return;
         }
-        if let Some(s) = procfs::sample(self.pid) {
+        let pid = if self.qemu {
+            match self.qemu_pid.load(Ordering::Acquire) {
+                0 => match procfs::child_named(self.pid, "qemu-system") {
+                    Some(child) => {
+                        self.qemu_pid.store(child, Ordering::Release);
+                        child
+                    }
+                    None => return,
+                },
+                child => child,
+            }
+        } else {
+            self.pid
+        };
+        if let Some(s) = procfs::sample(pid) {
             let mut sampled = self.sampled.lock().unwrap_or_else(|e| e.into_inner());
             sampled.count += 1;
             // Keep the last sample that found the guest mapping (guest memory only grows).
@@ -273,6 +294,8 @@ pub enum FleetError {
     },
     #[error("cannot install the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Qemu(#[from] crate::qemu::QemuError),
 }
 
 /// Runs the fleet and measures it.
@@ -287,6 +310,9 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, FleetError> {
         if v > MAX_PERIOD_MS {
             return Err(FleetError::Period(flag));
         }
+    }
+    if args.policy == Some(VmPolicy::Qemu) {
+        crate::qemu::find_qemu(args.qemu.as_deref())?;
     }
     let exe = std::env::current_exe().map_err(FleetError::NoBinary)?;
     remove_stale_dirs();
@@ -358,6 +384,7 @@ pub fn run(args: &FleetArgs) -> Result<FleetReport, FleetError> {
             let i = launched;
             launched += 1;
             let vm = VmLaunch {
+                qemu: args.policy == Some(VmPolicy::Qemu),
                 index: i,
                 command: command(args, &exe, i, &files[i]),
                 stderr: files[i].stderr.clone(),
@@ -486,6 +513,9 @@ fn command(args: &FleetArgs, exe: &Path, i: usize, files: &VmFiles) -> Command {
     if let Some(p) = args.policy {
         cmd.args(["--policy", &p.to_string()]);
     }
+    if let (Some(VmPolicy::Qemu), Some(q)) = (args.policy, &args.qemu) {
+        cmd.arg("--qemu").arg(q);
+    }
     if let Some(w) = &args.workload {
         cmd.args(["--workload", w]);
     }
@@ -512,6 +542,8 @@ fn command(args: &FleetArgs, exe: &Path, i: usize, files: &VmFiles) -> Command {
 
 /// Everything a VM's thread needs.
 struct VmLaunch {
+    /// Under `--policy qemu` (the memory to sample is QEMU's).
+    qemu: bool,
     index: usize,
     command: Command,
     stderr: PathBuf,
@@ -554,6 +586,8 @@ impl VmLaunch {
         });
         let watch = Arc::new(Watch {
             pid,
+            qemu: self.qemu,
+            qemu_pid: std::sync::atomic::AtomicU32::new(0),
             enabled: self.registry.is_some(),
             exiting: AtomicBool::new(false),
             sampled: Mutex::default(),
@@ -704,5 +738,9 @@ fn collect(rec: &mut VmRecord, files: &VmFiles) {
         });
     }
     rec.stats = stats.ok();
+    // Under QEMU the process fleet started is quietvm's launcher; the VM's own peak is QEMU's.
+    if let Some(peer) = rec.stats.as_ref().and_then(|s| s.peer.as_ref()) {
+        rec.max_rss_kib = Some(peer.max_rss_kib);
+    }
     rec.derive();
 }

@@ -47,7 +47,7 @@ pub fn parse_smaps(text: &str) -> Option<MemSample> {
     for line in text.lines() {
         if let Some(path) = mapping_path(line) {
             mappings += 1;
-            in_candidate = path == guest_path;
+            in_candidate = is_guest_memory(path, &guest_path);
             if in_candidate {
                 candidates += 1;
             }
@@ -81,6 +81,28 @@ pub fn parse_smaps(text: &str) -> Option<MemSample> {
         s.guest_pss_kib = Some(guest.1);
     }
     Some(s)
+}
+
+/// The first child of process `pid` whose name starts with `prefix` (`/proc/PID/task/PID/children`).
+pub fn child_named(pid: u32, prefix: &str) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .find(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/comm"))
+                .is_ok_and(|n| n.trim_end().starts_with(prefix))
+        })
+}
+
+/// Whether a mapping's path is guest memory: quietvm's memory file, or the file QEMU keeps guest memory
+/// in under `--policy qemu` (docs/qemu.md).
+fn is_guest_memory(path: &str, quietvm_guest: &str) -> bool {
+    path == quietvm_guest
+        || std::path::Path::new(path)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(crate::qemu::MEMORY_FILE_PREFIX))
 }
 
 /// `start-end perms offset dev inode [path]`: the mapping's path (empty for an anonymous mapping;
@@ -156,6 +178,17 @@ Anonymous:             8 kB
         assert_eq!(s.anon_kib, 256 + 8 + 8);
         assert_eq!(s.guest_rss_kib, Some(280));
         assert_eq!(s.guest_pss_kib, Some(280));
+    }
+
+    #[test]
+    fn qemu_s_guest_memory_file_is_the_guest_mapping_too() {
+        let qemu = SMAPS.replace(
+            "/memfd:quietvm-guest (deleted)",
+            "/dev/shm/quietvm-qemu-mem-4242-0.mem",
+        );
+        assert_eq!(parse_smaps(&qemu).unwrap().guest_rss_kib, Some(280));
+        let other = SMAPS.replace("/memfd:quietvm-guest (deleted)", "/dev/shm/other.mem");
+        assert_eq!(parse_smaps(&other).unwrap().guest_rss_kib, None);
     }
 
     #[test]

@@ -426,6 +426,7 @@ mod tests {
             timers: Default::default(),
             console_dropped_bytes: 0,
             per_fired_timer: None,
+            peer: None,
         });
         a.max_rss_kib = Some(5000);
         a.memory = Some(MemSample {

@@ -81,6 +81,7 @@ impl<D: ModeParts> VmHandle<D> {
             timers: self.shared.device.live_timers(now),
             console_dropped_bytes: self.shared.serial.dropped_bytes(),
             per_fired_timer: None,
+            peer: None,
         };
         stats.per_fired_timer =
             crate::stats::PerFiredTimer::of(&stats.vcpus, user + system, stats.timers.fired);

@@ -10,6 +10,11 @@ use super::layout::IMAGE_BASE;
 /// The built-in test guest, built from `guest/` by build.rs.
 static BUILTIN_GUEST: &[u8] = include_bytes!(env!("QUIETVM_GUEST_ELF"));
 
+/// The built-in test guest's ELF, as built (for a VMM that loads it itself: `quietvm run --policy qemu`).
+pub fn builtin_guest_elf() -> &'static [u8] {
+    BUILTIN_GUEST
+}
+
 /// Why a guest file cannot be run.
 #[derive(Debug, Error)]
 pub enum ImageError {

@@ -189,6 +189,35 @@ fn no_timer_device(index: u32) -> Outcome {
     ))
 }
 
+/// Reads the guest's timer report from a file that held a VM's guest memory from address 0 (QEMU's
+/// file memory backend, docs/qemu.md; open for reading and writing, as vm-memory maps it shared), after
+/// the VM ended: the timer figures and, per vCPU, (timers fired there, of those armed on another
+/// vCPU). Checked as strictly as quietvm's own.
+pub fn read_report_file(
+    file: std::fs::File,
+    mem_size: u64,
+    page: u32,
+    vcpus: u32,
+) -> Result<(TimerStats, Vec<(u64, u64)>), String> {
+    let len = file
+        .metadata()
+        .map_err(|e| format!("the guest memory file: {e}"))?
+        .len();
+    if len < mem_size {
+        return Err(format!(
+            "the guest memory file holds {len} bytes, not the guest's {mem_size}"
+        ));
+    }
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+        GuestAddress(0),
+        mem_size as usize,
+        Some(vm_memory::FileOffset::new(file, 0)),
+    )])
+    .map_err(|e| format!("cannot map the guest memory file: {e}"))?;
+    let report = GuestReport::read(&mem, page, vcpus)?;
+    Ok((report.timers, report.per_vcpu))
+}
+
 /// The guest's timer report (docs/boot.md, "The timer report").
 struct GuestReport {
     timers: TimerStats,

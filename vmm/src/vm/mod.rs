@@ -37,7 +37,8 @@ use crate::sys::kvm::KvmError;
 use crate::sys::os::{monotonic_ns, set_minimal_timer_slack};
 use control::{ModeParts, VmHandle};
 use event_loop::{EventLoop, LoopOptions};
-pub use guest_image::{GuestImage, ImageError};
+pub use guest_image::{builtin_guest_elf, GuestImage, ImageError};
+pub use in_kernel_lapic::read_report_file;
 use kicks::VcpuKicks;
 use layout::Layout;
 use vcpu_thread::VcpuThread;
@@ -798,6 +799,7 @@ fn vm_stats(cfg: &VmConfig, ended: Ended, timers: TimerStats) -> VmStats {
         vcpus: ended.vcpus,
         timers,
         console_dropped_bytes: ended.console_dropped_bytes,
+        peer: None,
     };
     // Every exit quietvm counts, KVM counts too: a difference is a bug in quietvm's accounting.
     for m in stats.kvm_exit_mismatches() {
@@ -887,6 +889,12 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
                 log::warn!("timer-slack-ns has no effect under kvm-lapic (the LAPIC has no slack)");
             }
             return in_kernel_lapic::run_vm(cfg, opts, &image, &layout);
+        }
+        VmPolicy::Qemu => {
+            return Err(VmmError::Setup(
+                "policy qemu runs the guest under QEMU, not in quietvm's VMM (quietvm run --policy qemu)"
+                    .into(),
+            ))
         }
     };
     // Opened before any vCPU runs, so a path that cannot be written fails the run at once.

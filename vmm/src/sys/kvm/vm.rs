@@ -104,6 +104,15 @@ impl KvmVm {
         })
     }
 
+    /// The TSC frequency KVM gives a new VM's vCPUs on this host (`KVM_GET_TSC_KHZ` of a throw-away
+    /// one-vCPU VM): what another VMM on the same KVM gives its guest unless told otherwise (the
+    /// `qemu` policy passes it on the guest's command line).
+    pub fn host_tsc_khz() -> Result<u32, KvmError> {
+        let vm = Self::create(2 << 20)?;
+        let vcpu = vm.create_vcpu(0)?;
+        vcpu.tsc_khz()
+    }
+
     /// The most vCPUs KVM allows in one VM.
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
