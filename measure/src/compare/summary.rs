@@ -357,7 +357,12 @@ pub fn render(cmp: &Comparison) -> String {
     let _ = writeln!(out, "VM exits per run, by reason (medians):");
     for s in &cmp.summary {
         let exits: Vec<String> = s.exits.iter().map(|(k, n)| format!("{k} {n:.0}")).collect();
-        let _ = writeln!(out, "  {:<10} {}", s.policy, exits.join(", "));
+        let exits = if exits.is_empty() {
+            "none seen by quietvm (another VMM's)".to_owned()
+        } else {
+            exits.join(", ")
+        };
+        let _ = writeln!(out, "  {:<10} {exits}", s.policy);
     }
     let x = &cmp.cross_check;
     if x.flagged.is_empty() {
