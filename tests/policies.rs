@@ -66,21 +66,28 @@ fn pull_never_wakes_a_halted_vcpu_for_a_movable_timer_while_vcpu0_runs() {
 #[test]
 fn local_wakes_each_halted_vcpu_about_once_per_timer_and_does_the_same_work_as_pull() {
     let local = idle_movable("local");
+    let (mut all_woke, mut all_fired) = (0, 0);
     for v in &vcpus(&local)[1..] {
         let fired = u64_of(&v["timers_fired"]);
         let woke = cause(v, "own_movable_timer");
         assert!(fired > 20, "vCPU {} fired only {fired}", v["index"]);
-        // One wakeup per expiry, fewer only where two of its timers fell due together. How often
-        // they do depends on how slow the host is (a callback costs several exits): on a loaded
-        // 2-core host the vCPU with the shortest periods measured 0.57-0.67 wakeups per timer (the
-        // same before and after the timer device owned the halt protocol), so the bound is 1/2,
-        // still three orders of magnitude above pull's.
+        // One wakeup per expiry, fewer only where two of its timers fell due together or while it
+        // was still awake with a callback (a callback costs several exits). The vCPU with the
+        // shortest periods measured 0.57-0.67 wakeups per timer on a loaded host, and 0.42-0.50 on a
+        // quiet one once the guest's callbacks also checked each timer's window (1 Dec 2026): a
+        // bound of 1/3 per vCPU and 1/2 over all of them, still orders of magnitude above pull's.
         assert!(
-            woke <= fired && woke * 2 >= fired,
+            woke <= fired && woke * 3 >= fired,
             "vCPU {}: {woke} wakeups for {fired} timers",
             v["index"]
         );
+        all_woke += woke;
+        all_fired += fired;
     }
+    assert!(
+        all_woke * 2 >= all_fired,
+        "halted vCPUs: {all_woke} wakeups for {all_fired} timers"
+    );
     assert_wakeups_match_kernel(&local, 3);
     let pull = idle_movable("pull");
     let (a, b) = (
