@@ -7,21 +7,13 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{quietvm, run, u64_of, Run};
+use common::{quietvm, run, u64_of, Run, TIMER_WORKLOADS};
 use serde_json::Value;
 
 /// Every workload with timers, plus `hello` (no timers at all).
-const WORKLOADS: [&str; 9] = [
-    "timers",
-    "idle-movable",
-    "all-idle",
-    "mixed",
-    "rearm-heavy",
-    "ping-pong",
-    "cancel-race",
-    "abi-check",
-    "hello",
-];
+fn workloads() -> impl Iterator<Item = &'static str> {
+    std::iter::once("hello").chain(TIMER_WORKLOADS)
+}
 
 /// Keeps this file's one run outside `common::run` (it needs its own `--timeout-ms`) away from the run
 /// that counts wakeups.
@@ -64,7 +56,7 @@ fn lapic(workload: &str, vcpus: u32, duration_ms: u32) -> Run {
 }
 
 fn all_workloads_pass_on(vcpu_count: u32) {
-    for w in WORKLOADS {
+    for w in workloads() {
         let r = lapic(w, vcpu_count, 300);
         if w != "hello" {
             // The guest's own figures reached quietvm.

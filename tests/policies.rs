@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_wakeups_match_kernel, run, u64_of, Run};
+use common::{assert_wakeups_match_kernel, run, u64_of, Run, TIMER_WORKLOADS};
 use serde_json::Value;
 
 fn vcpus(r: &Run) -> &Vec<Value> {
@@ -166,18 +166,8 @@ fn push_places_timers_armed_from_idle_vcpus_on_the_busy_one() {
 /// Every workload passes its own in-guest checks under every policy. `extra` sizes the load to the
 /// host (two cores, ~45 us per exit here): the periodic checks are timing checks a starved host fails.
 fn all_workloads(vcpus: &str, duration: &str, extra: &[&str]) {
-    let workloads = [
-        "timers",
-        "idle-movable",
-        "all-idle",
-        "mixed",
-        "rearm-heavy",
-        "ping-pong",
-        "cancel-race",
-        "abi-check",
-    ];
     for policy in ["local", "push", "pull"] {
-        for w in workloads {
+        for w in TIMER_WORKLOADS {
             let mut args = vec![
                 "--workload",
                 w,

@@ -4,22 +4,14 @@
 
 mod common;
 
-use common::{quietvm, raw, run, u64_of, Run};
+use common::{quietvm, raw, run, u64_of, Run, TIMER_WORKLOADS};
 use serde_json::Value;
 
 /// Every workload that makes sense without quietvm's timer device (not hotplug, which needs it; not
 /// replay, which needs a payload; not the crash and hang workloads, tested below).
-const WORKLOADS: [&str; 9] = [
-    "hello",
-    "timers",
-    "idle-movable",
-    "all-idle",
-    "mixed",
-    "rearm-heavy",
-    "ping-pong",
-    "cancel-race",
-    "abi-check",
-];
+fn workloads() -> impl Iterator<Item = &'static str> {
+    std::iter::once("hello").chain(TIMER_WORKLOADS)
+}
 
 fn vcpus(r: &Run) -> &Vec<Value> {
     r.stats()["vcpus"].as_array().unwrap()
@@ -78,7 +70,7 @@ fn qemu(workload: &str, vcpu_count: u32, duration_ms: u32) -> Run {
 }
 
 fn all_workloads_pass_on(vcpu_count: u32) {
-    for w in WORKLOADS {
+    for w in workloads() {
         let r = qemu(w, vcpu_count, 300);
         if w != "hello" {
             // The guest's report came back through QEMU's memory file.

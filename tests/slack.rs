@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{assert_wakeups_match_kernel, raw, run, u64_of, Run};
+use common::{assert_wakeups_match_kernel, raw, run, u64_of, Run, TIMER_WORKLOADS};
 use serde_json::Value;
 
 /// `quietvm run ARGS`, expected to pass its guest checks with nothing fired early.
@@ -52,21 +52,11 @@ fn every_timer_workload_passes_its_checks_with_slack_under_every_policy() {
         format!("vcpus = 2\nworkload = \"replay\"\npayload = {payload:?}\n"),
     )
     .unwrap();
-    let workloads = [
-        "timers",
-        "idle-movable",
-        "all-idle",
-        "mixed",
-        "rearm-heavy",
-        "ping-pong",
-        "cancel-race",
-        "never-ack",
-        "hotplug",
-        "abi-check",
-        "replay",
-    ];
+    let workloads = TIMER_WORKLOADS
+        .iter()
+        .chain(&["never-ack", "hotplug", "replay"]);
     for policy in ["local", "push", "pull"] {
-        for w in workloads {
+        for &w in workloads.clone() {
             let mut args: Vec<&str> = Vec::new();
             if w == "replay" {
                 args.push(replay_cfg.to_str().unwrap());

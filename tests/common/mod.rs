@@ -98,6 +98,21 @@ fn finish(out: Output, stats: Option<Value>) -> Run {
     }
 }
 
+/// The built-in workloads that arm timers and end by themselves with their checks (docs/guest.md):
+/// every policy must pass them. Not `hotplug` (it needs the timer device's hotplug), `never-ack`,
+/// `triple-fault` (they end badly on purpose) or `replay` (it needs a payload).
+#[allow(dead_code)] // not every test binary uses it
+pub const TIMER_WORKLOADS: [&str; 8] = [
+    "timers",
+    "idle-movable",
+    "all-idle",
+    "mixed",
+    "rearm-heavy",
+    "ping-pong",
+    "cancel-race",
+    "abi-check",
+];
+
 pub fn u64_of(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
