@@ -88,6 +88,12 @@ pub struct PolicySummary {
     /// the end of their window (counted, not hidden).
     pub log_fired_early: u64,
     pub log_fired_after_window: u64,
+    /// What one fired timer cost, per run (`VmStats::per_fired_timer`): exits that reached quietvm,
+    /// every exit KVM took (null where KVM's figures are missing: `qemu`), and the VMM's CPU in us
+    /// (`cpu user + cpu sys` over fired; for `qemu`, QEMU's).
+    pub exits_per_fired_timer: Option<Spread>,
+    pub kvm_exits_per_fired_timer: Option<Spread>,
+    pub vmm_cpu_us_per_fired_timer: Spread,
 }
 
 /// One vCPU whose counts disagree.
@@ -240,9 +246,30 @@ pub fn summarize(policies: &[String], runs: &[RunRecord]) -> Vec<PolicySummary> 
                 wakeups_per_optimum: (!ratios.is_empty()).then(|| Spread::of(ratios)),
                 log_fired_early: logs.iter().map(|(_, l)| l.early).sum(),
                 log_fired_after_window: logs.iter().map(|(_, l)| l.after_window).sum(),
+                exits_per_fired_timer: spread_of_some(
+                    all.iter()
+                        .map(|s| s.per_fired_timer.as_ref().map(|p| p.exits)),
+                ),
+                kvm_exits_per_fired_timer: spread_of_some(
+                    all.iter()
+                        .map(|s| s.per_fired_timer.as_ref().and_then(|p| p.kvm_exits)),
+                ),
+                vmm_cpu_us_per_fired_timer: per(&|s| {
+                    (s.process_user_ns + s.process_system_ns) as f64
+                        / 1e3
+                        / s.timers.fired.max(1) as f64
+                }),
             }
         })
         .collect()
+}
+
+/// The spread of the runs' values, `None` unless every run has one.
+fn spread_of_some(values: impl Iterator<Item = Option<f64>>) -> Option<Spread> {
+    values
+        .collect::<Option<Vec<f64>>>()
+        .filter(|v| !v.is_empty())
+        .map(Spread::of)
 }
 
 /// Flags every vCPU whose quietvm count and kernel count differ by more than 5% (and more than 2).
@@ -363,6 +390,24 @@ pub fn render(cmp: &Comparison) -> String {
             exits.join(", ")
         };
         let _ = writeln!(out, "  {:<10} {exits}", s.policy);
+    }
+    let _ = writeln!(
+        out,
+        "per fired timer (medians): exits that reached quietvm / every exit KVM took / VMM CPU"
+    );
+    for s in &cmp.summary {
+        let or_dash = |x: &Option<Spread>| {
+            x.as_ref()
+                .map_or("-".to_owned(), |x| format!("{:.2}", x.median))
+        };
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>6} / {:>6} / {:.0} us",
+            s.policy,
+            or_dash(&s.exits_per_fired_timer),
+            or_dash(&s.kvm_exits_per_fired_timer),
+            s.vmm_cpu_us_per_fired_timer.median
+        );
     }
     let x = &cmp.cross_check;
     if x.flagged.is_empty() {
