@@ -172,7 +172,7 @@ pub fn create_book() -> &'static Book {
     let info = boot::info();
     let slots = arena::alloc::<Slot>(info.max_timers as usize);
     let counters = arena::alloc::<Counters>(info.vcpus as usize);
-    let slack_pct = crate::workloads::arg_u64("slack_pct", 0);
+    let slack_pct = vm::arg_u64("slack_pct", 0);
     if slack_pct > 100 {
         vm::usage_error(format_args!(
             "guest: slack_pct={} is not a percentage (0..=100)",

@@ -26,3 +26,11 @@ pub fn go_offline_if_asked() {
         s => panic!("OFFLINE_ACK answered {}", status::name(s)),
     }
 }
+
+/// Stops this vCPU for good, leaving the others running (it still leaves when asked to go offline).
+pub fn halt_forever() -> ! {
+    loop {
+        go_offline_if_asked();
+        crate::arch::unmask_and_halt();
+    }
+}

@@ -32,7 +32,7 @@ static TSC_BASE: AtomicU64 = AtomicU64::new(0);
 /// Whether the launch arguments ask for this backend (quietvm always passes `policy=`), or the VM came
 /// in through the PVH entry (a foreign VMM: its in-kernel LAPIC is all there is).
 pub fn wanted() -> bool {
-    boot::arg("policy") == Some("kvm-lapic") || super::pvh::active()
+    boot::arg("policy") == Some("kvm-lapic") || crate::arch::pvh::booted()
 }
 
 /// Whether this backend is in use (set by `init` on every vCPU before its workload starts).

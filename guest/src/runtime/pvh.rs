@@ -224,7 +224,7 @@ pub fn end(code: u32, report_page: Option<u32>) -> ! {
     println!();
     let _ = wait_for_launcher();
     arch::outl(info.exit_port, code);
-    super::vm::halt_forever()
+    super::hotplug::halt_forever()
 }
 
 /// Waits for one byte on the UART (the launcher read the host's counters), for `ACK_WAIT_MS` at most;

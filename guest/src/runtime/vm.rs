@@ -22,7 +22,7 @@ pub fn exit(code: u32) -> ! {
     } else {
         None
     };
-    if super::pvh::active() {
+    if crate::arch::pvh::booted() {
         // A foreign VMM has no report port: the launcher learns the page from the console.
         super::pvh::end(code, report);
     }
@@ -40,10 +40,15 @@ pub fn usage_error(message: core::fmt::Arguments) -> ! {
     halt_forever()
 }
 
-/// Stops this vCPU for good, leaving the others running.
-pub fn halt_forever() -> ! {
-    loop {
-        super::hotplug::go_offline_if_asked();
-        crate::arch::unmask_and_halt();
-    }
+pub use super::hotplug::halt_forever;
+
+/// A numeric launch argument (decimal, or hex with `0x`), `default` if absent; a malformed one ends the
+/// VM with a usage error.
+pub fn arg_u64(key: &str, default: u64) -> u64 {
+    boot::arg_u64(key, default).unwrap_or_else(|text| {
+        usage_error(format_args!(
+            "guest: argument {}={} is not a number",
+            key, text
+        ))
+    })
 }

@@ -62,16 +62,7 @@ impl Env {
     }
 }
 
-/// A numeric launch argument (decimal, or hex with `0x`), `default` if absent; a malformed one ends the
-/// VM with a usage error.
-pub fn arg_u64(key: &str, default: u64) -> u64 {
-    boot::arg_u64(key, default).unwrap_or_else(|text| {
-        vm::usage_error(format_args!(
-            "guest: argument {}={} is not a number",
-            key, text
-        ))
-    })
-}
+pub use crate::runtime::vm::arg_u64;
 
 struct Workload {
     name: &'static str,
