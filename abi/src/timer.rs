@@ -122,8 +122,11 @@ pub const MAX_SLACK_NS: u64 = 1_000_000_000;
 
 /// Not a wire value: how far past the end of its window (`deadline + slack`) a firing may be before
 /// quietvm's statistics (`late_beyond_window`) and the built-in guest count it as late beyond its
-/// window (100 us: a wakeup, a doorbell injection and a `POP` on a loaded host).
-pub const WINDOW_TOLERANCE_NS: u64 = 100_000;
+/// window: 1 ms, the p99 of delivery on this project's nested development host (a wakeup, a doorbell
+/// injection and a `POP`, several exits of 12-45 us each: `quietvm run configs/quickstart.toml`
+/// measured lateness p50 172 us, p99 965 us with slack 0), so that the figure flags windows not
+/// honoured rather than every ordinary delivery. Lateness itself is reported in full.
+pub const WINDOW_TOLERANCE_NS: u64 = 1_000_000;
 
 // `control` values (docs/api.md, vCPU hotplug); quietvm rings the doorbell when it changes the word.
 /// Nothing requested.
