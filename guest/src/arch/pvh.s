@@ -56,7 +56,8 @@ quietvm_pvh_start:
     cli
     cld
     mov dword ptr [quietvm_pvh_booted], 1
-    // hvm_start_info: +0x18 cmdline_paddr, +0x38 memmap_paddr, +0x40 memmap_entries (version >= 1).
+    // hvm_start_info: +0x18 cmdline_paddr, +0x28 memmap_paddr, +0x30 memmap_entries (version >= 1;
+    // after +0x20 rsdp_paddr, as Xen's public start_info.h lays it out).
     // Addresses below 4 GiB: only their low halves are used.
     mov esi, [ebx + 0x18]
     test esi, esi
@@ -67,14 +68,14 @@ quietvm_pvh_start:
 1:
     cmp dword ptr [ebx + 4], 1
     jb 2f
-    mov ecx, [ebx + 0x40]
+    mov ecx, [ebx + 0x30]
     cmp ecx, {MEMMAP_MAX}
     jbe 3f
     mov ecx, {MEMMAP_MAX}
 3:
     mov [quietvm_pvh_memmap_entries], ecx
     imul ecx, ecx, 24
-    mov esi, [ebx + 0x38]
+    mov esi, [ebx + 0x28]
     mov edi, offset quietvm_pvh_memmap
     rep movsb
 2:
