@@ -70,6 +70,7 @@ extern "C" {
     static quietvm_pvh_memmap_entries: u32;
     static quietvm_pvh_cmdline: [u8; CMDLINE_SIZE];
     static quietvm_pvh_memmap: [MemmapEntry; MEMMAP_MAX];
+    static quietvm_pvh_module: [u64; 2];
     static quietvm_ap_trampoline: u8;
     static quietvm_ap_trampoline_end: u8;
 }
@@ -96,6 +97,13 @@ pub fn memmap() -> &'static [MemmapEntry] {
             .min(MEMMAP_MAX);
         &quietvm_pvh_memmap[..n]
     }
+}
+
+/// The first module the VMM passed (`-initrd`): its guest-physical address and size, if any.
+pub fn module() -> Option<(u64, u64)> {
+    // SAFETY: written once by the 32-bit entry, read-only since.
+    let [base, len] = unsafe { core::ptr::read_volatile(&raw const quietvm_pvh_module) };
+    (base != 0 && len != 0).then_some((base, len))
 }
 
 /// The real-mode trampoline's code, for copying to [`TRAMPOLINE`].

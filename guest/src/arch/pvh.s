@@ -24,8 +24,10 @@
 .section .bss.pvh, "aw", @nobits
 .balign 8
 .global quietvm_pvh_booted, quietvm_pvh_cmdline, quietvm_pvh_memmap, quietvm_pvh_memmap_entries
+.global quietvm_pvh_module
 quietvm_pvh_booted: .space 4
 quietvm_pvh_memmap_entries: .space 4
+quietvm_pvh_module: .space 16              // the first module's paddr and size (the payload)
 quietvm_pvh_cmdline: .space {CMDLINE_SIZE}
 quietvm_pvh_memmap: .space {MEMMAP_MAX} * 24
 
@@ -66,6 +68,22 @@ quietvm_pvh_start:
     mov ecx, {CMDLINE_SIZE} - 1             // the last byte stays 0; ring 3 stops at the first NUL
     rep movsb
 1:
+    // +0x0c nr_modules, +0x10 modlist_paddr: the first module (paddr, size; 32 bytes each) is the
+    // payload (`-initrd`). It stays where the VMM put it; only its place is copied.
+    cmp dword ptr [ebx + 0x0c], 0
+    je 4f
+    mov esi, [ebx + 0x10]
+    test esi, esi
+    jz 4f
+    mov eax, [esi]
+    mov [quietvm_pvh_module], eax
+    mov eax, [esi + 4]
+    mov [quietvm_pvh_module + 4], eax
+    mov eax, [esi + 8]
+    mov [quietvm_pvh_module + 8], eax
+    mov eax, [esi + 12]
+    mov [quietvm_pvh_module + 12], eax
+4:
     cmp dword ptr [ebx + 4], 1
     jb 2f
     mov ecx, [ebx + 0x30]

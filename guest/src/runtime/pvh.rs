@@ -102,7 +102,26 @@ pub fn fill_boot_info(info: &mut BootInfo) -> Result<(), BootError> {
     };
     let percpu_base = info.percpu_base; // the entry's, where vCPU 0's stack already is
     let device_pages = percpu_base + PERCPU_SIZE * vcpus;
-    let free_base = device_pages + PAGE_SIZE * vcpus;
+    let mut free_base = device_pages + PAGE_SIZE * vcpus;
+    // The payload (`-initrd`, the replay workload's), which the VMM loaded near the top of RAM, is
+    // copied to where quietvm puts it: just below free memory (docs/boot.md).
+    let (payload_base, payload_len) = match pvh::module() {
+        None => (0, 0),
+        Some((base, len)) => {
+            let to = free_base;
+            let end = to.checked_add(len).ok_or("the module's size overflows")?;
+            if base < end || base.checked_add(len).is_none_or(|e| e > mem_size) {
+                return Err("the module (-initrd) is not in RAM above the guest's own memory");
+            }
+            // SAFETY: both ranges are guest RAM, identity-mapped and user-accessible by the entry's
+            // page tables, and disjoint (checked above); nothing else uses either yet.
+            unsafe {
+                core::ptr::copy_nonoverlapping(base as *const u8, to as *mut u8, len as usize)
+            };
+            free_base = end.next_multiple_of(PAGE_SIZE);
+            (to, len)
+        }
+    };
     if mem_size < free_base + (1 << 20) {
         return Err("too little RAM below 4 GiB (no memory map, and no or a small mem_mib=)");
     }
@@ -129,8 +148,8 @@ pub fn fill_boot_info(info: &mut BootInfo) -> Result<(), BootError> {
         tsc_khz: u32::try_from(tsc_khz).map_err(|_| "tsc_khz= is too large")?,
         report_port: ports::REPORT_PORT,
         reserved2: 0,
-        payload_base: 0,
-        payload_len: 0,
+        payload_base,
+        payload_len,
     };
     Ok(())
 }

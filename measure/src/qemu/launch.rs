@@ -32,6 +32,8 @@ pub struct Launch {
     pub cmdline: String,
     /// The VM's name (`-name`), which also turns on QEMU's thread names.
     pub name: String,
+    /// The config's payload (`-initrd`: a PVH module, which the guest takes as its payload).
+    pub initrd: Option<PathBuf>,
 }
 
 /// QEMU's command line, program first (docs/qemu.md explains each part): a `microvm` with no
@@ -65,6 +67,9 @@ pub fn argv(l: &Launch) -> Vec<String> {
     push(&["-name", &format!("{},debug-threads=on", l.name)]);
     push(&["-kernel", &l.kernel.display().to_string()]);
     push(&["-append", &l.cmdline]);
+    if let Some(initrd) = &l.initrd {
+        push(&["-initrd", &initrd.display().to_string()]);
+    }
     v
 }
 
@@ -172,7 +177,16 @@ mod tests {
             memory_mib: 256,
             cmdline: "workload=idle-movable seed=1".into(),
             name: "quietvm-1-0".into(),
+            initrd: None,
         }
+    }
+
+    #[test]
+    fn a_payload_goes_as_initrd_and_nothing_else_does() {
+        let mut l = launch();
+        assert!(!argv(&l).iter().any(|w| w == "-initrd"));
+        l.initrd = Some("/tmp/trace.qvrp".into());
+        assert_eq!(after(&argv(&l), "-initrd"), "/tmp/trace.qvrp");
     }
 
     /// The value after `flag` in `argv`.

@@ -138,6 +138,7 @@ pub fn run_vm(cfg: &VmConfig, qemu: Option<&Path>, echo: bool) -> Result<VmStats
         memory_mib: cfg.memory_mib,
         cmdline: guest_cmdline(cfg, tsc_khz),
         name: format!("quietvm-{id}"),
+        initrd: cfg.payload.clone(),
     };
     let command_line = argv(&launch);
     let mut cmd = Command::new(&command_line[0]);
@@ -298,8 +299,16 @@ fn check_config(cfg: &VmConfig) -> Result<(), QemuError> {
     if cfg.vcpus_online.is_some_and(|k| k != cfg.vcpus) {
         return no("vCPU hotplug (--vcpus-online) needs quietvm's timer device");
     }
-    if cfg.payload.is_some() {
-        return no("a payload file (the replay workload) is not passed to QEMU");
+    if let Some(path) = &cfg.payload {
+        // Bounded as quietvm bounds it: QEMU reads the file whole.
+        let meta = std::fs::metadata(path).map_err(|source| QemuError::File {
+            what: "cannot read the payload",
+            path: path.clone(),
+            source,
+        })?;
+        if !meta.is_file() || meta.len() > quietvm_vmm::limits::MAX_PAYLOAD_BYTES {
+            return no("the payload must be a regular file of at most 1 GiB");
+        }
     }
     if !cfg.isolated_vcpus.is_empty() {
         return no("isolated vCPUs are a quietvm hierarchy setting");
