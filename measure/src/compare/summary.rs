@@ -440,7 +440,7 @@ pub fn render(cmp: &Comparison) -> String {
             let _ = writeln!(
                 out,
                 "{}: host wakeups less the VM-end ones {:.0} = {:.2}x the optimum of its own runs ({:.0}) \
-                 (K={}, [{:.2}-{:.2}]); timer logs of the {} runs: {} fired early, {} after their window",
+                 (K={}, [{:.2}-{:.2}]); timer logs of the {} runs: {} fired early, {} more than 1 ms after their window",
                 s.policy,
                 s.host_wakeups_less_end.median,
                 r.median,

@@ -88,7 +88,8 @@ pub struct TimerLogSummary {
     pub held: u64,
     /// Fired before their deadline (must be 0).
     pub early: u64,
-    /// Fired after the end of their window, `deadline + slack` (counted, not hidden).
+    /// Fired more than `WINDOW_TOLERANCE_NS` (1 ms) after the end of their window, `deadline + slack`:
+    /// the device's `late_beyond_window`, recomputed from outside (counted, not hidden).
     pub after_window: u64,
     /// Fired armings with a slack above 0.
     pub with_slack: u64,
@@ -154,7 +155,10 @@ pub fn summarize<R: BufRead>(reader: R, path: &Path) -> Result<TimerLogSummary, 
                 s.fired += 1;
                 let at = e.at_ns.unwrap_or(e.deadline_ns);
                 s.early += (at < e.deadline_ns) as u64;
-                s.after_window += (at > e.deadline_ns.saturating_add(e.slack_ns)) as u64;
+                let window_end = e.deadline_ns.saturating_add(e.slack_ns);
+                s.after_window += (at.saturating_sub(window_end)
+                    > quietvm_vmm::devices::timer::abi::WINDOW_TOLERANCE_NS)
+                    as u64;
                 s.with_slack += (e.slack_ns > 0) as u64;
                 b.add(e.owner, e.flags == Flags::Pinned, e.deadline_ns, e.slack_ns);
             }
@@ -196,9 +200,10 @@ mod tests {
         let text = [
             line(0, "movable", 1000, 500, "fired", "1400"),
             line(1, "movable", 1200, 500, "fired", "1400"),
-            line(2, "movable", 3000, 0, "fired", "3050"), // after its window
+            line(2, "movable", 3000, 0, "fired", "1003051"), // beyond its window by 1 ms + 1 ns
             line(0, "pinned", 1000, 0, "fired", "1000"),
-            line(0, "pinned", 1000, 0, "fired", "1001"), // after its window too
+            line(0, "pinned", 1000, 0, "fired", "1001001"), // beyond its window too
+            line(1, "pinned", 5000, 0, "fired", "1005000"), // late by exactly the tolerance: not
             line(1, "pinned", 1000, 0, "fired", "1000"),
             line(3, "movable", 9000, 0, "cancelled", "8000"),
             line(3, "movable", 9000, 0, "replaced", "8500"),
@@ -209,14 +214,14 @@ mod tests {
         let s = sum(&text).unwrap();
         assert_eq!(
             (s.armings, s.fired, s.cancelled, s.replaced, s.pending),
-            (9, 6, 1, 1, 1)
+            (10, 7, 1, 1, 1)
         );
         assert_eq!((s.early, s.after_window, s.with_slack), (0, 2, 2));
         // Movable: [1000,1500] and [1200,1700] share one; [3000,3000] another. Pinned: owner 0 one,
-        // owner 1 one.
+        // owner 1 two (1000 and 5000).
         assert_eq!(
             (s.optimum.movable, s.optimum.pinned, s.optimum.total),
-            (2, 2, 4)
+            (2, 3, 5)
         );
     }
 
