@@ -7,8 +7,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{quietvm, run, u64_of, Run, TIMER_WORKLOADS};
-use serde_json::Value;
+use common::{assert_guest_report_adds_up, quietvm, run, u64_of, Run, TIMER_WORKLOADS};
 
 /// Every workload with timers, plus `hello` (no timers at all).
 fn workloads() -> impl Iterator<Item = &'static str> {
@@ -18,10 +17,6 @@ fn workloads() -> impl Iterator<Item = &'static str> {
 /// Keeps this file's one run outside `common::run` (it needs its own `--timeout-ms`) away from the run
 /// that counts wakeups.
 static COUNTING: Mutex<()> = Mutex::new(());
-
-fn vcpus(r: &Run) -> &Vec<Value> {
-    r.stats()["vcpus"].as_array().unwrap()
-}
 
 fn lapic(workload: &str, vcpus: u32, duration_ms: u32) -> Run {
     let r = run(&[
@@ -60,10 +55,7 @@ fn all_workloads_pass_on(vcpu_count: u32) {
         let r = lapic(w, vcpu_count, 300);
         if w != "hello" {
             // The guest's own figures reached quietvm.
-            let t = &r.stats()["timers"];
-            assert!(u64_of(&t["fired"]) > 0, "{w}: no timer fired\n{}", r.stderr);
-            let per_vcpu: u64 = vcpus(&r).iter().map(|v| u64_of(&v["timers_fired"])).sum();
-            assert_eq!(per_vcpu, u64_of(&t["fired"]), "{w}: per-vCPU fired");
+            assert_guest_report_adds_up(&r, w);
         }
     }
 }
@@ -102,7 +94,7 @@ fn the_guest_reports_its_timers_and_the_kernel_its_halts() {
         u64_of(&late["max"]),
     );
     assert!(0 < p50 && p50 <= p99 && p99 <= max, "{late}");
-    for v in vcpus(&r) {
+    for v in r.vcpus() {
         // quietvm does not see the halts: the kernel's counts stand in for its own.
         let switches = u64_of(&v["kernel_voluntary_switches"]);
         assert_eq!(u64_of(&v["host_wakeups"]), switches);
@@ -124,7 +116,7 @@ fn idle_movable_wakes_each_halted_vcpu_about_once_per_timer() {
     ]);
     r.expect_code(0);
     assert!(r.stdout.contains("idle-movable: ok"), "{}", r.stdout);
-    for v in &vcpus(&r)[1..] {
+    for v in &r.vcpus()[1..] {
         let fired = u64_of(&v["timers_fired"]);
         let woke = u64_of(&v["kernel_voluntary_switches"]);
         assert!(fired > 20, "vCPU {} fired only {fired}", v["index"]);

@@ -6,10 +6,6 @@ mod common;
 use common::{assert_wakeups_match_kernel, run, u64_of, Run, TIMER_WORKLOADS};
 use serde_json::Value;
 
-fn vcpus(r: &Run) -> &Vec<Value> {
-    r.stats()["vcpus"].as_array().unwrap()
-}
-
 fn cause(v: &Value, name: &str) -> u64 {
     u64_of(&v["wakeup_causes"][name])
 }
@@ -34,7 +30,7 @@ fn idle_movable(policy: &str) -> Run {
 fn pull_never_wakes_a_halted_vcpu_for_a_movable_timer_while_vcpu0_runs() {
     let r = idle_movable("pull");
     assert!(u64_of(&r.stats()["timers"]["fired"]) > 100);
-    for v in &vcpus(&r)[1..] {
+    for v in &r.vcpus()[1..] {
         assert_eq!(
             cause(v, "own_movable_timer"),
             0,
@@ -67,7 +63,7 @@ fn pull_never_wakes_a_halted_vcpu_for_a_movable_timer_while_vcpu0_runs() {
 fn local_wakes_each_halted_vcpu_about_once_per_timer_and_does_the_same_work_as_pull() {
     let local = idle_movable("local");
     let (mut all_woke, mut all_fired) = (0, 0);
-    for v in &vcpus(&local)[1..] {
+    for v in &local.vcpus()[1..] {
         let fired = u64_of(&v["timers_fired"]);
         let woke = cause(v, "own_movable_timer");
         assert!(fired > 20, "vCPU {} fired only {fired}", v["index"]);
@@ -130,7 +126,7 @@ fn all_idle_under_pull_wakes_one_vcpu_per_expiry_not_one_per_owner() {
     ]);
     local.expect_code(0);
     let movable_wakeups = |r: &Run| -> u64 {
-        vcpus(r)
+        r.vcpus()
             .iter()
             .map(|v| cause(v, "own_movable_timer") + cause(v, "remote_movable_timer"))
             .sum()
@@ -150,9 +146,9 @@ fn all_idle_under_pull_wakes_one_vcpu_per_expiry_not_one_per_owner() {
 #[test]
 fn push_places_timers_armed_from_idle_vcpus_on_the_busy_one() {
     let r = idle_movable("push");
-    let busy = &vcpus(&r)[0];
+    let busy = &r.vcpus()[0];
     assert!(u64_of(&busy["remote_expiries"]) > 0);
-    let idle_wakeups: u64 = vcpus(&r)[1..]
+    let idle_wakeups: u64 = r.vcpus()[1..]
         .iter()
         .map(|v| cause(v, "own_movable_timer"))
         .sum();

@@ -4,17 +4,13 @@
 
 mod common;
 
-use common::{quietvm, raw, run, u64_of, Run, TIMER_WORKLOADS};
+use common::{assert_guest_report_adds_up, quietvm, raw, run, u64_of, Run, TIMER_WORKLOADS};
 use serde_json::Value;
 
 /// Every workload that makes sense without quietvm's timer device (not hotplug, which needs it; not
 /// replay, which needs a payload, nor the crash and hang workloads: each is tested below).
 fn workloads() -> impl Iterator<Item = &'static str> {
     std::iter::once("hello").chain(TIMER_WORKLOADS)
-}
-
-fn vcpus(r: &Run) -> &Vec<Value> {
-    r.stats()["vcpus"].as_array().unwrap()
 }
 
 fn qemu(workload: &str, vcpu_count: u32, duration_ms: u32) -> Run {
@@ -46,8 +42,8 @@ fn qemu(workload: &str, vcpu_count: u32, duration_ms: u32) -> Run {
     // Every vCPU thread of QEMU was found and read over the guest's run.
     let peer = &s["peer"];
     assert_eq!(peer["counters_read"], "guest_start_to_end", "{peer}");
-    assert_eq!(vcpus(&r).len(), vcpu_count as usize);
-    for (i, v) in vcpus(&r).iter().enumerate() {
+    assert_eq!(r.vcpus().len(), vcpu_count as usize);
+    for (i, v) in r.vcpus().iter().enumerate() {
         assert_eq!(u64_of(&v["index"]), i as u64);
         assert!(u64_of(&v["tid"]) > 0, "{v}");
         assert_eq!(
@@ -74,10 +70,7 @@ fn all_workloads_pass_on(vcpu_count: u32) {
         let r = qemu(w, vcpu_count, 300);
         if w != "hello" {
             // The guest's report came back through QEMU's memory file.
-            let t = &r.stats()["timers"];
-            assert!(u64_of(&t["fired"]) > 0, "{w}: no timer fired\n{}", r.stderr);
-            let per_vcpu: u64 = vcpus(&r).iter().map(|v| u64_of(&v["timers_fired"])).sum();
-            assert_eq!(per_vcpu, u64_of(&t["fired"]), "{w}: per-vCPU fired");
+            assert_guest_report_adds_up(&r, w);
         }
     }
 }
@@ -179,7 +172,7 @@ fn halted_vcpus_wake_about_once_per_timer_and_match_the_guest_s_halts() {
     ]);
     r.expect_code(0);
     assert!(r.stdout.contains("idle-movable: ok"), "{}", r.stdout);
-    for v in &vcpus(&r)[1..] {
+    for v in &r.vcpus()[1..] {
         let fired = u64_of(&v["timers_fired"]);
         let woke = u64_of(&v["kernel_voluntary_switches"]);
         let halts = u64_of(&v["halts"]);

@@ -36,6 +36,26 @@ impl Run {
     pub fn vcpu(&self, i: usize) -> &Value {
         &self.stats()["vcpus"][i]
     }
+
+    /// `stats.vcpus`.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn vcpus(&self) -> &Vec<Value> {
+        self.stats()["vcpus"].as_array().expect("vcpus array")
+    }
+}
+
+/// A guest that keeps its timers itself (`kvm-lapic`, `qemu`) handed back its report: timers fired,
+/// and the per-vCPU counts add up to the total.
+#[allow(dead_code)] // not every test binary uses it
+pub fn assert_guest_report_adds_up(r: &Run, workload: &str) {
+    let t = &r.stats()["timers"];
+    assert!(
+        u64_of(&t["fired"]) > 0,
+        "{workload}: no timer fired\n{}",
+        r.stderr
+    );
+    let per_vcpu: u64 = r.vcpus().iter().map(|v| u64_of(&v["timers_fired"])).sum();
+    assert_eq!(per_vcpu, u64_of(&t["fired"]), "{workload}: per-vCPU fired");
 }
 
 pub fn quietvm() -> Command {
