@@ -54,15 +54,8 @@ pub const KVM_USERSPACE_EXITS: [(&str, &str); 5] = [
     ("request_irq_exits", "irq_window"),
 ];
 
-/// The KVM statistics read per vCPU: [`KVM_USERSPACE_EXITS`] and every exit.
-pub const KVM_EXIT_STATS: [&str; 6] = [
-    "io_exits",
-    "mmio_exits",
-    "halt_exits",
-    "signal_exits",
-    "request_irq_exits",
-    "exits",
-];
+/// KVM's statistic of every VM exit, those it handled in the kernel included.
+pub const KVM_ALL_EXITS: &str = "exits";
 
 impl VcpuStats {
     pub fn new(index: u32) -> Self {
@@ -169,7 +162,7 @@ impl VcpuStats {
                 })
             })
             .collect();
-        if let Some(&all) = self.kvm_exits.get("exits") {
+        if let Some(&all) = self.kvm_exits.get(KVM_ALL_EXITS) {
             let own: u64 = self
                 .exits
                 .iter()
@@ -275,7 +268,7 @@ impl PerFiredTimer {
         }
         let kvm = vcpus
             .iter()
-            .map(|v| v.kvm_exits.get("exits").copied())
+            .map(|v| v.kvm_exits.get(KVM_ALL_EXITS).copied())
             .sum::<Option<u64>>();
         Some(PerFiredTimer {
             exits: per(by_reason.values().sum()),
@@ -351,7 +344,7 @@ impl VmStats {
         for v in &self.vcpus {
             let kvm = v
                 .kvm_exits
-                .get("exits")
+                .get(KVM_ALL_EXITS)
                 .map_or_else(|| "-".to_owned(), u64::to_string);
             let _ = writeln!(
                 s,

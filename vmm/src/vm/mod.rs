@@ -511,9 +511,15 @@ pub(crate) fn end_vcpu_run<D>(
 /// [`VcpuStats::kvm_exits`]); leaves them empty, with a debug line, where the kernel has no binary
 /// statistics.
 pub(crate) fn record_kvm_exits(vcpu: &Vcpu, stats: &mut VcpuStats) {
-    match vcpu.kernel_stats(&crate::stats::KVM_EXIT_STATS) {
+    use crate::stats::{KVM_ALL_EXITS, KVM_USERSPACE_EXITS};
+    let names: Vec<&str> = KVM_USERSPACE_EXITS
+        .iter()
+        .map(|&(name, _)| name)
+        .chain([KVM_ALL_EXITS])
+        .collect();
+    match vcpu.kernel_stats(&names) {
         Ok(values) => {
-            stats.kvm_exits = crate::stats::KVM_EXIT_STATS
+            stats.kvm_exits = names
                 .iter()
                 .zip(values)
                 .filter_map(|(name, v)| Some(((*name).to_owned(), v?)))
