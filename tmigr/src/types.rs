@@ -95,14 +95,6 @@ impl Expiry {
         soft: KTIME_MAX,
     };
 
-    /// The window of one arming: `[deadline, deadline + slack]` (saturating).
-    pub fn window(deadline: u64, slack: u64) -> Self {
-        Expiry {
-            hard: deadline.saturating_add(slack),
-            soft: deadline,
-        }
-    }
-
     /// True if nothing is pending.
     pub fn is_none(&self) -> bool {
         self.hard == KTIME_MAX
