@@ -80,6 +80,10 @@ pub struct BootInfo {
     pub payload_base: u64,
     /// Its length in bytes, 0 if none.
     pub payload_len: u64,
+    /// The timer device's per-timer state words ([`crate::queue::State`], `max_timers` × u64, shared
+    /// by all vCPUs), for queue mode; 0 if the VM has no timer device. Added without a version bump:
+    /// an image that never enables queue mode never reads it.
+    pub timer_states: u64,
 }
 
 /// Byte offsets of the [`BootInfo`] fields, for code that writes or reads them one by one (the VMM,
@@ -106,9 +110,10 @@ pub mod offset {
     pub const REPORT_PORT: u64 = offset_of!(BootInfo, report_port) as u64;
     pub const PAYLOAD_BASE: u64 = offset_of!(BootInfo, payload_base) as u64;
     pub const PAYLOAD_LEN: u64 = offset_of!(BootInfo, payload_len) as u64;
+    pub const TIMER_STATES: u64 = offset_of!(BootInfo, timer_states) as u64;
 }
 
-/// The boot info's size: it ends with `payload_len`.
+/// The boot info's size: it ends with `timer_states`.
 pub const BOOT_INFO_SIZE: u64 = core::mem::size_of::<BootInfo>() as u64;
 
 // The boot info fits in its page, below the page tables.

@@ -7,6 +7,8 @@
 //!   (docs/boot.md, "Devices").
 //! - [`timer`]: the paravirtual timer device: commands, statuses, flags, the device page, `control`
 //!   values and the doorbell vector (docs/timer-abi.md).
+//! - [`queue`]: the timer device's queue mode: per-timer state words, the submission and delivery
+//!   rings, the horizon and the shared clock (docs/timer-abi.md, "Queue mode").
 //! - [`report`]: the timer report a guest hands over under `--policy kvm-lapic` (docs/boot.md, "The
 //!   timer report").
 //!
@@ -19,6 +21,7 @@
 
 pub mod boot;
 pub mod ports;
+pub mod queue;
 pub mod report;
 pub mod timer;
 

@@ -25,6 +25,11 @@ pub const CMD_POP: u32 = 5;
 pub const CMD_ACK: u32 = 6;
 /// The guest agrees to a pending offline request (docs/api.md, vCPU hotplug).
 pub const CMD_OFFLINE_ACK: u32 = 7;
+/// Turns on queue mode for this vCPU ([`crate::queue`]): `OK`, or `INVALID` if this VM cannot offer it.
+pub const CMD_ENABLE_QUEUES: u32 = 8;
+/// Queue mode: quietvm reads this vCPU's submission ring now and releases expiries held for callbacks
+/// that ended; `value` = the entries read.
+pub const CMD_SYNC: u32 = 9;
 
 // Statuses (docs/timer-abi.md, "Statuses").
 /// Done.
