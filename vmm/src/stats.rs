@@ -201,6 +201,15 @@ pub struct TimerStats {
     pub remote_expiries: u64,
     /// Expiries held back because the timer's previous callback was still running.
     pub serialized: u64,
+    /// Queue mode (docs/timer-abi.md, "Queue mode"): submission entries read.
+    #[serde(default)]
+    pub queue_entries: u64,
+    /// `SYNC` commands (queue mode's doorbell writes).
+    #[serde(default)]
+    pub queue_syncs: u64,
+    /// Ring indices or entries a guest wrote that made no sense, skipped (its own timers suffer).
+    #[serde(default)]
+    pub queue_errors: u64,
     pub lateness_ns: Lateness,
     /// Another NUMA node's timers taken by a migrator below the hierarchy's cross-node level (must be
     /// 0; always 0 with one node).

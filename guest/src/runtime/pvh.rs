@@ -150,6 +150,8 @@ pub fn fill_boot_info(info: &mut BootInfo) -> Result<(), BootError> {
         reserved2: 0,
         payload_base,
         payload_len,
+        // No quietvm timer device under a PVH loader: no queue mode.
+        timer_states: 0,
     };
     Ok(())
 }

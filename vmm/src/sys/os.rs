@@ -33,6 +33,13 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The host's time-stamp counter (`RDTSC`): with the vCPUs' TSC offset, the guest's TSC, which is
+/// the device clock (docs/timer-abi.md, "The clock").
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the time-stamp counter; quietvm is x86-64 only.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// Sets the calling thread's timer slack to 1 ns, so its sleeps end at their deadline.
 pub fn set_minimal_timer_slack() {
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument; the others are ignored.

@@ -24,7 +24,7 @@ use crate::devices::{REPORT_PORT, TIMER_PORT};
 use crate::stats::{TimerStats, VcpuStats, VmStats};
 use crate::sys::kvm::kick::drain_kicks;
 use crate::sys::kvm::vcpu::{Exit, Vcpu};
-use crate::sys::os::{gettid, monotonic_ns};
+use crate::sys::os::gettid;
 
 /// What a kvm-lapic VM's threads share besides the console and the kicks.
 pub(super) struct LapicVm {
@@ -72,7 +72,7 @@ pub(super) fn run_vm(
         kicks,
         cfg.vcpus,
         cfg.vcpus,
-        monotonic_ns(),
+        super::GuestClock::monotonic(),
     )?);
     let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, run_vcpu)?;
 

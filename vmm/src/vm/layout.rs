@@ -24,16 +24,19 @@ pub struct Layout {
     pub vcpus: u32,
     pub device_pages: u64,
     pub percpu_base: u64,
+    /// The timer device's state words (docs/timer-abi.md, "Queue mode"), after the per-vCPU areas.
+    pub timer_states: u64,
     pub free_base: u64,
 }
 
 impl Layout {
-    /// Places the device pages and per-vCPU areas after the image. `None` if they do not fit, with
-    /// the bytes that would be needed.
-    pub fn plan(image_end: u64, vcpus: u32, mem_size: u64) -> Result<Self, u64> {
+    /// Places the device pages, the per-vCPU areas and the state words of `max_timers` timers after
+    /// the image. `None` if they do not fit, with the bytes that would be needed.
+    pub fn plan(image_end: u64, vcpus: u32, mem_size: u64, max_timers: u32) -> Result<Self, u64> {
         let device_pages = image_end.div_ceil(PAGE) * PAGE;
         let percpu_base = device_pages + DEVICE_PAGE_SIZE * u64::from(vcpus);
-        let free_base = percpu_base + PERCPU_SIZE * u64::from(vcpus);
+        let timer_states = percpu_base + PERCPU_SIZE * u64::from(vcpus);
+        let free_base = timer_states + (8 * u64::from(max_timers)).div_ceil(PAGE) * PAGE;
         let needed = free_base + MIN_FREE;
         if needed > mem_size {
             return Err(needed);
@@ -43,6 +46,7 @@ impl Layout {
             vcpus,
             device_pages,
             percpu_base,
+            timer_states,
             free_base,
         })
     }
@@ -53,13 +57,15 @@ impl Layout {
     }
 
     /// Writes the page tables, the boot GDT and the boot info. `tsc_khz` is the guest's TSC frequency
-    /// (0 if KVM could not tell).
+    /// (0 if KVM could not tell). `timer_device`: the VM has quietvm's timer device (not `kvm-lapic`),
+    /// whose state words the boot info then points at.
     pub fn write_boot_structures(
         &self,
         mem: &GuestMemoryMmap,
         max_timers: u32,
         args: &str,
         tsc_khz: u32,
+        timer_device: bool,
     ) -> Result<(), vm_memory::GuestMemoryError> {
         // Identity map of all memory with 2 MiB pages: present, writable, user (ring 3 uses it all).
         const P: u64 = 1;
@@ -111,6 +117,8 @@ impl Layout {
         mem.write_obj(0u8, info.unchecked_add(info_at::ARGS + args.len() as u64))?;
         mem.write_obj(tsc_khz, info.unchecked_add(info_at::TSC_KHZ))?;
         mem.write_obj(REPORT_PORT, info.unchecked_add(info_at::REPORT_PORT))?;
+        let states = if timer_device { self.timer_states } else { 0 };
+        mem.write_obj(states, info.unchecked_add(info_at::TIMER_STATES))?;
         Ok(())
     }
 
@@ -143,10 +151,13 @@ mod tests {
 
     #[test]
     fn plan_places_areas_after_the_image_and_checks_size() {
-        let l = Layout::plan(0x10_0123, 2, 64 << 20).unwrap();
+        let l = Layout::plan(0x10_0123, 2, 64 << 20, 600).unwrap();
         assert_eq!(l.device_pages, 0x10_1000);
         assert_eq!(l.percpu_base, 0x10_3000);
         assert_eq!(l.stack_top(1), 0x10_3000 + 2 * PERCPU_SIZE);
-        assert!(Layout::plan(0x10_0000, 1024, 16 << 20).is_err());
+        assert_eq!(l.timer_states, 0x10_3000 + 2 * PERCPU_SIZE);
+        // 600 words: 4800 bytes, two pages.
+        assert_eq!(l.free_base, l.timer_states + 2 * PAGE);
+        assert!(Layout::plan(0x10_0000, 1024, 16 << 20, 64).is_err());
     }
 }

@@ -112,15 +112,98 @@ impl Outcome {
     }
 }
 
-/// A clock in guest nanoseconds: host `CLOCK_MONOTONIC` since the VM was created.
+/// The clock in guest nanoseconds since the VM was created: the guest's TSC, scaled, when KVM says
+/// how the guest TSC relates to the host's (then it is the clock queue-mode guests read themselves,
+/// docs/timer-abi.md, "The clock"); else host `CLOCK_MONOTONIC`.
 #[derive(Debug, Clone, Copy)]
 pub struct GuestClock {
+    /// `CLOCK_MONOTONIC` at guest time 0.
     start_mono: u64,
+    tsc: Option<TscClock>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TscClock {
+    /// Guest TSC = host TSC + `offset` (wrapping), the same on every vCPU.
+    offset: u64,
+    params: quietvm_abi::queue::ClockParams,
+}
+
+/// How far the TSC and `CLOCK_MONOTONIC` may run apart, per ns of sleep: 1/4096 (244 ppm, more than
+/// NTP ever slews, 500 ppm at most, applies in practice) plus 2 us. A host timer for a TSC deadline is
+/// set this much later, so that the thread never wakes before the deadline on the device clock.
+const TSC_SLEEP_MARGIN_SHIFT: u32 = 12;
+const TSC_SLEEP_MARGIN_NS: u64 = 2_000;
+
+impl GuestClock {
+    /// `CLOCK_MONOTONIC` from now.
+    fn monotonic() -> Self {
+        GuestClock {
+            start_mono: monotonic_ns(),
+            tsc: None,
+        }
+    }
+
+    /// The guest TSC from now, if every vCPU reports the same TSC offset and KVM knows the TSC's
+    /// frequency; else `CLOCK_MONOTONIC` (and no queue mode).
+    fn for_vcpus(vcpus: &[Vcpu], tsc_khz: u32) -> Self {
+        let offsets: Result<Vec<u64>, _> = vcpus.iter().map(Vcpu::tsc_offset).collect();
+        let offset = match offsets {
+            Ok(o) if tsc_khz > 0 && !o.is_empty() && o.iter().all(|&x| x == o[0]) => o[0],
+            Ok(_) => {
+                log::info!("the vCPUs' TSCs differ or their rate is unknown: no timer queue mode");
+                return GuestClock::monotonic();
+            }
+            Err(e) => {
+                log::info!("{e}: no timer queue mode");
+                return GuestClock::monotonic();
+            }
+        };
+        let start_mono = monotonic_ns();
+        let base = crate::sys::os::rdtsc().wrapping_add(offset);
+        GuestClock {
+            start_mono,
+            tsc: Some(TscClock {
+                offset,
+                params: quietvm_abi::queue::ClockParams {
+                    version: 2,
+                    reserved: 0,
+                    tsc_base: base,
+                    ns_per_tick_q32: quietvm_abi::queue::ns_per_tick_q32(tsc_khz),
+                },
+            }),
+        }
+    }
+
+    /// The parameters a queue-mode guest reads this clock with; `None` if it is not the TSC.
+    pub(crate) fn queue_params(&self) -> Option<quietvm_abi::queue::ClockParams> {
+        self.tsc.map(|t| t.params)
+    }
+
+    /// The `CLOCK_MONOTONIC` time by which guest time `at` has surely passed, for a host timer.
+    pub(crate) fn host_deadline(&self, at: u64) -> u64 {
+        match self.tsc {
+            None => self.start_mono.saturating_add(at),
+            Some(_) => {
+                let wait = at.saturating_sub(self.now_ns());
+                monotonic_ns()
+                    .saturating_add(wait)
+                    .saturating_add((wait >> TSC_SLEEP_MARGIN_SHIFT) + TSC_SLEEP_MARGIN_NS)
+            }
+        }
+    }
 }
 
 impl Clock for GuestClock {
     fn now_ns(&self) -> u64 {
-        monotonic_ns().saturating_sub(self.start_mono)
+        match self.tsc {
+            Some(t) => quietvm_abi::queue::clock_ns(
+                crate::sys::os::rdtsc().wrapping_add(t.offset),
+                t.params.tsc_base,
+                t.params.ns_per_tick_q32,
+            ),
+            None => monotonic_ns().saturating_sub(self.start_mono),
+        }
     }
 }
 
@@ -131,7 +214,8 @@ pub(crate) struct VmShared<D> {
     pub(crate) serial: SerialConsole,
     pub(crate) kicks: Arc<VcpuKicks>,
     /// `CLOCK_MONOTONIC` at guest time 0.
-    pub(crate) clock_start_mono: u64,
+    /// The guest clock (also the timer device's).
+    pub(crate) clock: GuestClock,
     /// vCPU threads that have reached the start line (see [`begin_vcpu_run`]).
     arrived: AtomicU32,
     stop: AtomicBool,
@@ -243,13 +327,13 @@ impl<D> VmShared<D> {
         kicks: Arc<VcpuKicks>,
         vcpus: u32,
         vcpus_online: u32,
-        clock_start_mono: u64,
+        clock: GuestClock,
     ) -> Result<Self, VmmError> {
         Ok(VmShared {
             device,
             serial: SerialConsole::to_stdout().map_err(VmmError::Thread)?,
             kicks,
-            clock_start_mono,
+            clock,
             arrived: AtomicU32::new(0),
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
@@ -325,10 +409,7 @@ impl<D> VmShared<D> {
 
     /// Guest time now (the clock of [`GuestClock`]).
     pub(crate) fn now(&self) -> u64 {
-        GuestClock {
-            start_mono: self.clock_start_mono,
-        }
-        .now_ns()
+        self.clock.now_ns()
     }
 
     /// Ends the VM (the first outcome wins) and kicks every vCPU so its thread returns.
@@ -579,6 +660,8 @@ pub(crate) fn exit_stat_name(exit: &Exit) -> &'static str {
 struct Machine {
     kvm: KvmVm,
     vcpus: Vec<Vcpu>,
+    /// The guest TSC's frequency (0: unknown).
+    tsc_khz: u32,
 }
 
 /// Creates the VM (with KVM's in-kernel irqchip if `irqchip`), loads the image, creates the vCPUs in
@@ -631,7 +714,13 @@ fn build_machine(
         0
     });
     layout
-        .write_boot_structures(kvm.memory(), cfg.max_timers, &cfg.guest_args(), tsc_khz)
+        .write_boot_structures(
+            kvm.memory(),
+            cfg.max_timers,
+            &cfg.guest_args(),
+            tsc_khz,
+            !irqchip,
+        )
         .map_err(|e| VmmError::Load(e.to_string()))?;
     if let Some(path) = &cfg.payload {
         let bytes = crate::limits::read_input(path, crate::limits::InputKind::Payload)
@@ -641,7 +730,11 @@ fn build_machine(
             .map_err(|e| VmmError::Load(format!("payload {}: {e}", path.display())))?;
     }
     install_kick_handler()?;
-    Ok(Machine { kvm, vcpus })
+    Ok(Machine {
+        kvm,
+        vcpus,
+        tsc_khz,
+    })
 }
 
 /// How a VM ended, once all of its vCPU threads are back.
@@ -867,12 +960,13 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         None => GuestImage::builtin()?,
     };
     let mem_size = cfg.memory_mib << 20;
-    let layout =
-        Layout::plan(image.end, cfg.vcpus, mem_size).map_err(|need| VmmError::MemoryTooSmall {
+    let layout = Layout::plan(image.end, cfg.vcpus, mem_size, cfg.max_timers).map_err(|need| {
+        VmmError::MemoryTooSmall {
             have: cfg.memory_mib,
             need: need.div_ceil(1 << 20),
             vcpus: cfg.vcpus,
-        })?;
+        }
+    })?;
     if image.end > mem_size {
         return Err(VmmError::MemoryTooSmall {
             have: cfg.memory_mib,
@@ -909,9 +1003,7 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         None => None,
     };
     let machine = build_machine(cfg, &image, &layout, false)?;
-    let clock = GuestClock {
-        start_mono: monotonic_ns(),
-    };
+    let clock = GuestClock::for_vcpus(&machine.vcpus, machine.tsc_khz);
     let service = TimerService::new(
         ServiceConfig {
             policy,
@@ -929,10 +1021,14 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         service,
         machine.kvm.memory().clone(),
         layout.device_pages,
+        layout.timer_states,
         cfg.vcpus,
         Arc::clone(&kicks) as Arc<dyn VcpuKicker>,
     );
     device.set_min_slack(cfg.timer_slack_ns);
+    if let Some(params) = clock.queue_params() {
+        device.offer_queues(params);
+    }
     if let Some(l) = &timer_log {
         device.set_log(Arc::clone(l));
     }
@@ -941,7 +1037,7 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         kicks,
         cfg.vcpus,
         cfg.vcpus_online(),
-        clock.start_mono,
+        clock,
     )?);
     if let Some(l) = &timer_log {
         // A write that fails ends the VM at once, with that error as its outcome.

@@ -167,7 +167,7 @@ impl VcpuThread {
         let mono = if at == NO_DEADLINE {
             0
         } else {
-            self.shared.clock_start_mono.saturating_add(at)
+            self.shared.clock.host_deadline(at)
         };
         self.timer.arm_at(mono);
     }

@@ -45,6 +45,26 @@
 //! or sleeps anyway). A kick is never lost: the thread takes its reasons after it decided to sleep and
 //! before it sleeps, and the signal interrupts the sleep (`sys::kvm::kick`).
 //!
+//! # Queue mode
+//! A vCPU whose guest issued `ENABLE_QUEUES` arms and cancels without exits (docs/timer-abi.md,
+//! "Queue mode"). The per-timer state words in guest memory are then the truth about every timer
+//! (pending, which generation, running where), for every vCPU: commands change them too, by the same
+//! compare-and-swap transitions (`quietvm_abi::queue`), so a command is exactly what a guest would
+//! have done in shared memory, done by the device under its lock. Every `ARM` and `CANCEL`, queued or
+//! commanded, then goes through one path (`TimerDevice::apply_op`): the counts, the timer log and
+//! the service's copy follow from it.
+//!
+//! The device reads a vCPU's submission ring at each of that vCPU's exits, first
+//! (`TimerDevice::consume_ring`), and hands expired timers over into its delivery ring just before
+//! it enters the guest (`TimerDevice::fill_delivery`). Before the vCPU enters it publishes the
+//! horizon (the vCPU's deadline: it will be back by then) and reads the ring once more: the
+//! handshake of `abi/tests/loom_queue.rs`.
+//!
+//! The device's own record of a timer can lag behind the word (an operation sits in another vCPU's
+//! ring): it never acts on that record without checking the word. An expiry hands over only the
+//! generation the word shows pending (`quietvm_abi::queue::expire`); anything else is stale and
+//! dropped; the operation that ended it is still in some ring and accounts for it when read.
+//!
 //! # Joining
 //! A vCPU takes part in timer expiry only from its guest's first timer command or `HLT` (docs/
 //! timer-abi.md, "Taking part"): until then it is idle to the service, so it is never made a migrator
@@ -52,12 +72,16 @@
 
 pub mod timer_log;
 
+mod shared_memory;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use quietvm_abi::queue::{self as q, DeliveryEntry, Expiry, State, SubEntry, Update};
+use shared_memory::SharedMemory;
 use tmigr::clock::Clock;
 use tmigr::service::{CpuId, Expired, TimerId, TimerKind, TimerService};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use crate::accounting::{
     classify_wakeup, ExpiryCounts, KickReasons, LatenessRecorder, WakeupCause,
@@ -151,6 +175,8 @@ impl VcpuPort {
 
 #[derive(Debug, Clone, Copy)]
 struct Arming {
+    /// Its generation: the state word's when it was armed (docs/timer-abi.md, "Queue mode").
+    gen: u32,
     deadline: u64,
     /// The applied slack (docs/timer-abi.md, "Timer windows").
     slack: u64,
@@ -160,6 +186,8 @@ struct Arming {
     kind: TimerKind,
     /// Its expiry was held back by callback serialization (for the timer log).
     held: bool,
+    /// Expired, but the word had moved on: an operation still in some vCPU's ring ended it.
+    stale: bool,
 }
 
 impl Arming {
@@ -197,23 +225,56 @@ pub fn applied_slack(guest: u64, kind: TimerKind, vm_minimum: u64) -> u64 {
     raised.min(abi::MAX_SLACK_NS)
 }
 
-/// The guest-visible state of one timer id.
+/// An expired arming waiting to be handed over (in a delivery queue, or held).
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    e: Expired,
+    gen: u32,
+}
+
+/// The start or the end of an arming whose other half is still in another vCPU's ring (only kept
+/// for `--timer-log`, which writes each arming once, whole).
+#[derive(Debug, Clone, Copy)]
+enum Unmatched {
+    Start(Arming),
+    End {
+        gen: u32,
+        outcome: LogOutcome,
+        at: u64,
+    },
+}
+
+/// At most this many unmatched halves per timer; more only comes from a guest that invents
+/// generations, and the oldest is dropped (counted in `queue_errors`).
+const UNMATCHED_MAX: usize = 8;
+
+/// The device's record of one timer id. Whether it is pending or running is its state word's.
 #[derive(Debug, Default)]
 struct TimerSlot {
-    /// The pending arming (queued in the service, delivered, or held), if any.
+    /// The arming the device gave the service last (queued there, expired and waiting, or held).
     armed: Option<Arming>,
     /// The vCPU whose delivery queue holds the expired arming.
     delivered_to: Option<CpuId>,
     /// An expiry held back until the running callback ends.
-    held: Option<Expired>,
-    /// The vCPU running this timer's callback.
-    running_on: Option<CpuId>,
+    held: Option<Pending>,
+    unmatched: Vec<Unmatched>,
+}
+
+/// quietvm's own indices of a queue-mode vCPU's rings (never read back from the guest).
+#[derive(Debug, Clone, Copy, Default)]
+struct Rings {
+    sub_tail: u32,
+    dlv_head: u32,
+    /// The guest had read every delivery entry when the device last looked.
+    caught_up: bool,
 }
 
 /// One vCPU's side of the device, under the device lock.
 #[derive(Debug)]
 struct VcpuSide {
-    queue: VecDeque<Expired>,
+    queue: VecDeque<Pending>,
+    /// Queue mode is on (`ENABLE_QUEUES`).
+    rings: Option<Rings>,
     /// The timer whose callback this vCPU runs (between `POP` and its `ACK`).
     in_flight: Option<TimerId>,
     /// A doorbell may be injected (the guest has `POP`ped its queue empty since the last one).
@@ -239,6 +300,7 @@ impl VcpuSide {
             // Grows to its peak and stays: a queue never holds a timer twice, so it is bounded by
             // the VM's timer count.
             queue: VecDeque::new(),
+            rings: None,
             in_flight: None,
             doorbell_armed: true,
             in_wake_handler: false,
@@ -253,7 +315,11 @@ impl VcpuSide {
     }
 
     fn doorbell_due(&self) -> bool {
-        self.control_pending || (self.doorbell_armed && !self.queue.is_empty())
+        match self.rings {
+            // Queue mode: entries the guest has not read, and it had read all before them.
+            Some(r) => self.control_pending || (self.doorbell_armed && !r.caught_up),
+            None => self.control_pending || (self.doorbell_armed && !self.queue.is_empty()),
+        }
     }
 }
 
@@ -268,6 +334,12 @@ struct DeviceState {
     late_beyond_window: u64,
     remote_expiries: u64,
     serialized: u64,
+    /// Timers whose expiry is held (`TimerSlot::held`), to look at when callbacks end.
+    held_ids: Vec<TimerId>,
+    /// Submission entries read, `SYNC`s, and what a guest wrote that made no sense (docs/stats.md).
+    queue_entries: u64,
+    queue_syncs: u64,
+    queue_errors: u64,
     /// Constant memory however long the VM runs (docs/stats.md).
     lateness: LatenessRecorder,
 }
@@ -275,8 +347,9 @@ struct DeviceState {
 /// The timer device of one VM.
 pub struct TimerDevice<C: Clock> {
     service: TimerService<C>,
-    memory: GuestMemoryMmap,
-    device_pages: u64,
+    shared: SharedMemory,
+    /// The clock published to queue-mode guests; `None`: queue mode is not offered.
+    queue_clock: Option<q::ClockParams>,
     kicker: Arc<dyn VcpuKicker>,
     state: NoSleepMutex<DeviceState>,
     /// The VM's minimum slack for MOVABLE armings (`timer-slack-ns`), at most [`abi::MAX_SLACK_NS`].
@@ -292,6 +365,7 @@ impl<C: Clock> TimerDevice<C> {
         service: TimerService<C>,
         memory: GuestMemoryMmap,
         device_pages: u64,
+        timer_states: u64,
         vcpus: u32,
         kicker: Arc<dyn VcpuKicker>,
     ) -> Self {
@@ -306,12 +380,16 @@ impl<C: Clock> TimerDevice<C> {
             late_beyond_window: 0,
             remote_expiries: 0,
             serialized: 0,
+            held_ids: Vec::new(),
+            queue_entries: 0,
+            queue_syncs: 0,
+            queue_errors: 0,
             lateness: LatenessRecorder::new(),
         };
         TimerDevice {
             service,
-            memory,
-            device_pages,
+            shared: SharedMemory::new(memory, device_pages, timer_states, max_timers),
+            queue_clock: None,
             kicker,
             state: NoSleepMutex::new(state),
             min_slack: 0,
@@ -323,6 +401,12 @@ impl<C: Clock> TimerDevice<C> {
     /// [`abi::MAX_SLACK_NS`]). Before the VM runs.
     pub fn set_min_slack(&mut self, ns: u64) {
         self.min_slack = ns.min(abi::MAX_SLACK_NS);
+    }
+
+    /// Offers queue mode, with `clock` as the clock the guest reads (it must be this device's clock's
+    /// formula: docs/timer-abi.md, "The clock"). Before the VM runs.
+    pub fn offer_queues(&mut self, clock: q::ClockParams) {
+        self.queue_clock = Some(clock);
     }
 
     /// Logs every arming's end to `log` (`--timer-log`). Before the VM runs.
@@ -358,25 +442,16 @@ impl<C: Clock> TimerDevice<C> {
         self.state.lock()
     }
 
-    fn page(&self, cpu: CpuId) -> u64 {
-        self.device_pages + abi::DEVICE_PAGE_SIZE * u64::from(cpu)
-    }
-
     fn read_u32(&self, cpu: CpuId, off: u64) -> u32 {
-        self.memory
-            .read_obj(GuestAddress(self.page(cpu) + off))
-            .unwrap_or(0)
+        self.shared.read_u32(cpu, off)
     }
 
     fn read_u64(&self, cpu: CpuId, off: u64) -> u64 {
-        self.memory
-            .read_obj(GuestAddress(self.page(cpu) + off))
-            .unwrap_or(0)
+        self.shared.read_u64(cpu, off)
     }
 
     fn write<T: vm_memory::ByteValued>(&self, cpu: CpuId, off: u64, v: T) {
-        // The pages lie inside guest memory by construction (vm::layout); a failure cannot happen.
-        let _ = self.memory.write_obj(v, GuestAddress(self.page(cpu) + off));
+        self.shared.write(cpu, off, v);
     }
 
     // ---- The halt protocol: the three calls of a vCPU thread ------------------------------------
@@ -408,14 +483,17 @@ impl<C: Clock> TimerDevice<C> {
                 deadline: port.doorbell_retry_at,
             };
         }
+        self.consume_own_ring(port);
         self.expire_due(port);
         let mut plan = EntryPlan {
             inject_doorbell: false,
             want_interrupt_window: false,
             deadline: NO_DEADLINE,
         };
-        {
+        let queue_mode = {
             let mut st = self.lock();
+            let now = self.now();
+            self.fill_delivery(&mut st, port, now);
             let side = &mut st.vcpus[port.cpu as usize];
             if !side.doorbell_due() {
                 port.doorbell_retry_at = NO_DEADLINE;
@@ -430,20 +508,69 @@ impl<C: Clock> TimerDevice<C> {
                 plan.want_interrupt_window = true;
                 port.doorbell_retry_at = self.now() + DOORBELL_RETRY_NS;
             }
-        }
+            if side.rings.is_some() && !side.queue.is_empty() {
+                // The delivery ring is full: come back soon to hand over the rest.
+                port.doorbell_retry_at = port.doorbell_retry_at.min(now + DOORBELL_RETRY_NS);
+            }
+            side.rings.is_some()
+        };
         plan.deadline = self
             .service
             .next_event(port.cpu)
             .min(port.doorbell_retry_at);
+        if queue_mode {
+            self.publish_horizon(port, &mut plan);
+        }
         plan
+    }
+
+    /// Queue mode, just before entering the guest: tells it the time by which this thread will be
+    /// back anyway (`plan.deadline`), then reads the ring once more (docs/timer-abi.md, the horizon
+    /// handshake); whatever it finds is applied and the deadline taken again. Bounded: the guest
+    /// cannot keep it here.
+    fn publish_horizon(&self, port: &mut VcpuPort, plan: &mut EntryPlan) {
+        let cpu = port.cpu;
+        for _ in 0..4 {
+            let head = self.shared.publish_horizon(cpu, plan.deadline);
+            let tail = self.lock().vcpus[cpu as usize]
+                .rings
+                .map_or(head, |r| r.sub_tail);
+            if head == tail {
+                return;
+            }
+            self.consume_own_ring(port);
+            plan.deadline = self.service.next_event(cpu).min(port.doorbell_retry_at);
+        }
+        // Still moving: a guest writing its ring in a loop. It will exit at this deadline anyway.
+    }
+
+    /// Reads the port's vCPU's submission ring (queue mode; nothing otherwise) and sends the kicks
+    /// that what it applied calls for.
+    fn consume_own_ring(&self, port: &mut VcpuPort) -> u32 {
+        let read = {
+            let mut st = self.lock();
+            if st.vcpus[port.cpu as usize].rings.is_none() {
+                return 0;
+            }
+            self.consume_ring(&mut st, port)
+        };
+        self.send_kicks(port);
+        read
     }
 
     /// The guest halted (`HLT`): joins it to timer expiry if it was not yet, and says whether it must
     /// sleep (and until when) or return to the guest at once.
     pub fn halt(&self, port: &mut VcpuPort) -> HaltPlan {
         self.join(port);
-        if self.lock().vcpus[port.cpu as usize].doorbell_due() {
-            return HaltPlan::Resume;
+        // Queue mode: what the guest queued before it halted is armed before the vCPU goes idle.
+        self.consume_own_ring(port);
+        {
+            let mut st = self.lock();
+            let now = self.now();
+            self.fill_delivery(&mut st, port, now);
+            if st.vcpus[port.cpu as usize].doorbell_due() {
+                return HaltPlan::Resume;
+            }
         }
         // No doorbell waits, so no retry of one either: a stale retry time would cut the sleep short
         // for nothing.
@@ -468,6 +595,8 @@ impl<C: Clock> TimerDevice<C> {
         let found = self.expire_due(port);
         let has_work = {
             let mut st = self.lock();
+            let now = self.now();
+            self.fill_delivery(&mut st, port, now);
             let side = &mut st.vcpus[port.cpu as usize];
             let due = side.doorbell_due();
             if due {
@@ -490,6 +619,8 @@ impl<C: Clock> TimerDevice<C> {
         let cpu = port.cpu;
         let mut effect = CommandEffect::None;
         let mut st = self.lock();
+        // Queue mode: what the guest queued before this command took effect before it.
+        let queued = self.consume_ring(&mut st, port);
         // Read under the lock: waiting for it can take milliseconds on an oversubscribed host, while
         // another vCPU expires timers at a later time; a time read before the wait would make a timer
         // handed over now look as if it fired before its deadline.
@@ -502,32 +633,50 @@ impl<C: Clock> TimerDevice<C> {
                 abi::CMD_ARM => self.arm(&mut st, cpu, now),
                 abi::CMD_CANCEL => {
                     let id = self.read_u32(cpu, abi::OFF_ID);
-                    match self.cancel(&mut st, id, now) {
-                        Some(was) => (abi::OK, was as u64),
+                    match self.cancel(&mut st, cpu, id, now) {
+                        Some((was, _)) => (abi::OK, was as u64),
                         None => (abi::INVALID, 0),
                     }
                 }
                 abi::CMD_CANCEL_SYNC => {
                     let id = self.read_u32(cpu, abi::OFF_ID);
-                    match self.cancel(&mut st, id, now) {
-                        Some(was) => match st.timers[id as usize].running_on {
-                            Some(r) if r == cpu => (abi::DEADLOCK, was as u64),
-                            Some(_) => (abi::RUNNING, was as u64),
-                            None => (abi::OK, was as u64),
-                        },
+                    match self.cancel(&mut st, cpu, id, now) {
+                        Some((was, word)) => (word.cancel_sync_status(cpu), was as u64),
                         None => (abi::INVALID, 0),
                     }
                 }
                 abi::CMD_POP => self.pop(&mut st, port, now),
                 abi::CMD_ACK => {
                     let id = self.read_u32(cpu, abi::OFF_ID);
-                    (Self::end_callback(&self.service, &mut st, port, id), 0)
+                    (self.end_callback(&mut st, port, id), 0)
+                }
+                abi::CMD_ENABLE_QUEUES => match self.queue_clock {
+                    Some(clock) => {
+                        let side = &mut st.vcpus[cpu as usize];
+                        if side.rings.is_none() {
+                            side.rings = Some(Rings {
+                                caught_up: true,
+                                ..Rings::default()
+                            });
+                            self.shared.enable_queues(cpu, clock);
+                        }
+                        (abi::OK, 0)
+                    }
+                    None => (abi::INVALID, 0),
+                },
+                abi::CMD_SYNC => {
+                    st.queue_syncs += 1;
+                    (abi::OK, u64::from(queued))
                 }
                 abi::CMD_OFFLINE_ACK => {
                     let side = &st.vcpus[cpu as usize];
+                    let unread = side.rings.is_some_and(|r| !r.caught_up)
+                        || side
+                            .rings
+                            .is_some_and(|r| r.dlv_head != self.shared.dlv_tail(cpu));
                     if !side.offline_requested {
                         (abi::INVALID, 0)
-                    } else if side.in_flight.is_some() {
+                    } else if side.in_flight.is_some() || unread {
                         (abi::BAD_ACK, 0)
                     } else {
                         effect = CommandEffect::GoOffline;
@@ -560,6 +709,7 @@ impl<C: Clock> TimerDevice<C> {
     /// vCPU, or else to the hand-off target.
     pub fn go_offline(&self, port: &mut VcpuPort) {
         let cpu = port.cpu;
+        self.consume_own_ring(port);
         let forced_active = self.service.vcpu_offline(cpu);
         // Never an isolated vCPU while another can take them (tmigr's `handoff_target`).
         let to = forced_active.unwrap_or_else(|| self.service.handoff_target(cpu));
@@ -656,11 +806,14 @@ impl<C: Clock> TimerDevice<C> {
                 .iter()
                 .filter(|t| {
                     t.armed
-                        .is_some_and(|a| a.deadline.saturating_add(a.slack) < now)
+                        .is_some_and(|a| !a.stale && a.deadline.saturating_add(a.slack) < now)
                 })
                 .count() as u64,
             remote_expiries: st.remote_expiries,
             serialized: st.serialized,
+            queue_entries: st.queue_entries,
+            queue_syncs: st.queue_syncs,
+            queue_errors: st.queue_errors,
             lateness_ns: st.lateness.summary(),
             cross_node_below_crossnode: self.service.hierarchy().stats().cross_node_below_crossnode,
             hierarchy_check: String::new(),
@@ -721,12 +874,12 @@ impl<C: Clock> TimerDevice<C> {
                 .queue
                 .iter()
                 .take(8)
-                .map(|e| e.id.to_string())
+                .map(|p| p.e.id.to_string())
                 .collect();
             let _ = write!(out, " queued=[{}]", ids.join(","));
         }
         let running: Vec<String> = (0..st.timers.len())
-            .filter(|&t| st.timers[t].running_on == Some(cpu))
+            .filter(|&t| self.word(t as TimerId).running_on() == Some(cpu))
             .take(8)
             .map(|t| t.to_string())
             .collect();
@@ -734,7 +887,7 @@ impl<C: Clock> TimerDevice<C> {
             let _ = write!(out, " running_here=[{}]", running.join(","));
         }
         let held: Vec<String> = (0..st.timers.len())
-            .filter(|&t| st.timers[t].held.is_some_and(|e| e.owner == cpu))
+            .filter(|&t| st.timers[t].held.is_some_and(|p| p.e.owner == cpu))
             .take(8)
             .map(|t| t.to_string())
             .collect();
@@ -799,103 +952,225 @@ impl<C: Clock> TimerDevice<C> {
         named_caller
     }
 
+    /// Timer `id`'s state word, as quietvm sees it now.
+    fn word(&self, id: TimerId) -> State {
+        self.shared.state(id)
+    }
+
+    /// Applies `transition` to timer `id`'s word (bounded: docs/timer-abi.md, "A hostile guest").
+    fn update_word(&self, id: TimerId, transition: impl FnMut(State) -> Option<State>) -> Update {
+        self.shared
+            .with_word(id, |w| q::update(w, q::CAS_TRIES, transition))
+            .unwrap_or(Update::Contended)
+    }
+
+    /// `ARM` as a command: the guest's queue-mode steps (decide, swap the word) done by the device,
+    /// then the same [`Self::apply_op`] as a queued entry.
     fn arm(&self, st: &mut DeviceState, cpu: CpuId, now: u64) -> (u32, u64) {
         let id = self.read_u32(cpu, abi::OFF_ID);
         let flags = self.read_u32(cpu, abi::OFF_FLAGS);
         let deadline = self.read_u64(cpu, abi::OFF_DEADLINE);
         let guest_slack = self.read_u64(cpu, abi::OFF_SLACK);
-        let kind = match flags {
-            abi::FLAG_PINNED => TimerKind::Pinned,
-            abi::FLAG_MOVABLE => TimerKind::Movable,
-            _ => return (abi::INVALID, 0),
-        };
+        if flags != abi::FLAG_PINNED && flags != abi::FLAG_MOVABLE {
+            return (abi::INVALID, 0);
+        }
         if id as usize >= st.timers.len() {
             return (abi::INVALID, 0);
         }
         if deadline <= now {
             return (abi::PAST, 0);
         }
-        let slack = applied_slack(guest_slack, kind, self.min_slack);
-        let mut was_pending = Self::unqueue_delivered(st, id);
-        let slot = &mut st.timers[id as usize];
-        was_pending |= slot.held.take().is_some();
-        was_pending |= self.service.arm(cpu, id, deadline, slack, kind);
-        if let Some(old) = slot.armed.take() {
-            self.log(old.record(id, LogOutcome::Replaced, Some(now), None));
-        }
-        slot.armed = Some(Arming {
+        let Update::Done(old, new) = self.update_word(id, |s| Some(s.armed())) else {
+            st.queue_errors += 1;
+            return (abi::INVALID, 0);
+        };
+        let entry = SubEntry {
+            op: q::OP_ARM,
+            id,
+            gen: new.gen(),
+            flags: flags | if old.pending() { q::ENDED_PENDING } else { 0 },
             deadline,
-            slack,
-            armed_by: cpu,
-            armed_at: now,
-            kind,
-            held: false,
-        });
-        st.armed += 1;
-        (abi::OK, was_pending as u64)
+            slack: guest_slack,
+            at: now,
+            reserved: 0,
+        };
+        self.apply_op(st, cpu, &entry);
+        (abi::OK, old.pending() as u64)
     }
 
-    /// Removes an expired-but-not-popped arming from the delivery queue it waits in.
+    /// `CANCEL` as a command; the word it left (`None` for an unknown id).
+    fn cancel(
+        &self,
+        st: &mut DeviceState,
+        cpu: CpuId,
+        id: TimerId,
+        now: u64,
+    ) -> Option<(bool, State)> {
+        if id as usize >= st.timers.len() {
+            return None;
+        }
+        let Update::Done(old, new) = self.update_word(id, |s| Some(s.cancelled())) else {
+            st.queue_errors += 1;
+            return None;
+        };
+        let entry = SubEntry {
+            op: q::OP_CANCEL,
+            id,
+            gen: new.gen(),
+            flags: if old.pending() { q::ENDED_PENDING } else { 0 },
+            at: now,
+            ..SubEntry::default()
+        };
+        self.apply_op(st, cpu, &entry);
+        Some((old.pending(), new))
+    }
+
+    /// One `ARM` or `CANCEL` of vCPU `cpu` that already took effect on the word (a queued entry, or a
+    /// command above): the counts, the timer log, and the service's copy.
+    fn apply_op(&self, st: &mut DeviceState, cpu: CpuId, entry: &SubEntry) {
+        let id = entry.id;
+        let ended = entry.flags & q::ENDED_PENDING != 0;
+        let now_word = self.word(id);
+        if entry.op == q::OP_ARM {
+            st.armed += 1;
+            let kind = if entry.flags & q::ARM_KIND_MASK == abi::FLAG_PINNED {
+                TimerKind::Pinned
+            } else {
+                TimerKind::Movable
+            };
+            let slack = applied_slack(entry.slack, kind, self.min_slack);
+            let arming = Arming {
+                gen: entry.gen,
+                deadline: entry.deadline,
+                slack,
+                armed_by: cpu,
+                armed_at: entry.at,
+                kind,
+                held: false,
+                stale: false,
+            };
+            // Still the live arming: nothing newer has touched the word since.
+            let live = now_word.pending() && now_word.gen() == entry.gen;
+            if ended {
+                self.end_arming(
+                    st,
+                    id,
+                    entry.gen.wrapping_sub(1),
+                    LogOutcome::Replaced,
+                    entry.at,
+                    !live,
+                );
+            }
+            if live {
+                Self::unqueue_delivered(st, id);
+                let slot = &mut st.timers[id as usize];
+                slot.held = None;
+                self.service.arm(cpu, id, entry.deadline, slack, kind);
+                if let Some(older) = slot.armed.replace(arming) {
+                    // Ended by an operation still in another vCPU's ring.
+                    self.unmatched(st, id, Unmatched::Start(older));
+                }
+            } else {
+                self.unmatched(st, id, Unmatched::Start(arming));
+            }
+        } else if ended {
+            st.cancelled += 1;
+            self.end_arming(
+                st,
+                id,
+                entry.gen.wrapping_sub(1),
+                LogOutcome::Cancelled,
+                entry.at,
+                true,
+            );
+        }
+    }
+
+    /// Arming `gen` of timer `id` ended (`outcome`, at guest time `at`); `remove`: take it out of the
+    /// service and the delivery queues (an `ARM` that replaces it live does that itself).
+    fn end_arming(
+        &self,
+        st: &mut DeviceState,
+        id: TimerId,
+        gen: u32,
+        outcome: LogOutcome,
+        at: u64,
+        remove: bool,
+    ) {
+        let slot = &mut st.timers[id as usize];
+        if slot.armed.is_some_and(|a| a.gen == gen) {
+            let a = slot.armed.take().expect("checked");
+            self.log(a.record(id, outcome, Some(at), None));
+            if remove {
+                slot.held = None;
+                self.service.cancel(id);
+                Self::unqueue_delivered(st, id);
+            }
+        } else {
+            self.unmatched(st, id, Unmatched::End { gen, outcome, at });
+        }
+    }
+
+    /// Keeps one half of an arming until its other half is read from another ring, or logs the
+    /// arming if that half was here already. Only for the timer log.
+    fn unmatched(&self, st: &mut DeviceState, id: TimerId, half: Unmatched) {
+        if self.log.is_none() {
+            return;
+        }
+        let slot = &mut st.timers[id as usize];
+        let gen_of = |u: &Unmatched| match u {
+            Unmatched::Start(a) => a.gen,
+            Unmatched::End { gen, .. } => *gen,
+        };
+        let other = slot.unmatched.iter().position(|u| {
+            gen_of(u) == gen_of(&half)
+                && matches!(
+                    (u, &half),
+                    (Unmatched::Start(_), Unmatched::End { .. })
+                        | (Unmatched::End { .. }, Unmatched::Start(_))
+                )
+        });
+        match other {
+            Some(i) => {
+                let u = slot.unmatched.swap_remove(i);
+                let (a, outcome, at) = match (u, half) {
+                    (Unmatched::Start(a), Unmatched::End { outcome, at, .. })
+                    | (Unmatched::End { outcome, at, .. }, Unmatched::Start(a)) => (a, outcome, at),
+                    _ => unreachable!("matched a start with an end"),
+                };
+                self.log(a.record(id, outcome, Some(at), None));
+            }
+            None => {
+                if slot.unmatched.len() >= UNMATCHED_MAX {
+                    slot.unmatched.remove(0);
+                    st.queue_errors += 1;
+                }
+                st.timers[id as usize].unmatched.push(half);
+            }
+        }
+    }
+
+    /// Removes an expired-but-not-handed-over arming from the delivery queue it waits in.
     fn unqueue_delivered(st: &mut DeviceState, id: TimerId) -> bool {
         match st.timers[id as usize].delivered_to.take() {
             Some(q) => {
-                st.vcpus[q as usize].queue.retain(|e| e.id != id);
+                st.vcpus[q as usize].queue.retain(|p| p.e.id != id);
                 true
             }
             None => false,
         }
     }
 
-    /// Cancels `id` wherever its arming is (at guest time `now`); `None` for an unknown id.
-    fn cancel(&self, st: &mut DeviceState, id: TimerId, now: u64) -> Option<bool> {
-        if id as usize >= st.timers.len() {
-            return None;
-        }
-        let mut was_pending = Self::unqueue_delivered(st, id);
-        let slot = &mut st.timers[id as usize];
-        was_pending |= slot.held.take().is_some();
-        was_pending |= self.service.cancel(id);
-        if let Some(old) = slot.armed.take() {
-            self.log(old.record(id, LogOutcome::Cancelled, Some(now), None));
-        }
-        if was_pending {
-            st.cancelled += 1;
-        }
-        Some(was_pending)
-    }
-
-    /// Ends the callback the port's vCPU runs, if `id` names it; releases an expiry held back for it.
-    fn end_callback(
-        service: &TimerService<C>,
-        st: &mut DeviceState,
-        port: &mut VcpuPort,
-        id: TimerId,
-    ) -> u32 {
+    /// Ends the callback the port's vCPU runs (a `POP` or `ACK` command), if `id` names it.
+    fn end_callback(&self, st: &mut DeviceState, port: &mut VcpuPort, id: TimerId) -> u32 {
         let cpu = port.cpu;
         let side = &mut st.vcpus[cpu as usize];
         match side.in_flight {
             Some(t) if t == id => {
                 side.in_flight = None;
-                let slot = &mut st.timers[t as usize];
-                slot.running_on = None;
-                if let Some(e) = slot.held.take() {
-                    // A pinned timer fires on its owner (if that is still online); a movable one
-                    // right here, on a running vCPU, unless this vCPU is isolated and the timer is
-                    // another's: an isolated vCPU never runs another vCPU's callback, so it goes to
-                    // its owner, or where the owner's timers went if it is offline.
-                    let owner_online = st.vcpus[e.owner as usize].online;
-                    let target = if e.kind == TimerKind::Pinned && owner_online {
-                        e.owner
-                    } else if e.owner == cpu || !service.is_isolated(cpu) {
-                        cpu
-                    } else if owner_online {
-                        e.owner
-                    } else {
-                        service.handoff_target(e.owner)
-                    };
-                    Self::enqueue(st, target, e);
-                    port.kicks.push((target, KickReasons::DELIVERY));
-                }
+                // A word that no longer says so was scribbled on by the guest: nothing to end.
+                let _ = self.update_word(t, |s| s.callback_ended(cpu));
+                self.release_held(st, port);
                 abi::OK
             }
             None if id == abi::NO_TIMER => abi::OK,
@@ -903,20 +1178,138 @@ impl<C: Clock> TimerDevice<C> {
         }
     }
 
-    fn enqueue(st: &mut DeviceState, target: CpuId, e: Expired) {
-        st.timers[e.id as usize].delivered_to = Some(target);
-        st.vcpus[target as usize].queue.push_back(e);
+    /// Hands over every held expiry whose callback has ended (its word no longer says `RUNNING`), to
+    /// where it fires: a pinned timer on its owner (if that is still online); a movable one right
+    /// here, on a running vCPU, unless this vCPU is isolated and the timer is another's: an isolated
+    /// vCPU never runs another vCPU's callback, so it goes to its owner, or where the owner's timers
+    /// went if it is offline. Drops the ones the word says are stale.
+    fn release_held(&self, st: &mut DeviceState, port: &mut VcpuPort) {
+        if st.held_ids.is_empty() {
+            return;
+        }
+        let cpu = port.cpu;
+        let mut i = 0;
+        while i < st.held_ids.len() {
+            let id = st.held_ids[i];
+            let word = self.word(id);
+            let Some(p) = st.timers[id as usize].held else {
+                st.held_ids.swap_remove(i);
+                continue;
+            };
+            if !word.pending() || word.gen() != p.gen {
+                st.timers[id as usize].held = None;
+                st.held_ids.swap_remove(i);
+                continue;
+            }
+            if word.running() {
+                i += 1;
+                continue;
+            }
+            st.timers[id as usize].held = None;
+            st.held_ids.swap_remove(i);
+            let e = p.e;
+            let owner_online = st.vcpus[e.owner as usize].online;
+            let target = if e.kind == TimerKind::Pinned && owner_online {
+                e.owner
+            } else if e.owner == cpu || !self.service.is_isolated(cpu) {
+                cpu
+            } else if owner_online {
+                e.owner
+            } else {
+                self.service.handoff_target(e.owner)
+            };
+            Self::enqueue(st, target, p);
+            port.kicks.push((target, KickReasons::DELIVERY));
+        }
     }
 
+    fn enqueue(st: &mut DeviceState, target: CpuId, p: Pending) {
+        st.timers[p.e.id as usize].delivered_to = Some(target);
+        st.vcpus[target as usize].queue.push_back(p);
+    }
+
+    fn hold(st: &mut DeviceState, p: Pending) {
+        let slot = &mut st.timers[p.e.id as usize];
+        if slot.held.is_none() {
+            st.held_ids.push(p.e.id);
+        }
+        slot.held = Some(p);
+        if let Some(a) = slot.armed.as_mut() {
+            a.held = true;
+        }
+        st.serialized += 1;
+    }
+
+    /// Hands the next expired timer of `cpu`'s delivery queue over to it (the timer fires now, at
+    /// guest time `now`): its word says `RUNNING` here, and it is counted and logged. Skips (and
+    /// drops) stale ones and holds the ones whose previous callback still runs. `None`: none left.
+    fn hand_over_next(&self, st: &mut DeviceState, cpu: CpuId, now: u64) -> Option<DeliveryEntry> {
+        while let Some(p) = st.vcpus[cpu as usize].queue.pop_front() {
+            let e = p.e;
+            st.timers[e.id as usize].delivered_to = None;
+            let expiry = self
+                .shared
+                .with_word(e.id, |w| q::expire(w, p.gen, cpu, q::CAS_TRIES))
+                .unwrap_or(Expiry::Stale);
+            match expiry {
+                Expiry::Stale => continue,
+                Expiry::Held => {
+                    Self::hold(st, p);
+                    continue;
+                }
+                Expiry::HandedOver => {}
+            }
+            st.vcpus[cpu as usize].fired += 1;
+            let slot = &mut st.timers[e.id as usize];
+            let mut owner = e.owner;
+            if slot.armed.is_some_and(|a| a.gen == p.gen) {
+                let a = slot.armed.take().expect("checked");
+                owner = a.armed_by;
+                self.log(a.record(e.id, LogOutcome::Fired, Some(now), Some(cpu)));
+            }
+            if owner != cpu {
+                st.vcpus[cpu as usize].remote_expiries += 1;
+                st.remote_expiries += 1;
+            }
+            st.fired += 1;
+            if now < e.deadline {
+                st.early += 1;
+                log::error!(
+                    "timer {} fired {} ns early on vCPU {cpu}",
+                    e.id,
+                    e.deadline - now
+                );
+            }
+            // Lateness stays measured from the deadline (the window's start); a firing past the
+            // window's end (by more than the tolerance) is counted on its own (docs/stats.md).
+            st.lateness.record(now.saturating_sub(e.deadline));
+            let window_end = e.deadline.saturating_add(e.slack);
+            if now.saturating_sub(window_end) > abi::WINDOW_TOLERANCE_NS {
+                st.late_beyond_window += 1;
+            }
+            return Some(DeliveryEntry {
+                id: e.id,
+                owner,
+                gen: p.gen,
+                deadline: e.deadline,
+                slack: e.slack,
+                fired_at: now,
+                ..DeliveryEntry::default()
+            });
+        }
+        None
+    }
+
+    /// `POP` as a command.
     fn pop(&self, st: &mut DeviceState, port: &mut VcpuPort, now: u64) -> (u32, u64) {
         let cpu = port.cpu;
         let ack = self.read_u32(cpu, abi::OFF_ID);
-        let status = Self::end_callback(&self.service, st, port, ack);
+        let status = self.end_callback(st, port, ack);
         if status != abi::OK {
             return (status, 0);
         }
-        let side = &mut st.vcpus[cpu as usize];
-        let Some(e) = side.queue.pop_front() else {
+        let Some(d) = self.hand_over_next(st, cpu, now) else {
+            let side = &mut st.vcpus[cpu as usize];
             side.doorbell_armed = true;
             if side.in_wake_handler {
                 side.in_wake_handler = false;
@@ -924,45 +1317,113 @@ impl<C: Clock> TimerDevice<C> {
             }
             return (abi::EMPTY, 0);
         };
-        side.in_flight = Some(e.id);
-        side.fired += 1;
-        let slot = &mut st.timers[e.id as usize];
-        let owner = slot.armed.map_or(e.owner, |a| a.armed_by);
-        slot.delivered_to = None;
-        if let Some(a) = slot.armed.take() {
-            self.log(a.record(e.id, LogOutcome::Fired, Some(now), Some(cpu)));
-        }
-        slot.running_on = Some(cpu);
-        if owner != cpu {
-            st.vcpus[cpu as usize].remote_expiries += 1;
-            st.remote_expiries += 1;
-        }
-        st.fired += 1;
-        if now < e.deadline {
-            st.early += 1;
-            log::error!(
-                "timer {} fired {} ns early on vCPU {cpu}",
-                e.id,
-                e.deadline - now
-            );
-        }
-        // Lateness stays measured from the deadline (the window's start); a firing past the window's
-        // end (by more than the tolerance) is counted on its own (docs/stats.md).
-        st.lateness.record(now.saturating_sub(e.deadline));
-        let window_end = e.deadline.saturating_add(e.slack);
-        if now.saturating_sub(window_end) > abi::WINDOW_TOLERANCE_NS {
-            st.late_beyond_window += 1;
-        }
-        self.write(cpu, abi::OFF_EXP_ID, e.id);
-        self.write(cpu, abi::OFF_EXP_OWNER, owner);
-        self.write(cpu, abi::OFF_EXP_DEADLINE, e.deadline);
-        self.write(cpu, abi::OFF_EXP_FIRED_AT, now);
-        self.write(cpu, abi::OFF_EXP_SLACK, e.slack);
+        st.vcpus[cpu as usize].in_flight = Some(d.id);
+        self.write(cpu, abi::OFF_EXP_ID, d.id);
+        self.write(cpu, abi::OFF_EXP_OWNER, d.owner);
+        self.write(cpu, abi::OFF_EXP_DEADLINE, d.deadline);
+        self.write(cpu, abi::OFF_EXP_FIRED_AT, d.fired_at);
+        self.write(cpu, abi::OFF_EXP_SLACK, d.slack);
         (abi::OK, 0)
     }
 
-    /// Moves every timer the port's vCPU (running) must expire now into delivery queues. Returns what
-    /// the expiry found, for the wakeup's cause.
+    /// Queue mode: reads what the guest of the port's vCPU queued since the last look (at most one
+    /// ring's worth), applies it, and hands over held expiries whose callbacks ended. Returns the
+    /// entries read. Under the device lock.
+    fn consume_ring(&self, st: &mut DeviceState, port: &mut VcpuPort) -> u32 {
+        let cpu = port.cpu;
+        let Some(mut rings) = st.vcpus[cpu as usize].rings else {
+            return 0;
+        };
+        let head = self.shared.sub_head(cpu);
+        let mut read = 0;
+        match q::ring_len(head, rings.sub_tail, q::SUB_ENTRIES) {
+            None => {
+                st.queue_errors += 1;
+                log::debug!(
+                    "vCPU {cpu}: submission ring head {head} tail {} makes no sense",
+                    rings.sub_tail
+                );
+            }
+            Some(len) => {
+                for _ in 0..len {
+                    let entry = self.shared.sub_entry(cpu, rings.sub_tail);
+                    rings.sub_tail = rings.sub_tail.wrapping_add(1);
+                    read += 1;
+                    if self.valid_entry(st, &entry) {
+                        self.apply_op(st, cpu, &entry);
+                    } else {
+                        st.queue_errors += 1;
+                    }
+                }
+                if len > 0 {
+                    self.shared.set_sub_tail(cpu, rings.sub_tail);
+                }
+            }
+        }
+        st.queue_entries += u64::from(read);
+        st.vcpus[cpu as usize].rings = Some(rings);
+        self.release_held(st, port);
+        read
+    }
+
+    /// An entry whose op, id and flags make sense, and whose generation is one the word has had
+    /// (never ahead of it: a guest that invents one gains nothing, but the log would wait for it).
+    fn valid_entry(&self, st: &DeviceState, e: &SubEntry) -> bool {
+        if e.id as usize >= st.timers.len() {
+            return false;
+        }
+        let ahead = e.gen.wrapping_sub(self.word(e.id).gen()) as i32 > 0;
+        let ops_ok = match e.op {
+            q::OP_ARM => {
+                let kind = e.flags & q::ARM_KIND_MASK;
+                kind == abi::FLAG_PINNED || kind == abi::FLAG_MOVABLE
+            }
+            q::OP_CANCEL => true,
+            _ => false,
+        };
+        ops_ok && !ahead && e.flags & !(q::ARM_KIND_MASK | q::ENDED_PENDING) == 0
+    }
+
+    /// Queue mode: hands expired timers over into the delivery ring as far as it has room, and
+    /// notes whether the guest had read everything before (then the doorbell rings). Under the lock.
+    fn fill_delivery(&self, st: &mut DeviceState, port: &mut VcpuPort, now: u64) {
+        let cpu = port.cpu;
+        let Some(mut rings) = st.vcpus[cpu as usize].rings else {
+            return;
+        };
+        let tail = self.shared.dlv_tail(cpu);
+        let Some(mut len) = q::ring_len(rings.dlv_head, tail, q::DELIVERY_ENTRIES) else {
+            st.queue_errors += 1;
+            return;
+        };
+        let side = &mut st.vcpus[cpu as usize];
+        if len == 0 {
+            side.doorbell_armed = true;
+            if side.queue.is_empty() && side.in_wake_handler {
+                // It has read everything and has nothing more: out of the handler, for `push`.
+                side.in_wake_handler = false;
+                self.service.set_push_idle(cpu, false);
+            }
+        }
+        let before = rings.dlv_head;
+        while len < q::DELIVERY_ENTRIES {
+            let Some(d) = self.hand_over_next(st, cpu, now) else {
+                break;
+            };
+            self.shared.put_delivery(cpu, rings.dlv_head, d);
+            rings.dlv_head = rings.dlv_head.wrapping_add(1);
+            len += 1;
+        }
+        if rings.dlv_head != before {
+            self.shared.set_dlv_head(cpu, rings.dlv_head);
+        }
+        rings.caught_up = len == 0;
+        st.vcpus[cpu as usize].rings = Some(rings);
+    }
+
+    /// Moves every timer the port's vCPU (running) must expire now into delivery queues: held
+    /// behind a running callback, or dropped if the word says the arming is no longer pending.
+    /// Returns what the expiry found, for the wakeup's cause.
     fn expire_due(&self, port: &mut VcpuPort) -> ExpiryCounts {
         let cpu = port.cpu;
         port.expired.clear();
@@ -971,15 +1432,24 @@ impl<C: Clock> TimerDevice<C> {
         let found = ExpiryCounts::of(cpu, &port.expired);
         for e in port.expired.drain(..) {
             let slot = &mut st.timers[e.id as usize];
-            if slot.running_on.is_some() {
-                // Serialization: the previous callback of this timer still runs somewhere.
-                slot.held = Some(e);
-                if let Some(a) = slot.armed.as_mut() {
-                    a.held = true;
+            let Some(a) = slot.armed.as_mut() else {
+                continue;
+            };
+            let p = Pending { e, gen: a.gen };
+            // Serialization: while a previous callback of this timer runs somewhere, the expiry is
+            // held, and the word says HELD so that the guest ending that callback tells the device.
+            match self.update_word(e.id, |s| s.held_back(p.gen)) {
+                Update::Done(..) => Self::hold(&mut st, p),
+                Update::Refused(s) if s.pending() && s.gen() == p.gen => {
+                    Self::enqueue(&mut st, cpu, p)
                 }
-                st.serialized += 1;
-            } else {
-                Self::enqueue(&mut st, cpu, e);
+                // Cancelled or re-armed in a ring not read yet (that entry logs it), or a guest
+                // that keeps rewriting the word.
+                _ => {
+                    if let Some(a) = st.timers[e.id as usize].armed.as_mut() {
+                        a.stale = true;
+                    }
+                }
             }
         }
         drop(st);

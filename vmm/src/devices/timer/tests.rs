@@ -12,6 +12,8 @@ use super::abi;
 use super::*;
 
 const PAGES: u64 = 0x10000;
+/// The state words (16 timers), well clear of the device pages.
+const STATES: u64 = 0x80000;
 
 #[derive(Default)]
 struct RecordingKicker {
@@ -57,6 +59,7 @@ impl Vm {
             service,
             mem.clone(),
             PAGES,
+            STATES,
             vcpus,
             Arc::clone(&kicker) as Arc<dyn VcpuKicker>,
         );
@@ -392,6 +395,7 @@ fn an_isolated_vcpu_hands_a_held_expiry_of_another_owner_back_to_it() {
         service,
         mem.clone(),
         PAGES,
+        STATES,
         2,
         Arc::clone(&kicker) as Arc<dyn VcpuKicker>,
     );
@@ -635,4 +639,437 @@ fn the_timer_log_ends_every_arming_once() {
     let t = vm.dev.timer_stats(6_500);
     let logged_fired = lines.iter().filter(|v| v["outcome"] == "fired").count() as u64;
     assert_eq!((t.armed, t.fired), (lines.len() as u64, logged_fired));
+}
+
+// ---- Queue mode: each test plays a queue-mode guest by hand (docs/timer-abi.md, "Queue mode") ----
+
+use quietvm_abi::queue::{self as q, State};
+
+/// A clock a queue-mode guest could read (the tests never read it: the fake clock is the time).
+const CLOCK: q::ClockParams = q::ClockParams {
+    version: 2,
+    reserved: 0,
+    tsc_base: 0,
+    ns_per_tick_q32: 1 << 32,
+};
+
+impl Vm {
+    fn queued(policy: Policy, vcpus: u32) -> Self {
+        Vm::queued_on(policy, vcpus, 0..vcpus)
+    }
+
+    /// Queue mode offered, and enabled on the vCPUs in `on` (the others use commands).
+    fn queued_on(policy: Policy, vcpus: u32, on: std::ops::Range<u32>) -> Self {
+        let mut vm = Vm::new(policy, vcpus);
+        vm.dev.offer_queues(CLOCK);
+        for c in on {
+            assert_eq!(vm.cmd(c, abi::CMD_ENABLE_QUEUES).0, abi::OK);
+            assert_eq!(vm.get_u32(c, q::OFF_Q_ENABLED), 1);
+        }
+        vm
+    }
+
+    fn word(&self, id: u32) -> State {
+        State(
+            self.mem
+                .read_obj(GuestAddress(STATES + 8 * u64::from(id)))
+                .unwrap(),
+        )
+    }
+
+    fn set_word(&self, id: u32, s: State) {
+        self.mem
+            .write_obj(s.0, GuestAddress(STATES + 8 * u64::from(id)))
+            .unwrap();
+    }
+
+    /// Writes `e` to `cpu`'s submission ring and publishes it, as a guest does.
+    fn submit(&self, cpu: CpuId, e: q::SubEntry) {
+        let head = self.get_u32(cpu, q::OFF_Q_SUB_HEAD);
+        let at = q::sub_slot(head);
+        self.put(cpu, at, e.op);
+        self.put(cpu, at + 4, e.id);
+        self.put(cpu, at + 8, e.gen);
+        self.put(cpu, at + 12, e.flags);
+        self.put(cpu, at + 16, e.deadline);
+        self.put(cpu, at + 24, e.slack);
+        self.put(cpu, at + 32, e.at);
+        self.put(cpu, q::OFF_Q_SUB_HEAD, head.wrapping_add(1));
+    }
+
+    /// A queue-mode `ARM` without an exit: swap the word, queue the entry. Returns the re-arm `value`.
+    fn q_arm(&self, cpu: CpuId, id: u32, flags: u32, deadline: u64, slack: u64) -> bool {
+        let old = self.word(id);
+        let new = old.armed();
+        self.set_word(id, new);
+        self.submit(
+            cpu,
+            q::SubEntry {
+                op: q::OP_ARM,
+                id,
+                gen: new.gen(),
+                flags: flags | if old.pending() { q::ENDED_PENDING } else { 0 },
+                deadline,
+                slack,
+                at: self.clock.now_ns(),
+                reserved: 0,
+            },
+        );
+        old.pending()
+    }
+
+    /// A queue-mode `CANCEL`; returns its `value` and the word it left.
+    fn q_cancel(&self, cpu: CpuId, id: u32) -> (bool, State) {
+        let old = self.word(id);
+        let new = old.cancelled();
+        self.set_word(id, new);
+        self.submit(
+            cpu,
+            q::SubEntry {
+                op: q::OP_CANCEL,
+                id,
+                gen: new.gen(),
+                flags: if old.pending() { q::ENDED_PENDING } else { 0 },
+                at: self.clock.now_ns(),
+                ..q::SubEntry::default()
+            },
+        );
+        (old.pending(), new)
+    }
+
+    /// Reads every delivery entry `cpu`'s guest has not read: (id, owner, deadline, fired_at, slack).
+    fn take_deliveries(&self, cpu: CpuId) -> Vec<(u32, u32, u64, u64, u64)> {
+        let head = self.get_u32(cpu, q::OFF_Q_DLV_HEAD);
+        let mut tail = self.get_u32(cpu, q::OFF_Q_DLV_TAIL);
+        let mut out = Vec::new();
+        while tail != head {
+            let at = q::delivery_slot(tail);
+            out.push((
+                self.get_u32(cpu, at),
+                self.get_u32(cpu, at + 4),
+                self.get_u64(cpu, at + 16),
+                self.get_u64(cpu, at + 32),
+                self.get_u64(cpu, at + 24),
+            ));
+            tail = tail.wrapping_add(1);
+        }
+        self.put(cpu, q::OFF_Q_DLV_TAIL, tail);
+        out
+    }
+
+    /// Ends the callback of `id` on `cpu` in the word; true if quietvm held an expiry for it (then
+    /// the guest must `SYNC`).
+    fn q_end(&self, cpu: CpuId, id: u32) -> bool {
+        let old = self.word(id);
+        let new = old.callback_ended(cpu).expect("the callback runs here");
+        self.set_word(id, new);
+        old.held()
+    }
+}
+
+#[test]
+fn queue_mode_arms_without_an_exit_and_delivers_through_the_ring() {
+    let mut vm = Vm::queued(Policy::Pull, 1);
+    vm.entry(0);
+    assert!(!vm.q_arm(0, 3, abi::FLAG_PINNED, 5_000, 0));
+    assert_eq!(vm.dev.timer_stats(0).armed, 0, "not read before an exit");
+    // The halt exit reads the ring first, then sleeps to the deadline.
+    assert_eq!(vm.halt(0), HaltPlan::Sleep { until: 5_000 });
+    assert_eq!(vm.get_u32(0, q::OFF_Q_SUB_TAIL), 1);
+    vm.clock.set(5_300);
+    let w = vm.wake(0, KickReasons::NONE);
+    assert!(w.resume_guest, "a delivery rings the doorbell");
+    assert!(vm.entry(0).inject_doorbell);
+    assert!(
+        !vm.entry(0).inject_doorbell,
+        "once, until the guest has read the ring"
+    );
+    assert_eq!(vm.take_deliveries(0), vec![(3, 0, 5_000, 5_300, 0)]);
+    let word = vm.word(3);
+    assert_eq!((word.pending(), word.running_on()), (false, Some(0)));
+    assert!(!vm.q_end(0, 3));
+    let t = vm.dev.timer_stats(10_000);
+    assert_eq!((t.armed, t.fired, t.early, t.missed), (1, 1, 0, 0));
+    assert_eq!((t.queue_entries, t.queue_errors), (1, 0));
+    assert_eq!(vm.word(3).running_on(), None);
+}
+
+#[test]
+fn queue_mode_publishes_the_horizon_it_will_be_back_by() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    vm.arm(0, 1, abi::FLAG_PINNED, 9_000);
+    let plan = vm.entry(0);
+    assert_eq!(plan.deadline, 9_000);
+    assert_eq!(vm.get_u64(0, q::OFF_Q_HORIZON), 9_000);
+    // An arming due later needs no exit: the kick at 9_000 reads it.
+    vm.q_arm(0, 2, abi::FLAG_PINNED, 12_000, 0);
+    vm.clock.set(9_000);
+    let plan = vm.entry(0);
+    assert_eq!(vm.dev.timer_stats(9_000).armed, 2);
+    assert_eq!(
+        plan.deadline, 12_000,
+        "timer 1 is delivered, timer 2 is next"
+    );
+    assert_eq!(vm.get_u64(0, q::OFF_Q_HORIZON), 12_000);
+}
+
+#[test]
+fn a_queued_rearm_or_cancel_wins_over_an_expiry_it_overtakes() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    vm.arm(0, 1, abi::FLAG_PINNED, 5_000);
+    vm.arm(0, 2, abi::FLAG_PINNED, 5_000);
+    vm.entry(0);
+    vm.clock.set(5_100);
+    // Both expire into the delivery queue at this exit, but the ring was full of nothing yet...
+    // the guest re-arms 1 and cancels 2 before quietvm hands them over.
+    assert!(
+        vm.q_arm(0, 1, abi::FLAG_PINNED, 8_000, 0),
+        "still pending: a re-arm"
+    );
+    assert!(vm.q_cancel(0, 2).0, "still pending: cancelled");
+    let plan = vm.entry(0);
+    assert!(!plan.inject_doorbell, "nothing stale is delivered");
+    assert!(vm.take_deliveries(0).is_empty());
+    assert_eq!(plan.deadline, 8_000);
+    vm.clock.set(8_000);
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.take_deliveries(0).len(), 1);
+    let t = vm.dev.timer_stats(9_000);
+    assert_eq!((t.armed, t.fired, t.cancelled, t.missed), (3, 1, 1, 0));
+}
+
+#[test]
+fn an_expiry_is_overtaken_by_a_cancel_still_in_the_ring_when_it_is_handed_over() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    vm.arm(0, 4, abi::FLAG_PINNED, 5_000);
+    vm.clock.set(5_000);
+    // The service expires it while the cancel sits in the word only (the entry is not written yet).
+    let old = vm.word(4);
+    vm.set_word(4, old.cancelled());
+    assert!(
+        !vm.entry(0).inject_doorbell,
+        "the word says cancelled: dropped"
+    );
+    assert!(vm.take_deliveries(0).is_empty());
+    // The entry arrives later and accounts for it.
+    vm.submit(
+        0,
+        q::SubEntry {
+            op: q::OP_CANCEL,
+            id: 4,
+            gen: old.gen() + 1,
+            flags: q::ENDED_PENDING,
+            at: 5_000,
+            ..q::SubEntry::default()
+        },
+    );
+    vm.entry(0);
+    let t = vm.dev.timer_stats(9_000);
+    assert_eq!((t.armed, t.fired, t.cancelled, t.missed), (1, 0, 1, 0));
+}
+
+#[test]
+fn an_expiry_behind_a_running_callback_is_held_until_the_guest_ends_it_and_syncs() {
+    let mut vm = Vm::queued(Policy::Local, 2);
+    vm.arm(0, 5, abi::FLAG_MOVABLE, 5_000);
+    vm.clock.set(5_000);
+    assert!(vm.entry(0).inject_doorbell);
+    assert_eq!(vm.take_deliveries(0).len(), 1);
+    // The callback (on vCPU 0) re-arms it on vCPU 1's behalf... by vCPU 1, due at once.
+    vm.q_arm(1, 5, abi::FLAG_MOVABLE, 5_100, 0);
+    vm.clock.set(5_200);
+    vm.entry(1);
+    assert!(vm.word(5).held(), "held behind the callback on vCPU 0");
+    assert!(vm.take_deliveries(1).is_empty());
+    // vCPU 0 ends its callback, sees HELD, and syncs.
+    assert!(vm.q_end(0, 5));
+    let (status, _) = vm.cmd(0, abi::CMD_SYNC);
+    assert_eq!(status, abi::OK);
+    // A movable timer goes to the vCPU whose callback ended.
+    assert!(vm.entry(0).inject_doorbell);
+    let got = vm.take_deliveries(0);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, 5);
+    assert_eq!(got[0].1, 1, "owner: the vCPU that re-armed it");
+    let t = vm.dev.timer_stats(9_000);
+    assert_eq!(
+        (t.armed, t.fired, t.serialized, t.queue_syncs),
+        (2, 2, 1, 1)
+    );
+}
+
+#[test]
+fn commands_and_queues_mix_and_cancel_sync_reads_the_word() {
+    let mut vm = Vm::queued_on(Policy::Local, 2, 0..1);
+    vm.q_arm(0, 6, abi::FLAG_PINNED, 5_000, 0);
+    vm.halt(0);
+    vm.clock.set(5_000);
+    assert!(vm.wake(0, KickReasons::NONE).resume_guest);
+    vm.take_deliveries(0);
+    // vCPU 1, with commands, sees the callback running on vCPU 0.
+    assert_eq!(vm.cancel(1, 6, true), (abi::RUNNING, 0));
+    assert!(!vm.q_end(0, 6));
+    assert_eq!(vm.cancel(1, 6, true), (abi::OK, 0));
+    // A command re-arm of a queued arming answers as the queue would.
+    vm.q_arm(0, 7, abi::FLAG_PINNED, 9_000, 0);
+    assert_eq!(vm.arm(1, 7, abi::FLAG_PINNED, 9_500), (abi::OK, 1));
+    vm.entry(0);
+    vm.clock.set(9_600);
+    vm.entry(0);
+    assert!(
+        vm.take_deliveries(0).is_empty(),
+        "the first arming was replaced"
+    );
+    let plan = vm.entry(1);
+    assert!(plan.inject_doorbell);
+    assert_eq!(
+        vm.pop(1, abi::NO_TIMER),
+        Some(7),
+        "vCPU 1 uses commands: POP"
+    );
+    let t = vm.dev.timer_stats(10_000);
+    assert_eq!((t.armed, t.fired, t.missed), (3, 2, 0));
+}
+
+#[test]
+fn a_full_delivery_ring_keeps_the_rest_and_comes_back_for_it() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    let n = q::DELIVERY_ENTRIES + 8;
+    // 16 timers are all this harness has: fill the ring with re-arms of them in rounds.
+    for round in 0..(n / 16 + 1) {
+        for id in 0..16u32 {
+            vm.q_arm(
+                0,
+                id,
+                abi::FLAG_PINNED,
+                1_000 + u64::from(round) * 100 + 50,
+                0,
+            );
+        }
+        vm.entry(0);
+        vm.clock.set(1_000 + u64::from(round) * 100 + 60);
+        vm.entry(0);
+        // The guest reads nothing: entries pile up.
+        for id in 0..16u32 {
+            if let Some(cpu) = vm.word(id).running_on() {
+                vm.q_end(cpu, id);
+            }
+        }
+    }
+    let head = vm.get_u32(0, q::OFF_Q_DLV_HEAD);
+    assert_eq!(head, q::DELIVERY_ENTRIES, "never more than the ring holds");
+    let plan = vm.entry(0);
+    assert!(plan.deadline <= vm.clock.now_ns() + DOORBELL_RETRY_NS);
+    let first = vm.take_deliveries(0).len() as u32;
+    assert_eq!(first, q::DELIVERY_ENTRIES);
+    vm.entry(0);
+    assert!(
+        !vm.take_deliveries(0).is_empty(),
+        "the rest, once there is room"
+    );
+}
+
+// ---- Queue mode, hostile guests -----------------------------------------------------------------
+
+#[test]
+fn a_submission_head_that_makes_no_sense_is_counted_and_changes_nothing() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    vm.put(0, q::OFF_Q_SUB_HEAD, 1_000u32);
+    vm.entry(0);
+    let t = vm.dev.timer_stats(0);
+    assert_eq!((t.armed, t.queue_entries), (0, 0));
+    assert!(t.queue_errors >= 1);
+    assert_eq!(vm.get_u32(0, q::OFF_Q_SUB_TAIL), 0);
+    // The guest puts it right: the device goes on from its own tail.
+    vm.put(0, q::OFF_Q_SUB_HEAD, 0u32);
+    vm.q_arm(0, 1, abi::FLAG_PINNED, 5_000, 0);
+    vm.entry(0);
+    assert_eq!(vm.dev.timer_stats(0).armed, 1);
+}
+
+#[test]
+fn garbage_entries_are_skipped_one_ring_at_a_time() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    let bad = [
+        q::SubEntry {
+            op: 9,
+            id: 1,
+            ..Default::default()
+        },
+        q::SubEntry {
+            op: q::OP_ARM,
+            id: 999,
+            flags: abi::FLAG_PINNED,
+            ..Default::default()
+        },
+        q::SubEntry {
+            op: q::OP_ARM,
+            id: 1,
+            flags: 3,
+            ..Default::default()
+        },
+        q::SubEntry {
+            op: q::OP_ARM,
+            id: 1,
+            flags: abi::FLAG_PINNED | 0x8000,
+            ..Default::default()
+        },
+        // A generation the word never had.
+        q::SubEntry {
+            op: q::OP_ARM,
+            id: 2,
+            gen: 77,
+            flags: abi::FLAG_PINNED,
+            deadline: 5_000,
+            ..Default::default()
+        },
+    ];
+    for e in bad {
+        vm.submit(0, e);
+    }
+    vm.entry(0);
+    let t = vm.dev.timer_stats(0);
+    assert_eq!((t.armed, t.queue_entries, t.queue_errors), (0, 5, 5));
+    // A whole ring of garbage in one go: read once, each skipped; no more than the ring holds.
+    for i in 0..q::SUB_ENTRIES {
+        vm.submit(
+            0,
+            q::SubEntry {
+                op: 0xdead,
+                id: i,
+                ..Default::default()
+            },
+        );
+    }
+    vm.entry(0);
+    let t = vm.dev.timer_stats(0);
+    assert_eq!(t.queue_entries, 5 + u64::from(q::SUB_ENTRIES));
+    assert_eq!(t.queue_errors, 5 + u64::from(q::SUB_ENTRIES));
+}
+
+#[test]
+fn a_scribbled_delivery_tail_or_state_word_hurts_only_that_guest() {
+    let mut vm = Vm::queued(Policy::Local, 2);
+    vm.arm(0, 1, abi::FLAG_PINNED, 5_000);
+    vm.arm(1, 2, abi::FLAG_PINNED, 5_000);
+    vm.arm(1, 3, abi::FLAG_PINNED, 5_000);
+    vm.put(0, q::OFF_Q_DLV_TAIL, 0x8000_0000u32);
+    // Timer 3's word: every bit set (running on vCPU 0xffff, which does not exist).
+    vm.set_word(3, State(u64::MAX));
+    vm.clock.set(5_000);
+    assert!(
+        !vm.entry(0).inject_doorbell,
+        "vCPU 0's ring is taken as full"
+    );
+    assert!(vm.dev.timer_stats(5_000).queue_errors >= 1);
+    assert!(vm.entry(1).inject_doorbell);
+    let got: Vec<u32> = vm.take_deliveries(1).iter().map(|d| d.0).collect();
+    assert_eq!(
+        got,
+        vec![2],
+        "vCPU 1 gets its good timer; the scribbled one is not handed over"
+    );
+    let t = vm.dev.timer_stats(5_000);
+    assert_eq!(t.early, 0);
+    assert_eq!(vm.dev.check_hierarchy(), "ok");
 }

@@ -26,6 +26,13 @@ ioctl_iow_nr!(
 );
 // Nor this one (binary statistics, Linux 5.14+).
 ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+// Nor reading a vCPU attribute (the TSC offset, Linux 5.16+); kvm-ioctls has it for devices only.
+ioctl_iow_nr!(
+    KVM_GET_DEVICE_ATTR,
+    KVMIO,
+    0xe2,
+    kvm_bindings::kvm_device_attr
+);
 
 /// Why `KVM_RUN` returned, with the data quietvm needs, owned (no borrow of `kvm_run`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,6 +246,29 @@ impl Vcpu {
         self.fd
             .get_tsc_khz()
             .map_err(ioctl_err("read the TSC frequency"))
+    }
+
+    /// What KVM adds to the host TSC to make this vCPU's TSC (`KVM_VCPU_TSC_OFFSET`, wrapping). quietvm's
+    /// device clock is the guest TSC, read on the host as `rdtsc + offset` (docs/timer-abi.md, "The
+    /// clock"). Fails on a KVM without vCPU TSC attributes.
+    pub fn tsc_offset(&self) -> Result<u64, KvmError> {
+        let mut offset: u64 = 0;
+        let attr = kvm_bindings::kvm_device_attr {
+            group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+            attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
+            addr: &mut offset as *mut u64 as u64,
+            flags: 0,
+        };
+        // SAFETY: the fd is a vCPU fd; KVM_GET_DEVICE_ATTR reads `attr` and writes one u64 to `addr`,
+        // which points at `offset`, alive for the whole call.
+        let rc = unsafe { ioctl_with_ref(&self.fd, KVM_GET_DEVICE_ATTR(), &attr) };
+        if rc != 0 {
+            return Err(KvmError::Ioctl {
+                what: "KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(offset)
     }
 
     /// The current values of the vCPU's KVM statistics called `names` (for example `halt_exits`), from
