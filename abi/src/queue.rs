@@ -228,11 +228,13 @@ pub fn expire<S: StateCell + ?Sized>(cell: &S, gen: u32, cpu: u32, tries: u32) -
 
 // ---- The shared clock ------------------------------------------------------------------------------
 
-/// Guest ns from a TSC reading: `(tsc - tsc_base) * ns_per_tick_q32 >> 32`, 0 before `tsc_base`. The
-/// one formula quietvm's device clock and the guest both use, so both read the same time.
+/// Guest ns from a TSC reading: `(tsc - tsc_base) * ns_per_tick_q32 >> 32`, 0 before `tsc_base`,
+/// `u64::MAX` once that exceeds 64 bits (never wraps back). The one formula quietvm's device clock and
+/// the guest both use, so both read the same time.
 pub fn clock_ns(tsc: u64, tsc_base: u64, ns_per_tick_q32: u64) -> u64 {
     let ticks = tsc.saturating_sub(tsc_base);
-    ((u128::from(ticks) * u128::from(ns_per_tick_q32)) >> 32) as u64
+    let ns = (u128::from(ticks) * u128::from(ns_per_tick_q32)) >> 32;
+    u64::try_from(ns).unwrap_or(u64::MAX)
 }
 
 /// `ns_per_tick_q32` for a TSC of `tsc_khz` kHz (32 fraction bits); 0 for 0.
