@@ -92,6 +92,9 @@ pub struct PolicySummary {
     /// every exit KVM took (null where KVM's figures are missing: `qemu`), and the VMM's CPU in us
     /// (`cpu user + cpu sys` over fired; for `qemu`, QEMU's).
     pub exits_per_fired_timer: Option<Spread>,
+    /// The same by reason (`hlt`, `io_timer`: the timer device's commands and queue mode's `SYNC`
+    /// doorbell writes, `kick`, ...): a reason missing from a run counts 0 there.
+    pub exits_per_fired_timer_by_reason: BTreeMap<String, Spread>,
     pub kvm_exits_per_fired_timer: Option<Spread>,
     pub vmm_cpu_us_per_fired_timer: Spread,
 }
@@ -250,6 +253,7 @@ pub fn summarize(policies: &[String], runs: &[RunRecord]) -> Vec<PolicySummary> 
                     all.iter()
                         .map(|s| s.per_fired_timer.as_ref().map(|p| p.exits)),
                 ),
+                exits_per_fired_timer_by_reason: by_reason_spreads(&all),
                 kvm_exits_per_fired_timer: spread_of_some(
                     all.iter()
                         .map(|s| s.per_fired_timer.as_ref().and_then(|p| p.kvm_exits)),
@@ -265,6 +269,31 @@ pub fn summarize(policies: &[String], runs: &[RunRecord]) -> Vec<PolicySummary> 
 }
 
 /// The spread of the runs' values, `None` unless every run has one.
+/// Every exit reason's per-fired-timer figure over `runs` (0 where a run has none of it); empty if a
+/// run has no `per_fired_timer` (nothing fired, or not quietvm's VMM).
+fn by_reason_spreads(runs: &[&VmStats]) -> BTreeMap<String, Spread> {
+    let Some(per) = runs
+        .iter()
+        .map(|s| s.per_fired_timer.as_ref())
+        .collect::<Option<Vec<_>>>()
+        .filter(|v| !v.is_empty())
+    else {
+        return BTreeMap::new();
+    };
+    let reasons: std::collections::BTreeSet<&String> =
+        per.iter().flat_map(|p| p.exits_by_reason.keys()).collect();
+    reasons
+        .into_iter()
+        .map(|r| {
+            let values = per
+                .iter()
+                .map(|p| p.exits_by_reason.get(r).copied().unwrap_or(0.0))
+                .collect();
+            (r.clone(), Spread::of(values))
+        })
+        .collect()
+}
+
 fn spread_of_some(values: impl Iterator<Item = Option<f64>>) -> Option<Spread> {
     values
         .collect::<Option<Vec<f64>>>()
@@ -400,9 +429,20 @@ pub fn render(cmp: &Comparison) -> String {
             x.as_ref()
                 .map_or("-".to_owned(), |x| format!("{:.2}", x.median))
         };
+        let reasons: Vec<String> = s
+            .exits_per_fired_timer_by_reason
+            .iter()
+            .filter(|(_, x)| x.median >= 0.005)
+            .map(|(k, x)| format!("{k} {:.2}", x.median))
+            .collect();
+        let reasons = if reasons.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", reasons.join(", "))
+        };
         let _ = writeln!(
             out,
-            "  {:<10} {:>6} / {:>6} / {:.0} us",
+            "  {:<10} {:>6} / {:>6} / {:.0} us{reasons}",
             s.policy,
             or_dash(&s.exits_per_fired_timer),
             or_dash(&s.kvm_exits_per_fired_timer),
