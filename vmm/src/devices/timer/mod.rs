@@ -427,7 +427,12 @@ impl<C: Clock> TimerDevice<C> {
         }
         let st = self.lock();
         for (id, slot) in st.timers.iter().enumerate() {
-            if let Some(a) = slot.armed {
+            // An arming whose end is still in a ring nobody read is pending as far as the log knows.
+            let unmatched = slot.unmatched.iter().filter_map(|u| match u {
+                Unmatched::Start(a) => Some(a),
+                Unmatched::End { .. } => None,
+            });
+            for a in slot.armed.iter().chain(unmatched) {
                 self.log(a.record(id as TimerId, LogOutcome::Pending, None, None));
             }
         }
