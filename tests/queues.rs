@@ -17,7 +17,11 @@ fn passes(workload: &str, args: &[&str]) -> Run {
     );
     let t = &r.stats()["timers"];
     assert_eq!(u64_of(&t["early"]), 0, "{workload} {args:?}: early timers");
-    assert_eq!(u64_of(&t["missed"]), 0, "{workload} {args:?}: missed timers");
+    assert_eq!(
+        u64_of(&t["missed"]),
+        0,
+        "{workload} {args:?}: missed timers"
+    );
     assert_eq!(
         u64_of(&t["queue_errors"]),
         0,
@@ -64,8 +68,14 @@ fn all_idle_vcpus_arm_and_take_their_timers_without_timer_device_exits() {
         // ARM); queue mode needs a SYNC only for an arming due before the vCPU's next exit.
         let q = timer_exits_per_fired(&queued);
         let l = timer_exits_per_fired(&legacy);
-        assert!(q < 0.5, "{policy}: {q:.2} timer exits per fired timer in queue mode");
-        assert!(l >= 2.0, "{policy}: {l:.2} timer exits per fired timer with commands");
+        assert!(
+            q < 0.5,
+            "{policy}: {q:.2} timer exits per fired timer in queue mode"
+        );
+        assert!(
+            l >= 2.0,
+            "{policy}: {l:.2} timer exits per fired timer with commands"
+        );
         let lt = &legacy.stats()["timers"];
         assert_eq!(u64_of(&lt["queue_entries"]), 0, "{policy}: {lt}");
         assert_eq!(u64_of(&lt["queue_syncs"]), 0, "{policy}: {lt}");
@@ -133,7 +143,11 @@ fn the_timer_log_ends_every_queued_arming_once() {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         let count = |o: &str| lines.iter().filter(|l| l["outcome"] == o).count() as u64;
-        assert_eq!(lines.len() as u64, u64_of(&t["armed"]), "{w}: one line per arming");
+        assert_eq!(
+            lines.len() as u64,
+            u64_of(&t["armed"]),
+            "{w}: one line per arming"
+        );
         assert_eq!(count("fired"), u64_of(&t["fired"]), "{w}");
         assert_eq!(count("cancelled"), u64_of(&t["cancelled"]), "{w}");
     }

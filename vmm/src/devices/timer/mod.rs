@@ -99,6 +99,13 @@ pub const NO_DEADLINE: u64 = u64::MAX;
 /// How soon to retry a doorbell the guest could not take (its interrupts were off).
 const DOORBELL_RETRY_NS: u64 = 200_000;
 
+/// Queue mode: how long a vCPU just woken from its halt with a doorbell is left to run its handler
+/// before it is kicked for a timer that comes due meanwhile. An idle guest halts again when its
+/// handler is done, and that `HLT` exit hands the timer over: one exit (the halt it makes anyway)
+/// instead of a kick and then the halt. A guest that does not halt by then is kicked as before, so a
+/// timer is at most this much later than with a kick (well inside `WINDOW_TOLERANCE_NS`).
+const WOKEN_HANDLER_GRACE_NS: u64 = 300_000;
+
 /// Where the device's kicks go (the VMM: a reason bit and a signal to the vCPU's thread; tests: a
 /// record).
 pub trait VcpuKicker: Send + Sync {
@@ -156,6 +163,9 @@ pub struct VcpuPort {
     joined: bool,
     /// A doorbell is waiting for the guest to enable interrupts; retry at this guest time.
     doorbell_retry_at: u64,
+    /// Queue mode: woken from its halt into its handler; not kicked for a timer before this guest
+    /// time ([`WOKEN_HANDLER_GRACE_NS`]). 0: no grace.
+    woken_grace_until: u64,
     expired: Vec<Expired>,
     kicks: Vec<(CpuId, KickReasons)>,
     service_kicks: Vec<CpuId>,
@@ -468,6 +478,7 @@ impl<C: Clock> TimerDevice<C> {
             cpu,
             joined: false,
             doorbell_retry_at: NO_DEADLINE,
+            woken_grace_until: 0,
             expired: Vec::new(),
             kicks: Vec::new(),
             service_kicks: Vec::new(),
@@ -519,14 +530,21 @@ impl<C: Clock> TimerDevice<C> {
             }
             side.rings.is_some()
         };
-        plan.deadline = self
-            .service
-            .next_event(port.cpu)
-            .min(port.doorbell_retry_at);
+        plan.deadline = self.entry_deadline(port);
         if queue_mode {
             self.publish_horizon(port, &mut plan);
         }
         plan
+    }
+
+    /// When to kick the thread out of the guest: its next event, or a doorbell retry; not before
+    /// the grace of a queue-mode vCPU just woken into its handler.
+    fn entry_deadline(&self, port: &VcpuPort) -> u64 {
+        let mut next = self.service.next_event(port.cpu);
+        if port.woken_grace_until != 0 && next < port.woken_grace_until {
+            next = port.woken_grace_until;
+        }
+        next.min(port.doorbell_retry_at)
     }
 
     /// Queue mode, just before entering the guest: tells it the time by which this thread will be
@@ -544,7 +562,7 @@ impl<C: Clock> TimerDevice<C> {
                 return;
             }
             self.consume_own_ring(port);
-            plan.deadline = self.service.next_event(cpu).min(port.doorbell_retry_at);
+            plan.deadline = self.entry_deadline(port);
         }
         // Still moving: a guest writing its ring in a loop. It will exit at this deadline anyway.
     }
@@ -573,10 +591,17 @@ impl<C: Clock> TimerDevice<C> {
             let mut st = self.lock();
             let now = self.now();
             self.fill_delivery(&mut st, port, now);
-            if st.vcpus[port.cpu as usize].doorbell_due() {
+            let side = &st.vcpus[port.cpu as usize];
+            if side.doorbell_due() {
+                // Back into the handler without sleeping: the same grace as after a wake.
+                port.woken_grace_until = match side.rings {
+                    Some(_) => now + WOKEN_HANDLER_GRACE_NS,
+                    None => 0,
+                };
                 return HaltPlan::Resume;
             }
         }
+        port.woken_grace_until = 0;
         // No doorbell waits, so no retry of one either: a stale retry time would cut the sleep short
         // for nothing.
         port.doorbell_retry_at = NO_DEADLINE;
@@ -609,6 +634,9 @@ impl<C: Clock> TimerDevice<C> {
                 // "timer armed from an interrupt in the idle task").
                 side.in_wake_handler = true;
                 self.service.set_push_idle(port.cpu, true);
+                if side.rings.is_some() {
+                    port.woken_grace_until = now + WOKEN_HANDLER_GRACE_NS;
+                }
             }
             due
         };

@@ -1073,3 +1073,43 @@ fn a_scribbled_delivery_tail_or_state_word_hurts_only_that_guest() {
     assert_eq!(t.early, 0);
     assert_eq!(vm.dev.check_hierarchy(), "ok");
 }
+
+#[test]
+fn a_vcpu_woken_into_its_handler_is_not_kicked_before_it_can_halt_again() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    vm.arm(0, 1, abi::FLAG_PINNED, 5_000);
+    vm.arm(0, 2, abi::FLAG_PINNED, 5_050);
+    assert_eq!(vm.halt(0), HaltPlan::Sleep { until: 5_000 });
+    vm.clock.set(5_000);
+    assert!(vm.wake(0, KickReasons::NONE).resume_guest);
+    let plan = vm.entry(0);
+    assert!(plan.inject_doorbell);
+    assert_eq!(
+        plan.deadline,
+        5_000 + WOKEN_HANDLER_GRACE_NS,
+        "timer 2 waits for the halt that ends the handler"
+    );
+    // The handler ends and the guest halts: timer 2 is handed over at that exit, no sleep.
+    vm.take_deliveries(0);
+    vm.q_end(0, 1);
+    vm.clock.set(5_100);
+    assert_eq!(vm.halt(0), HaltPlan::Recheck, "due already: no sleep");
+    assert!(
+        vm.dev
+            .wake(&mut vm.ports[0], false, KickReasons::NONE)
+            .resume_guest
+    );
+    vm.arm(0, 3, abi::FLAG_PINNED, 5_200);
+    assert_eq!(vm.entry(0).deadline, 5_100 + WOKEN_HANDLER_GRACE_NS);
+    // Nothing armed: no kick at all, grace or not.
+    vm.cancel(0, 3, false);
+    assert_eq!(vm.entry(0).deadline, NO_DEADLINE);
+    // With commands (no queue mode) nothing changes: the kick comes at the deadline.
+    let mut legacy = Vm::new(Policy::Local, 1);
+    legacy.arm(0, 1, abi::FLAG_PINNED, 5_000);
+    legacy.arm(0, 2, abi::FLAG_PINNED, 5_050);
+    legacy.halt(0);
+    legacy.clock.set(5_000);
+    assert!(legacy.wake(0, KickReasons::NONE).resume_guest);
+    assert_eq!(legacy.entry(0).deadline, 5_050);
+}
