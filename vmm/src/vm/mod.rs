@@ -26,7 +26,7 @@ use crate::config::{ConfigError, VmConfig, VmPolicy};
 use crate::devices::serial::SerialConsole;
 use crate::devices::timer::timer_log::TimerLog;
 use crate::devices::timer::{TimerDevice, VcpuKicker};
-use crate::devices::{EXIT_PORT, REPORT_PORT, SERIAL_PORTS, TIMER_PORT};
+use crate::devices::{EXIT_PORT, IDLE_PORT, REPORT_PORT, SERIAL_PORTS, TIMER_PORT};
 use crate::exit_code;
 use crate::stats::{PerFiredTimer, ThreadCounters, TimerStats, VcpuStats, VmStats};
 use crate::sync::NoSleepMutex;
@@ -649,6 +649,8 @@ pub(crate) fn exit_stat_name(exit: &Exit) -> &'static str {
             p if SERIAL_PORTS.contains(&p) => "io_serial",
             EXIT_PORT => "io_exit",
             TIMER_PORT => "io_timer",
+            // A halt (docs/timer-abi.md, "Halting in one exit"), not a timer operation.
+            IDLE_PORT => "io_idle",
             REPORT_PORT => "io_report",
             _ => "io_unknown",
         },

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::accounting::{KickReasons, WakeupCause};
 use crate::devices::timer::{CommandEffect, HaltPlan, TimerDevice, VcpuPort, NO_DEADLINE};
-use crate::devices::{DOORBELL_VECTOR, TIMER_PORT};
+use crate::devices::{DOORBELL_VECTOR, IDLE_PORT, TIMER_PORT};
 use crate::stats::VcpuStats;
 use crate::sys::kvm::kick::{drain_kicks, sleep_until_kicked, DeadlineTimer};
 use crate::sys::kvm::vcpu::{Exit, Vcpu};
@@ -143,7 +143,7 @@ impl VcpuThread {
                     // Its first HLT joins it to timer expiry even if a pause or stop cuts the
                     // halt short.
                     self.shared.device.join(&mut self.port);
-                    self.halt();
+                    self.halt(false);
                 }
                 Exit::Interrupted => drain_kicks(),
                 // The loop's top injects the waiting doorbell.
@@ -177,6 +177,11 @@ impl VcpuThread {
             return;
         }
         match port {
+            IDLE_PORT if size == 4 => {
+                self.stats.halts += 1;
+                self.shared.device.join(&mut self.port);
+                self.halt(true);
+            }
             TIMER_PORT => {
                 let effect = self.shared.device.command(&mut self.port, size, value);
                 if effect == CommandEffect::GoOffline {
@@ -233,8 +238,9 @@ impl VcpuThread {
         self.set_state(VcpuRunState::Running);
     }
 
-    /// The guest halted: sleep until something is due for this vCPU, then return to the guest.
-    fn halt(&mut self) {
+    /// The guest halted (`idle`: through the idle port, its doorbell masked): sleep until something
+    /// is due for this vCPU, then return to the guest.
+    fn halt(&mut self, idle: bool) {
         self.set_state(VcpuRunState::Halted);
         // Before it sleeps, as well as after: a vCPU may sleep for the VM's whole life, and a live
         // `stats` should still show what it did up to its halt.
@@ -243,7 +249,12 @@ impl VcpuThread {
             if self.shared.stopping() || self.shared.paused() {
                 break;
             }
-            let until = match self.shared.device.halt(&mut self.port) {
+            let plan = if idle {
+                self.shared.device.idle(&mut self.port)
+            } else {
+                self.shared.device.halt(&mut self.port)
+            };
+            let until = match plan {
                 HaltPlan::Resume => break,
                 HaltPlan::Recheck => None,
                 HaltPlan::Sleep { until } => Some(until),

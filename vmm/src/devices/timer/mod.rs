@@ -617,6 +617,33 @@ impl<C: Clock> TimerDevice<C> {
         }
     }
 
+    /// The guest halted through the idle port (docs/timer-abi.md, "Halting in one exit"): as
+    /// [`Self::halt`], for a guest that halts with its doorbell masked. A doorbell already injected
+    /// but not yet handled cannot wake such a guest, so it resumes at once while anything the
+    /// doorbell was for is still unread (its delivery ring or queue) or an offline request waits.
+    pub fn idle(&self, port: &mut VcpuPort) -> HaltPlan {
+        self.join(port);
+        self.consume_own_ring(port);
+        {
+            let mut st = self.lock();
+            let now = self.now();
+            self.fill_delivery(&mut st, port, now);
+            let side = &st.vcpus[port.cpu as usize];
+            let unread = match side.rings {
+                Some(r) => !r.caught_up,
+                None => !side.queue.is_empty(),
+            };
+            if unread || side.offline_requested || side.control_pending {
+                port.woken_grace_until = match side.rings {
+                    Some(_) => now + WOKEN_HANDLER_GRACE_NS,
+                    None => 0,
+                };
+                return HaltPlan::Resume;
+            }
+        }
+        self.halt(port)
+    }
+
     /// After a halt's sleep (`slept`: it really slept, one host wakeup) or its recheck: the vCPU runs
     /// again, expires what is due, and learns why it woke and whether its guest has work. `reasons`
     /// are the kicks its thread took around the sleep (with `STOP` if the VM is ending).

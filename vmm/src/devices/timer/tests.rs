@@ -1113,3 +1113,26 @@ fn a_vcpu_woken_into_its_handler_is_not_kicked_before_it_can_halt_again() {
     assert!(legacy.wake(0, KickReasons::NONE).resume_guest);
     assert_eq!(legacy.entry(0).deadline, 5_050);
 }
+
+#[test]
+fn the_idle_port_does_not_sleep_past_a_doorbell_the_masked_guest_has_not_handled() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    vm.arm(0, 1, abi::FLAG_PINNED, 5_000);
+    vm.clock.set(5_000);
+    assert!(vm.entry(0).inject_doorbell);
+    // The guest, its doorbell masked, halts before its handler read the ring: back at once.
+    assert_eq!(vm.dev.idle(&mut vm.ports[0]), HaltPlan::Resume);
+    assert!(
+        !vm.entry(0).inject_doorbell,
+        "rung already: the guest has it pending"
+    );
+    vm.take_deliveries(0);
+    vm.q_end(0, 1);
+    assert_eq!(
+        vm.dev.idle(&mut vm.ports[0]),
+        HaltPlan::Sleep { until: NO_DEADLINE }
+    );
+    // An offline request waits: no sleep either.
+    vm.dev.request_offline(0);
+    assert_eq!(vm.dev.idle(&mut vm.ports[0]), HaltPlan::Resume);
+}
