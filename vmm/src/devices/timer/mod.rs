@@ -166,6 +166,9 @@ pub struct VcpuPort {
     /// Queue mode: woken from its halt into its handler; not kicked for a timer before this guest
     /// time ([`WOKEN_HANDLER_GRACE_NS`]). 0: no grace.
     woken_grace_until: u64,
+    /// The guest halted through the idle port: its next entry returns from that `out`, after which
+    /// it looks at its work itself, so no doorbell is injected for what is due then.
+    returning_from_idle: bool,
     expired: Vec<Expired>,
     kicks: Vec<(CpuId, KickReasons)>,
     service_kicks: Vec<CpuId>,
@@ -479,6 +482,7 @@ impl<C: Clock> TimerDevice<C> {
             joined: false,
             doorbell_retry_at: NO_DEADLINE,
             woken_grace_until: 0,
+            returning_from_idle: false,
             expired: Vec::new(),
             kicks: Vec::new(),
             service_kicks: Vec::new(),
@@ -511,12 +515,15 @@ impl<C: Clock> TimerDevice<C> {
             let now = self.now();
             self.fill_delivery(&mut st, port, now);
             let side = &mut st.vcpus[port.cpu as usize];
+            let answered_by_idle = std::mem::take(&mut port.returning_from_idle);
             if !side.doorbell_due() {
                 port.doorbell_retry_at = NO_DEADLINE;
-            } else if can_take_interrupt {
+            } else if can_take_interrupt || answered_by_idle {
                 side.doorbell_armed = false;
                 side.control_pending = false;
-                plan.inject_doorbell = true;
+                // The idle port's return is the doorbell: the guest looks at its work itself
+                // (docs/timer-abi.md, "Halting in one exit"), which saves the injection.
+                plan.inject_doorbell = !answered_by_idle;
                 port.doorbell_retry_at = NO_DEADLINE;
             } else {
                 // The interrupt-window exit is unreliable on some hosts (docs/kvm-host.md): ask for
@@ -623,6 +630,7 @@ impl<C: Clock> TimerDevice<C> {
     /// doorbell was for is still unread (its delivery ring or queue) or an offline request waits.
     pub fn idle(&self, port: &mut VcpuPort) -> HaltPlan {
         self.join(port);
+        port.returning_from_idle = true;
         self.consume_own_ring(port);
         {
             let mut st = self.lock();
@@ -1370,6 +1378,12 @@ impl<C: Clock> TimerDevice<C> {
         }
         let Some(d) = self.hand_over_next(st, cpu, now) else {
             let side = &mut st.vcpus[cpu as usize];
+            if side.rings.is_some() {
+                // Queue mode: the doorbell is armed again when the guest has read its delivery
+                // ring (`fill_delivery`), not by a `POP`: a guest that pops instead of reading its
+                // ring would otherwise be rung again at every exit for entries it never reads.
+                return (abi::EMPTY, 0);
+            }
             side.doorbell_armed = true;
             if side.in_wake_handler {
                 side.in_wake_handler = false;

@@ -1128,6 +1128,21 @@ fn the_idle_port_does_not_sleep_past_a_doorbell_the_masked_guest_has_not_handled
     );
     vm.take_deliveries(0);
     vm.q_end(0, 1);
+    // Work found by the idle halt itself is not rung for: the return is the doorbell.
+    vm.arm(0, 2, abi::FLAG_PINNED, 6_000);
+    assert_eq!(
+        vm.dev.idle(&mut vm.ports[0]),
+        HaltPlan::Sleep { until: 6_000 }
+    );
+    vm.clock.set(6_000);
+    assert!(vm.wake(0, KickReasons::NONE).resume_guest);
+    assert!(
+        !vm.entry(0).inject_doorbell,
+        "the idle return is the doorbell"
+    );
+    assert!(!vm.entry(0).inject_doorbell);
+    assert_eq!(vm.take_deliveries(0).len(), 1);
+    vm.q_end(0, 2);
     assert_eq!(
         vm.dev.idle(&mut vm.ports[0]),
         HaltPlan::Sleep { until: NO_DEADLINE }
@@ -1135,4 +1150,23 @@ fn the_idle_port_does_not_sleep_past_a_doorbell_the_masked_guest_has_not_handled
     // An offline request waits: no sleep either.
     vm.dev.request_offline(0);
     assert_eq!(vm.dev.idle(&mut vm.ports[0]), HaltPlan::Resume);
+}
+
+#[test]
+fn a_queue_mode_guest_that_pops_instead_of_reading_its_ring_is_not_rung_at_every_exit() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    vm.arm(0, 1, abi::FLAG_PINNED, 5_000);
+    vm.clock.set(5_000);
+    assert!(vm.entry(0).inject_doorbell);
+    // The guest answers with POP commands (it has not switched to its ring yet, say).
+    assert_eq!(vm.pop(0, abi::NO_TIMER), None);
+    assert!(!vm.entry(0).inject_doorbell, "no doorbell storm");
+    assert_eq!(vm.pop(0, abi::NO_TIMER), None);
+    assert!(!vm.entry(0).inject_doorbell);
+    // Once it has read the ring, the next delivery rings again.
+    vm.take_deliveries(0);
+    vm.q_end(0, 1);
+    vm.arm(0, 2, abi::FLAG_PINNED, 6_000);
+    vm.clock.set(6_000);
+    assert!(vm.entry(0).inject_doorbell);
 }
