@@ -30,6 +30,8 @@ pub(super) struct VcpuThread {
     index: u32,
     vcpu: Vcpu,
     timer: DeadlineTimer,
+    /// The guest time the deadline timer was last armed for ([`NO_DEADLINE`]: disarmed).
+    armed_for: u64,
     /// This vCPU's side of the timer device.
     port: VcpuPort,
     stats: VcpuStats,
@@ -64,6 +66,7 @@ impl VcpuThread {
             index,
             vcpu,
             timer,
+            armed_for: NO_DEADLINE,
             port,
             stats,
             unpublished_exits: 0,
@@ -162,8 +165,20 @@ impl VcpuThread {
         }
     }
 
-    /// Programs the deadline timer for guest time `at` ([`NO_DEADLINE`]: none).
+    /// Programs the deadline timer for guest time `at` ([`NO_DEADLINE`]: none). The same guest time
+    /// again, while the timer has not fired, costs nothing: with the TSC clock each conversion to
+    /// `CLOCK_MONOTONIC` gives another value, and a `timer_settime` at every entry would be wasted.
     fn arm_deadline(&mut self, at: u64) {
+        let armed = self.timer.armed_at();
+        let still_armed = if at == NO_DEADLINE {
+            armed == 0
+        } else {
+            armed != 0 && armed > crate::sys::os::monotonic_ns()
+        };
+        if at == self.armed_for && still_armed {
+            return;
+        }
+        self.armed_for = at;
         let mono = if at == NO_DEADLINE {
             0
         } else {
@@ -201,6 +216,7 @@ impl VcpuThread {
     /// VM runs. Every real sleep is a host wakeup with cause `control`.
     fn park_while(&mut self, state: VcpuRunState, still: impl Fn(&Shared) -> bool) {
         self.timer.arm_at(0);
+        self.armed_for = NO_DEADLINE;
         self.shared.publish(&self.stats);
         self.set_state(state);
         while still(&self.shared) && !self.shared.stopping() {
