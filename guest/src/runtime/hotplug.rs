@@ -4,15 +4,18 @@
 //! the vCPU back online, and the vCPU carries on where it was.
 
 use super::device::{self, status};
-use super::percpu;
+use super::{percpu, queues};
 use core::sync::atomic::Ordering;
 
-/// Goes offline now if quietvm asked for it. Called on the halt paths only.
+/// Goes offline now if quietvm asked for it. Called on the halt paths only. In queue mode not while
+/// expired timers wait in the delivery ring (their callbacks would wait for this vCPU to come back):
+/// the doorbell for them is pending, so the halt path runs them first and comes back here.
 pub fn go_offline_if_asked() {
     let cpu = percpu::this();
-    if !cpu.offline_requested.swap(false, Ordering::SeqCst) {
+    if !cpu.offline_requested.load(Ordering::SeqCst) || queues::delivery_waiting() {
         return;
     }
+    cpu.offline_requested.store(false, Ordering::SeqCst);
     // Counted before quietvm moves this vCPU's timers, so a check on another vCPU that sees one of
     // them fire there also sees the count grown.
     cpu.offline_count.fetch_add(1, Ordering::SeqCst);
@@ -28,7 +31,10 @@ pub fn go_offline_if_asked() {
 }
 
 /// Stops this vCPU for good, leaving the others running (it still leaves when asked to go offline).
+/// A doorbell handler that runs here leaves its owed `SYNC`s to the next `HLT` exit (`queues`).
 pub fn halt_forever() -> ! {
+    let cpu = percpu::this();
+    cpu.halting.store(true, Ordering::SeqCst);
     loop {
         go_offline_if_asked();
         crate::arch::unmask_and_halt();
