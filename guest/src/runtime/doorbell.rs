@@ -95,7 +95,14 @@ fn drain(cpu: &PerCpu, pop: fn(u32) -> (device::Reply, Option<Expired>), by_comm
                 }
             }
             (reply, None) if reply.status == status::EMPTY => break,
-            (reply, None) => panic!("POP({:#x}) answered {}", prev, status::name(reply.status)),
+            (reply, None) if !by_command || !queues::on() => {
+                panic!("POP({:#x}) answered {}", prev, status::name(reply.status))
+            }
+            (reply, None) => panic!(
+                "queue mode: POP({:#x}) after draining the delivery ring answered {} (with NONE: the guest had ended every callback it took from the ring)",
+                prev,
+                status::name(reply.status)
+            ),
         }
     }
     cpu.running.store(NONE, Ordering::Relaxed);

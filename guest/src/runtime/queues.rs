@@ -173,19 +173,19 @@ pub fn enable(cpu: u32) {
         None
     };
     let answer = match why {
-        Some(why) => Err(why),
+        Some(why) => Err(("", why)),
         None => {
             let reply = command(command::ENABLE_QUEUES);
             if reply.status == status::OK {
                 Ok(())
             } else {
-                Err(status::name(reply.status))
+                Err(("ENABLE_QUEUES answered ", status::name(reply.status)))
             }
         }
     };
-    if let Err(why) = answer {
+    if let Err((what, why)) = answer {
         if cpu == 0 {
-            println!("guest: timer queue mode not available ({why}); using commands");
+            println!("guest: timer queue mode not available ({what}{why}); using commands");
         }
         return;
     }
@@ -257,14 +257,25 @@ pub fn sync() -> Reply {
     reply
 }
 
+/// Whether an owed `SYNC` (`PerCpu::owed_sync`) covers entries quietvm has not read yet.
+fn still_owed(owed: u64) -> bool {
+    if owed == 0 {
+        return false;
+    }
+    // quietvm has read up to the owed index or past it (at some exit) if `sub_tail` is there.
+    let unread = (owed as u32).wrapping_sub(sub_indices().sub_tail);
+    unread != 0 && unread <= SUB_ENTRIES
+}
+
 /// Records that a `SYNC` is owed for the entries up to `head` (exclusive), for an arming whose window
 /// ends at `window_end`. Masked.
 fn owe(head: u32, window_end: u64) {
     let cpu = percpu::this();
-    let until = if cpu.owed_sync.load(Ordering::Relaxed) == 0 {
-        window_end
-    } else {
+    // An earlier owed SYNC that an exit has paid meanwhile does not count.
+    let until = if still_owed(cpu.owed_sync.load(Ordering::Relaxed)) {
         cpu.owed_until.load(Ordering::Relaxed).min(window_end)
+    } else {
+        window_end
     };
     cpu.owed_until.store(until, Ordering::Relaxed);
     cpu.owed_sync
@@ -280,9 +291,7 @@ pub fn pay_owed() {
     let was_unmasked = irq::mask();
     let owed = cpu.owed_sync.load(Ordering::Relaxed);
     if owed != 0 {
-        let unread = (owed as u32).wrapping_sub(sub_indices().sub_tail);
-        if unread == 0 || unread > SUB_ENTRIES {
-            // quietvm has consumed up to the owed index or past it (an exit came first).
+        if !still_owed(owed) {
             cpu.owed_sync.store(0, Ordering::Relaxed);
         } else {
             sync();
@@ -432,7 +441,11 @@ pub fn cancel(id: u32) -> Reply {
     cancel_op(id, false)
 }
 
-/// `CANCEL_SYNC` in queue mode. The word says `DEADLOCK` (a callback of the timer runs on this vCPU)
+/// `CANCEL_SYNC` in queue mode: as `CANCEL`, except that a timer with no pending arming has nothing to
+/// cancel, so its word is only read (no generation, no entry: the repeats of a guest waiting for `OK`
+/// cost nothing, as docs/timer-abi.md asks; a `CANCEL` there would change nothing but the generation).
+///
+/// The word says `DEADLOCK` (a callback of the timer runs on this vCPU)
 /// also while that expiry still waits in this vCPU's delivery ring, handed over but not yet taken:
 /// its callback has not started. Outside callbacks the runtime then runs it, as the command's
 /// caller would expect (`CANCEL_SYNC` answers `OK` once no callback runs): at once from unmasked main
@@ -440,7 +453,15 @@ pub fn cancel(id: u32) -> Reply {
 /// and gets `RUNNING` (repeat after unmasking, as for another vCPU's callback). A callback gets
 /// `DEADLOCK`: the waiting one runs after it.
 pub fn cancel_sync(id: u32) -> Reply {
-    let mut reply = cancel_op(id, true);
+    if id >= max_timers() {
+        return reply(status::INVALID, 0, now());
+    }
+    let word = state(id);
+    let mut reply = if word.pending() {
+        cancel_op(id, true)
+    } else {
+        reply(word.cancel_sync_status(percpu::index()), 0, now())
+    };
     let cpu = percpu::this();
     if reply.status != status::DEADLOCK
         || cpu.running.load(Ordering::Relaxed) == id

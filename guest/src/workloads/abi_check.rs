@@ -502,6 +502,11 @@ fn delivered_while_masked() {
     }
     irq::restore(was_unmasked);
     let want = u32::from(queues::on());
+    // Its doorbell may still be on its way (the word changes before the entry is published).
+    time::wait_until(Some(time::now() + 1_000 * MS), || {
+        D_FIRES.load(Ordering::Acquire) >= want
+    });
+    time::sleep_until(time::now() + 2 * MS);
     check(
         "D's callbacks once vCPU 0 unmasked",
         D_FIRES.load(Ordering::Acquire) == want,

@@ -6,7 +6,8 @@
 //!   (`pv_before <= cmd_now <= pv_after`) and never goes backwards;
 //! - each `ARM`/`CANCEL` moves the state word to the next generation (`PENDING` set or cleared) and
 //!   writes one submission entry saying so (`op`, `id`, `gen`, `flags` with `ENDED_PENDING`,
-//!   `deadline`, `slack`, `at`); `PAST` and `INVALID` change neither word nor ring;
+//!   `deadline`, `slack`, `at`); `CANCEL_SYNC` too if an arming was pending, else it only reads the
+//!   word; `PAST` and `INVALID` change neither word nor ring;
 //! - `SYNC`'s value is the number of entries quietvm had not read; more than 32 operations in a row
 //!   fill the ring and `SYNC` first (they all succeed);
 //! - inside a callback the word says it runs here; an arming made there owes its `SYNC` (none issued)
@@ -158,20 +159,35 @@ fn words_and_entries() {
         ENDED_PENDING,
         false,
     );
+    // CANCEL_SYNC of a pending timer is a CANCEL; of an idle one, only a look at its word.
+    expect("re-ARM Q", device::arm(Q, PINNED, far), status::OK, Some(0));
     let before = queues::state(Q);
     expect(
-        "CANCEL_SYNC of idle Q: OK",
+        "CANCEL_SYNC of pending Q: OK, value 1",
+        device::cancel_sync(Q),
+        status::OK,
+        Some(1),
+    );
+    expect_entry(
+        "CANCEL_SYNC of pending Q: a CANCEL entry",
+        before,
+        last_entry(),
+        OP_CANCEL,
+        ENDED_PENDING,
+        false,
+    );
+    let before = (queues::state(Q), queues::sub_ring().0);
+    expect(
+        "CANCEL_SYNC of idle Q: OK, value 0",
         device::cancel_sync(Q),
         status::OK,
         Some(0),
     );
-    expect_entry(
-        "CANCEL_SYNC of idle Q: a CANCEL entry",
-        before,
-        last_entry(),
-        OP_CANCEL,
-        0,
-        false,
+    let after = (queues::state(Q), queues::sub_ring().0);
+    check(
+        "CANCEL_SYNC of idle Q only reads the word",
+        before == after,
+        (before, after),
     );
 
     // Refused operations change nothing.
