@@ -4,7 +4,8 @@
 //! the vCPU back online, and the vCPU carries on where it was.
 
 use super::device::{self, status};
-use super::{percpu, queues};
+use super::percpu::{self, PerCpu};
+use super::{irq, queues};
 use core::sync::atomic::Ordering;
 
 /// Goes offline now if quietvm asked for it. Called on the halt paths only. In queue mode not while
@@ -12,9 +13,20 @@ use core::sync::atomic::Ordering;
 /// the doorbell for them is pending, so the halt path runs them first and comes back here.
 pub fn go_offline_if_asked() {
     let cpu = percpu::this();
-    if !cpu.offline_requested.load(Ordering::SeqCst) || queues::delivery_waiting() {
+    if !cpu.offline_requested.load(Ordering::SeqCst) {
         return;
     }
+    // Masked from the count to the answer: a callback that ran in between (after an exit that
+    // delivered timers) would record its armings with the count of an offline that then does not
+    // happen, or one that does but not since them.
+    let was_unmasked = irq::mask();
+    if !queues::delivery_waiting() {
+        go_offline(cpu);
+    }
+    irq::restore(was_unmasked);
+}
+
+fn go_offline(cpu: &PerCpu) {
     cpu.offline_requested.store(false, Ordering::SeqCst);
     // Counted before quietvm moves this vCPU's timers, so a check on another vCPU that sees one of
     // them fire there also sees the count grown.

@@ -158,7 +158,17 @@ fn command(cmd: u32) -> Reply {
 /// Turns queue mode on for this vCPU (`ENABLE_QUEUES`), at its start: after its IDT, before its first
 /// timer operation. Not under kvm-lapic (there is no device). If quietvm cannot offer it, the vCPU keeps
 /// using commands; vCPU 0 says so in one line.
+///
+/// Masked from the command until the runtime knows the answer: the command makes the vCPU take part
+/// in timer expiry, so quietvm may hand it timers (in the delivery ring) and ring the doorbell at once,
+/// and a handler that ran before `on()` says so would take them with `POP` instead.
 pub fn enable(cpu: u32) {
+    let was_unmasked = irq::mask();
+    enable_masked(cpu);
+    irq::restore(was_unmasked);
+}
+
+fn enable_masked(cpu: u32) {
     let info = boot::info();
     let words_end = u64::from(info.max_timers)
         .checked_mul(8)
