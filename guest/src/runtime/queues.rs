@@ -19,7 +19,7 @@
 //! ring anyway, and `time::wait_until` pays it if it returns instead of halting. A payment is skipped
 //! when quietvm has read past the owed index already (`sub_tail`, e.g. at a kick's exit), and any
 //! `SYNC` pays everything owed. A handler whose callbacks take so long that an owed arming's window
-//! has ended pays at once.
+//! has ended, or is about to, pays at once.
 //!
 //! # Memory
 //! The queue block, the rings and the state words are shared with quietvm (and the words with the
@@ -41,6 +41,10 @@ use quietvm_abi::timer::{self as abi, MAX_SLACK_NS};
 
 /// `PerCpu::owed_sync`: a `SYNC` is owed (the low 32 bits are the submission index).
 const OWED: u64 = 1 << 32;
+
+/// How close to the end of an owed arming's window a doorbell handler still running callbacks pays
+/// the `SYNC` (`pay_owed_if_overdue`): about what the rest of the handler and its halt take.
+const OVERDUE_NS: u64 = 100_000;
 
 /// How long `cancel_sync` waits for quietvm to publish an expiry it already handed to this vCPU.
 const HANDOVER_LIMIT_NS: u64 = 10_000_000_000;
@@ -118,12 +122,13 @@ pub fn sub_ring() -> (u32, u32) {
     (i.sub_head, i.sub_tail)
 }
 
-/// `horizon` and `enabled` of this vCPU's queue block (for checks).
+/// This vCPU's `horizon`: the guest time by which quietvm reads its submission ring anyway.
 pub fn horizon() -> u64 {
     // SAFETY: as in `sub_indices`.
     unsafe { addr_of!((*control()).horizon).read_volatile() }
 }
 
+/// The queue block's `enabled` field (for checks).
 pub fn enabled_field() -> u32 {
     // SAFETY: as in `sub_indices`.
     unsafe { addr_of!((*control()).enabled).read_volatile() }
@@ -310,11 +315,12 @@ pub fn pay_owed() {
     irq::restore(was_unmasked);
 }
 
-/// Pays an owed `SYNC` whose earliest window has already ended: for a doorbell handler whose callbacks
-/// run long (the halt it would wait for is still far).
+/// Pays an owed `SYNC` whose earliest window has ended or is about to (within `OVERDUE_NS`): for a
+/// doorbell handler whose callbacks run long (the halt it would wait for is still far).
 pub fn pay_owed_if_overdue() {
     let cpu = percpu::this();
-    if cpu.owed_sync.load(Ordering::Relaxed) != 0 && now() >= cpu.owed_until.load(Ordering::Relaxed)
+    if cpu.owed_sync.load(Ordering::Relaxed) != 0
+        && now().saturating_add(OVERDUE_NS) >= cpu.owed_until.load(Ordering::Relaxed)
     {
         pay_owed();
     }
