@@ -72,6 +72,11 @@ extern "C" fn guest_main(cpu: u64, info: *const BootInfo) -> ! {
             runtime::pvh::rendezvous(cpu as u32, info.vcpus);
         }
     }
+    // Queue mode of the timer device (runtime::queues), unless `queues=0`: after the IDT, before the
+    // first timer operation. Under kvm-lapic (and QEMU/PVH) there is no device.
+    if !runtime::lapic::active() && vm::arg_u64("queues", 1) != 0 {
+        runtime::queues::enable(cpu as u32);
+    }
     workloads::run(cpu as u32)
 }
 

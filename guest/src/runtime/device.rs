@@ -1,11 +1,15 @@
 //! Client of quietvm's timer device (docs/timer-abi.md): fill this vCPU's device page, one 32-bit `out`
 //! of the command number to the command port, read the results back from the page.
 //!
+//! A vCPU in queue mode (`queues`, docs/timer-abi.md "Queue mode") does the timer operations below
+//! (`now`, `arm`, `cancel`, `cancel_sync`, `pop`, `ack`) in shared memory instead, with the same
+//! answers and without exits; `raw` and the other commands stay commands.
+//!
 //! The doorbell handler saves and restores the device page around its own commands (`doorbell`), like
 //! a signal handler saving errno, so code it interrupts may be anywhere in a command sequence: callers
-//! need not mask the doorbell around commands.
+//! need not mask the doorbell around commands. (Queue-mode operations mask it themselves.)
 
-use super::{boot, lapic, percpu, soft_timers};
+use super::{boot, lapic, percpu, queues, soft_timers};
 use crate::arch;
 use core::ptr::{addr_of, addr_of_mut};
 use quietvm_abi::timer as abi;
@@ -104,35 +108,72 @@ fn expired() -> Expired {
 
 /// The guest clock, in ns since the VM started.
 pub fn now() -> u64 {
+    if queues::on() {
+        return queues::now();
+    }
     raw(command::NOW, NONE, 0, 0).value
 }
 
 pub fn arm(id: u32, flags: u32, deadline: u64) -> Reply {
-    raw(command::ARM, id, flags, deadline)
+    arm_with_slack(id, flags, deadline, 0)
 }
 
 /// `ARM` with a window: the timer may fire anywhere in `[deadline, deadline + slack]`.
 pub fn arm_with_slack(id: u32, flags: u32, deadline: u64, slack: u64) -> Reply {
+    if queues::on() {
+        return queues::arm(id, flags, deadline, slack, false);
+    }
     raw_with_slack(command::ARM, id, flags, deadline, slack)
 }
 
+/// `ARM` for code that halts right after, or pays what it owes (`queues::pay_owed`) before it runs on
+/// (`time::wait_until`): in queue mode the `SYNC` it may need is left to the `HLT` exit.
+pub fn arm_before_halt(id: u32, flags: u32, deadline: u64) -> Reply {
+    if queues::on() {
+        return queues::arm(id, flags, deadline, 0, true);
+    }
+    raw(command::ARM, id, flags, deadline)
+}
+
 pub fn cancel(id: u32) -> Reply {
+    if queues::on() {
+        return queues::cancel(id);
+    }
     raw(command::CANCEL, id, 0, 0)
 }
 
 /// One `CANCEL_SYNC` (callers repeat it while it answers `RUNNING`).
 pub fn cancel_sync(id: u32) -> Reply {
+    if queues::on() {
+        return queues::cancel_sync(id);
+    }
     raw(command::CANCEL_SYNC, id, 0, 0)
 }
 
 /// `POP`: ends callback `prev` (or `NONE`) and takes the next expired timer, if any.
 pub fn pop(prev: u32) -> (Reply, Option<Expired>) {
+    if queues::on() {
+        return queues::pop(prev);
+    }
+    pop_command(prev)
+}
+
+/// The `POP` command, also in queue mode (the doorbell handler's safety net).
+pub fn pop_command(prev: u32) -> (Reply, Option<Expired>) {
     let reply = raw(command::POP, prev, 0, 0);
     let expired = (reply.status == status::OK).then(expired);
     (reply, expired)
 }
 
 pub fn ack(id: u32) -> Reply {
+    if queues::on() {
+        return queues::ack(id);
+    }
+    ack_command(id)
+}
+
+/// The `ACK` command, also in queue mode (for a callback a `POP` command handed over).
+pub fn ack_command(id: u32) -> Reply {
     raw(command::ACK, id, 0, 0)
 }
 

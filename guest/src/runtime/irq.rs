@@ -39,6 +39,13 @@ pub fn restore(was_unmasked: bool) {
     }
 }
 
+/// Runs the doorbell handler now, from unmasked main code, as if the doorbell had rung: for code that
+/// knows expired timers wait for this vCPU and must not wait for the doorbell's upcall (`queues`).
+pub fn run_handler_now() {
+    assert!(!is_masked(), "run_handler_now with the doorbell masked");
+    arch::run_doorbell_handler();
+}
+
 pub fn is_masked() -> bool {
     percpu::this().irq_masked.load(Ordering::SeqCst) != 0
 }

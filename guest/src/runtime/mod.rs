@@ -6,7 +6,8 @@
 //! - primitives, on arch/ alone: `boot` (boot info and arguments), `percpu`, `irq` (the software
 //!   interrupt mask), `arena`, `sync` (locks, which mask), `serial`, `rand`, `mem`;
 //! - the timer device: its vocabulary (`timer_abi`), the LAPIC (`lapic`) and the software device on
-//!   it (`soft_timers`), the client (`device`), and going offline on a halt (`hotplug`);
+//!   it (`soft_timers`), queue mode in shared memory (`queues`), the client (`device`, which uses
+//!   the commands or `queues`), and going offline on a halt (`hotplug`);
 //! - waiting (`time`), and ending the VM (`vm`, which hands over the software device's report first);
 //! - under a foreign VMM (the PVH entry): the boot info, the other vCPUs' start and the end (`pvh`);
 //! - the doorbell handler (`doorbell`), which runs the sleep timers' callbacks and the workload's.
@@ -28,6 +29,7 @@ pub mod lapic;
 pub mod mem;
 pub mod percpu;
 pub mod pvh;
+pub mod queues;
 pub mod rand;
 pub mod soft_timers;
 pub mod sync;

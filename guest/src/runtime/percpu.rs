@@ -26,6 +26,30 @@ pub struct PerCpu {
     /// Times this vCPU went offline: a pinned timer of it may fire elsewhere only if this grew since
     /// the timer was armed (quietvm hands a leaving vCPU's timers to another one).
     pub offline_count: AtomicU64,
+
+    // Queue mode of the timer device (`queues`). Only this vCPU touches these, from main code and
+    // from its doorbell handler.
+    /// Queue mode is on for this vCPU (`ENABLE_QUEUES` answered OK).
+    pub queues: AtomicBool,
+    /// The doorbell handler runs on this vCPU: an arming defers its `SYNC` ("owes" it).
+    pub in_handler: AtomicBool,
+    /// This vCPU is on its halt path (`time::wait_until`, `hotplug::halt_forever`), around the `hlt`:
+    /// a handler that runs then leaves an owed `SYNC` to the coming `HLT` exit, or to
+    /// `wait_until`'s return.
+    pub halting: AtomicBool,
+    /// An owed `SYNC`: 0 = none, else `OWED | i`, `i` the submission index it covers up to (the
+    /// `sub_head` after the arming that owes it).
+    pub owed_sync: AtomicU64,
+    /// The earliest window end (`deadline + slack`) of the armings that owe the `SYNC`.
+    pub owed_until: AtomicU64,
+    /// The running callback came from a `POP` command (ended with a command), not the delivery ring.
+    pub running_popped: AtomicBool,
+    /// `SYNC`s issued; callback ends that found `HELD`; `POP`s of the queue-mode safety net and the
+    /// timers they found (docs in `doorbell`).
+    pub syncs: AtomicU64,
+    pub held_ends: AtomicU64,
+    pub safety_pops: AtomicU64,
+    pub safety_pops_found: AtomicU64,
 }
 
 // The ring-0 stubs find the two flags where arch::layout says.

@@ -3,7 +3,7 @@
 //! sleep timer: the last `vcpus` timer ids are reserved for them, the rest are the workloads'.
 
 use super::device::{self, status, Expired, PINNED};
-use super::{boot, irq, percpu};
+use super::{boot, irq, percpu, queues};
 use crate::arch;
 use core::sync::atomic::Ordering;
 
@@ -40,14 +40,24 @@ pub fn on_timer(expired: &Expired) -> bool {
 /// Halts until `done()` is true (checked with the doorbell masked, so a callback cannot slip in between
 /// the check and the halt) or, with a deadline, until the guest clock passes it. Returns `done()`.
 /// Only from main code (unmasked), not from callbacks.
+///
+/// In queue mode the `SYNC`s owed by armings of callbacks that ran while it halted, and by its own
+/// sleep timer's arming, are left to its `HLT` exits, which make quietvm read the submission ring; it
+/// pays what is still owed when it returns instead (`queues`, "Owed SYNCs").
 pub fn wait_until(deadline: Option<u64>, done: impl Fn() -> bool) -> bool {
+    let result = wait(deadline, done);
+    queues::pay_owed();
+    result
+}
+
+fn wait(deadline: Option<u64>, done: impl Fn() -> bool) -> bool {
     assert!(!irq::is_masked(), "wait_until with the doorbell masked");
     let cpu = percpu::index();
     let sleep = sleep_timer(cpu);
     let pc = percpu::of(cpu);
     pc.sleep_fired.store(false, Ordering::Relaxed);
     if let Some(deadline) = deadline {
-        let reply = device::arm(sleep, PINNED, deadline);
+        let reply = device::arm_before_halt(sleep, PINNED, deadline);
         match reply.status {
             status::OK => {}
             status::PAST => return done(),
@@ -72,7 +82,7 @@ pub fn wait_until(deadline: Option<u64>, done: impl Fn() -> bool) -> bool {
             // places it on the arming vCPU), and look again before halting.
             if let Some(deadline) = deadline {
                 if !pc.sleep_fired.load(Ordering::Relaxed) {
-                    match device::arm(sleep, PINNED, deadline).status {
+                    match device::arm_before_halt(sleep, PINNED, deadline).status {
                         status::OK => {}
                         status::PAST => pc.sleep_fired.store(true, Ordering::Relaxed),
                         s => panic!("ARM of the sleep timer answered {}", status::name(s)),
@@ -82,7 +92,11 @@ pub fn wait_until(deadline: Option<u64>, done: impl Fn() -> bool) -> bool {
             irq::unmask();
             continue;
         }
+        // A doorbell handler that runs from here to the flag's reset leaves what it owes to the
+        // `HLT` exit (or to this function's return).
+        pc.halting.store(true, Ordering::SeqCst);
         arch::unmask_and_halt();
+        pc.halting.store(false, Ordering::SeqCst);
     };
     if deadline.is_some() && !pc.sleep_fired.load(Ordering::Relaxed) {
         // After an offline it may be half-way through firing on another vCPU: wait for that

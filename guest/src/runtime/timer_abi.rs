@@ -16,6 +16,8 @@ pub mod command {
         CMD_ACK as ACK, CMD_ARM as ARM, CMD_CANCEL as CANCEL, CMD_CANCEL_SYNC as CANCEL_SYNC,
         CMD_NOW as NOW, CMD_POP as POP,
     };
+    /// Queue mode (`runtime::queues`): turn it on for this vCPU; make quietvm read the submission ring.
+    pub use quietvm_abi::timer::{CMD_ENABLE_QUEUES as ENABLE_QUEUES, CMD_SYNC as SYNC};
 }
 
 /// What a command answers in `status` (quietvm-abi's), and each one's name for messages.

@@ -6,6 +6,17 @@
 //! taking a timer over from another vCPU's queue; T is armed PINNED with a hostile slack of 2^64 - 1,
 //! which quietvm must clamp to `MAX_SLACK_NS` and report as `exp_slack` (a pinned timer keeps the
 //! guest's slack, whatever the VM's minimum; 0 under kvm-lapic, which has no slack).
+//!
+//! Then, on vCPU 0 in either mode: an expiry handed to vCPU 0 while it runs masked (D: in queue mode it
+//! has fired, so `CANCEL` answers 0 and its callback runs once unmasked; with commands it waits for
+//! `POP` and is still pending, so `CANCEL` answers 1 and it never fires); a timer re-armed from its own
+//! callback and due while that callback still runs (H) fires again only after the callback ended; and
+//! the windows of a pinned and a movable arming (S, S2). In queue mode (`queue_mode`) every rule of
+//! docs/timer-abi.md's "Queue mode" besides, through the runtime: the flag and clock, the state words
+//! and submission entries, `PAST`/`INVALID` changing nothing, `SYNC`'s value, the full ring, and an
+//! owed `SYNC`. All of these go through the same `device` calls as the commands (`runtime::queues`).
+
+mod queue_mode;
 
 use super::Env;
 use crate::arch;
@@ -13,14 +24,19 @@ use crate::checks;
 use crate::runtime::device::{self, command, status, Expired, Reply, MOVABLE, NONE, PINNED};
 use crate::runtime::doorbell;
 use crate::runtime::time::{self, MS};
-use crate::runtime::{boot, irq, lapic, percpu, vm};
+use crate::runtime::{boot, irq, lapic, percpu, queues, vm};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Timer ids used: T fires on vCPU 0 and runs the in-callback checks; U runs a long callback on vCPU 1;
-/// W is armed by vCPU 1 and taken over by vCPU 0.
+/// W is armed by vCPU 1 and taken over by vCPU 0; D is handed over while vCPU 0 is masked; H is re-armed
+/// from its own callback; S and S2 have windows; `queue_mode` uses its own (`queue_mode::IDS`).
 const T: u32 = 0;
 const U: u32 = 1;
 const W: u32 = 2;
+const D: u32 = 3;
+const H: u32 = 4;
+const S: u32 = 5;
+const S2: u32 = 6;
 
 static CHECKS: AtomicU32 = AtomicU32::new(0);
 static T_DEADLINE: AtomicU64 = AtomicU64::new(0);
@@ -37,6 +53,17 @@ static STEP: AtomicU32 = AtomicU32::new(0);
 /// vCPU W fired on + 1, and its exp_owner + 1.
 static W_FIRED_ON: AtomicU32 = AtomicU32::new(0);
 static W_OWNER: AtomicU32 = AtomicU32::new(0);
+/// D's callbacks.
+static D_FIRES: AtomicU32 = AtomicU32::new(0);
+/// H's callbacks, whether one runs, the guest time its first one ended, and the deadline it re-armed for.
+static H_FIRES: AtomicU32 = AtomicU32::new(0);
+static H_IN_CALLBACK: AtomicBool = AtomicBool::new(false);
+static H_ENDED_AT: AtomicU64 = AtomicU64::new(0);
+static H_REARMED_FOR: AtomicU64 = AtomicU64::new(0);
+/// S's and S2's deadlines, the slack they asked for, and their callbacks.
+static S_DEADLINE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+const S_SLACK: [u64; 2] = [3 * MS, 2 * MS];
+static S_FIRES: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
 
 fn check(what: &str, ok: bool, got: impl core::fmt::Debug) {
     CHECKS.fetch_add(1, Ordering::Relaxed);
@@ -51,7 +78,7 @@ fn expect(what: &str, reply: Reply, want_status: u32, want_value: Option<u64>) {
 }
 
 pub fn run(env: &Env) -> ! {
-    env.ids(3);
+    env.ids(queue_mode::IDS.end);
     match env.cpu {
         0 => vcpu0(env),
         1 => vcpu1(),
@@ -163,7 +190,7 @@ fn vcpu0(env: &Env) -> ! {
         status::INVALID,
         Some(0),
     );
-    for cmd in [0, 8, 0x100, 0xdead_beef] {
+    for cmd in [0, command::SYNC + 1, 0x100, 0xdead_beef] {
         expect(
             "unknown command",
             device::raw(cmd, T, PINNED, far()),
@@ -394,10 +421,230 @@ fn vcpu0(env: &Env) -> ! {
         );
     }
 
+    delivered_while_masked();
+    held_by_own_callback();
+    windows();
+    if queues::on() {
+        queue_mode::run();
+    }
+
+    let cpu = percpu::this();
     super::finish(
         env,
-        format_args!("{} checks", CHECKS.load(Ordering::Relaxed)),
+        format_args!(
+            "{} checks queues={} syncs={} held_ends={} safety_pops={}/{}",
+            CHECKS.load(Ordering::Relaxed),
+            if queues::on() { "on" } else { "off" },
+            cpu.syncs.load(Ordering::Relaxed),
+            cpu.held_ends.load(Ordering::Relaxed),
+            cpu.safety_pops.load(Ordering::Relaxed),
+            cpu.safety_pops_found.load(Ordering::Relaxed),
+        ),
     )
+}
+
+/// Spins (in whatever masking the caller has) until `done()` or until the guest clock passes `limit`,
+/// issuing a `NOW` command each round: quietvm expires due timers at a running vCPU's exits, and in
+/// queue mode nothing else here exits. Returns `done()`.
+fn spin_with_exits(limit: u64, done: impl Fn() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if device::raw(command::NOW, NONE, 0, 0).value >= limit {
+            return done();
+        }
+    }
+}
+
+/// D is handed to vCPU 0 while it runs masked. In queue mode that is the hand-over (the word says its
+/// callback runs here), so `CANCEL` answers 0 and the callback runs once vCPU 0 unmasks; `CANCEL_SYNC`
+/// meanwhile answers `RUNNING` (the runtime's answer while masked: repeat after unmasking). With
+/// commands the expiry waits for `POP` and is still pending: `CANCEL` answers 1 and it never fires.
+fn delivered_while_masked() {
+    let was_unmasked = irq::mask();
+    let deadline = time::now() + MS;
+    expect(
+        "ARM D for 1 ms, masked",
+        device::arm(D, PINNED, deadline),
+        status::OK,
+        Some(0),
+    );
+    let cpu = percpu::this();
+    let delivered = spin_with_exits(deadline + 1_000 * MS, || {
+        if queues::on() {
+            queues::state(D).running_on() == Some(0)
+        } else {
+            cpu.irq_pending.load(Ordering::SeqCst) != 0
+        }
+    });
+    check("D handed to vCPU 0 while it runs masked", delivered, ());
+    if queues::on() {
+        expect(
+            "CANCEL of D handed over, not yet taken (queue mode: it fired)",
+            device::cancel(D),
+            status::OK,
+            Some(0),
+        );
+        expect(
+            "CANCEL_SYNC of D masked while its callback waits here",
+            device::cancel_sync(D),
+            status::RUNNING,
+            Some(0),
+        );
+    } else {
+        expect(
+            "CANCEL of D waiting for POP (still pending)",
+            device::cancel(D),
+            status::OK,
+            Some(1),
+        );
+    }
+    irq::restore(was_unmasked);
+    let want = u32::from(queues::on());
+    // Its doorbell may still be on its way (the word changes before the entry is published).
+    time::wait_until(Some(time::now() + 1_000 * MS), || {
+        D_FIRES.load(Ordering::Acquire) >= want
+    });
+    time::sleep_until(time::now() + 2 * MS);
+    check(
+        "D's callbacks once vCPU 0 unmasked",
+        D_FIRES.load(Ordering::Acquire) == want,
+        (D_FIRES.load(Ordering::Acquire), want),
+    );
+    expect(
+        "CANCEL_SYNC of D afterwards",
+        device::cancel_sync(D),
+        status::OK,
+        Some(0),
+    );
+}
+
+/// H's first callback re-arms H, due 1 ms later, and runs on past that: the re-arming must wait for it
+/// (held) and fire once, after it ended.
+fn held_by_own_callback() {
+    let deadline = time::now() + 2 * MS;
+    expect(
+        "ARM H for 2 ms",
+        device::arm(H, PINNED, deadline),
+        status::OK,
+        Some(0),
+    );
+    let fired = time::wait_until(Some(deadline + 2_000 * MS), || {
+        H_FIRES.load(Ordering::Acquire) >= 2
+    });
+    check("H's re-arming fired after its callback", fired, ());
+    time::sleep_until(time::now() + 2 * MS);
+    check(
+        "H fired exactly twice",
+        H_FIRES.load(Ordering::Acquire) == 2,
+        H_FIRES.load(Ordering::Acquire),
+    );
+    expect(
+        "CANCEL of H: nothing pending",
+        device::cancel(H),
+        status::OK,
+        Some(0),
+    );
+}
+
+fn h_callback(expired: &Expired) {
+    if H_IN_CALLBACK.swap(true, Ordering::AcqRel) {
+        check("H: two callbacks at once", false, expired);
+    }
+    check(
+        "H: exp_fired_at >= exp_deadline",
+        expired.fired_at >= expired.deadline,
+        expired,
+    );
+    match H_FIRES.load(Ordering::Acquire) {
+        0 => {
+            let deadline = time::now() + MS;
+            H_REARMED_FOR.store(deadline, Ordering::Relaxed);
+            expect(
+                "re-ARM H from its own callback, due in 1 ms",
+                device::arm(H, PINNED, deadline),
+                status::OK,
+                Some(0),
+            );
+            if queues::on() {
+                // An arming in a callback owes its SYNC; pay now, so that quietvm holds the expiry.
+                queues::sync();
+                let held = spin_with_exits(deadline + 200 * MS, || queues::state(H).held());
+                check(
+                    "H's word HELD while its callback runs past the deadline",
+                    held,
+                    (),
+                );
+            } else {
+                spin_with_exits(deadline + MS, || false);
+            }
+            H_ENDED_AT.store(time::now(), Ordering::Release);
+        }
+        _ => {
+            check(
+                "H's re-arming: exp_deadline as armed",
+                expired.deadline == H_REARMED_FOR.load(Ordering::Relaxed),
+                expired,
+            );
+            let ended = H_ENDED_AT.load(Ordering::Acquire);
+            check(
+                "H's re-arming fired after its previous callback ended",
+                expired.fired_at >= ended,
+                (expired.fired_at, ended),
+            );
+        }
+    }
+    H_IN_CALLBACK.store(false, Ordering::Release);
+    H_FIRES.fetch_add(1, Ordering::AcqRel);
+}
+
+/// S (PINNED) and S2 (MOVABLE) with slack: each fires once, in its window, and `exp_slack` is the
+/// slack asked for (a movable arming's at least that: the VM's minimum may raise it).
+fn windows() {
+    let now = time::now();
+    for (i, (id, flags)) in [(S, PINNED), (S2, MOVABLE)].into_iter().enumerate() {
+        let deadline = now + 2 * MS;
+        S_DEADLINE[i].store(deadline, Ordering::Relaxed);
+        expect(
+            "ARM with a window",
+            device::arm_with_slack(id, flags, deadline, S_SLACK[i]),
+            status::OK,
+            Some(0),
+        );
+    }
+    let limit = now + 2_000 * MS;
+    let fired = time::poll_until(limit, MS, || {
+        S_FIRES.iter().all(|f| f.load(Ordering::Acquire) >= 1)
+    });
+    check("S and S2 fired", fired, ());
+    time::sleep_until(time::now() + 2 * MS);
+    for (i, id) in [S, S2].into_iter().enumerate() {
+        check(
+            "a window's arming fired once",
+            S_FIRES[i].load(Ordering::Acquire) == 1,
+            (id, S_FIRES[i].load(Ordering::Acquire)),
+        );
+    }
+}
+
+fn s_callback(i: usize, expired: &Expired) {
+    let deadline = S_DEADLINE[i].load(Ordering::Relaxed);
+    check(
+        "window: exp_deadline as armed, exp_fired_at >= it",
+        expired.deadline == deadline && expired.fired_at >= deadline,
+        expired,
+    );
+    let asked = S_SLACK[i];
+    let ok = if lapic::active() {
+        expired.slack == 0
+    } else if i == 0 {
+        expired.slack == asked
+    } else {
+        (asked..=quietvm_abi::timer::MAX_SLACK_NS).contains(&expired.slack)
+    };
+    check("window: exp_slack as asked", ok, (expired.slack, asked));
+    S_FIRES[i].fetch_add(1, Ordering::AcqRel);
 }
 
 fn vcpu1() -> ! {
@@ -438,6 +685,18 @@ pub fn on_timer(expired: &Expired) {
             W_OWNER.store(expired.owner + 1, Ordering::Relaxed);
             W_FIRED_ON.store(percpu::index() + 1, Ordering::Release);
         }
+        D => {
+            check(
+                "D: exp_fired_at >= exp_deadline",
+                expired.fired_at >= expired.deadline,
+                expired,
+            );
+            D_FIRES.fetch_add(1, Ordering::AcqRel);
+        }
+        H => h_callback(expired),
+        S => s_callback(0, expired),
+        S2 => s_callback(1, expired),
+        id if queue_mode::IDS.contains(&id) => queue_mode::on_timer(expired),
         id => check("a timer this workload never armed fired", false, id),
     }
 }
