@@ -64,6 +64,7 @@ pub fn halt_forever() -> ! {
     cpu.halting.store(true, Ordering::SeqCst);
     loop {
         go_offline_if_asked();
-        crate::arch::unmask_and_halt();
+        super::irq::mask();
+        super::queues::halt_then_unmask();
     }
 }

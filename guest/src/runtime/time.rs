@@ -4,7 +4,6 @@
 
 use super::device::{self, status, Expired, PINNED};
 use super::{boot, irq, percpu, queues};
-use crate::arch;
 use core::sync::atomic::Ordering;
 
 pub const MS: u64 = 1_000_000;
@@ -95,7 +94,7 @@ fn wait(deadline: Option<u64>, done: impl Fn() -> bool) -> bool {
         // A doorbell handler that runs from here to the flag's reset leaves what it owes to the
         // `HLT` exit (or to this function's return).
         pc.halting.store(true, Ordering::SeqCst);
-        arch::unmask_and_halt();
+        super::queues::halt_then_unmask();
         pc.halting.store(false, Ordering::SeqCst);
     };
     if deadline.is_some() && !pc.sleep_fired.load(Ordering::Relaxed) {

@@ -738,10 +738,11 @@ impl<C: Clock> TimerDevice<C> {
                 }
                 abi::CMD_OFFLINE_ACK => {
                     let side = &st.vcpus[cpu as usize];
-                    let unread = side.rings.is_some_and(|r| !r.caught_up)
-                        || side
-                            .rings
-                            .is_some_and(|r| r.dlv_head != self.shared.dlv_tail(cpu));
+                    // Entries handed over that the guest has not taken, read now: the guest may
+                    // have drained its ring since the device last looked.
+                    let unread = side
+                        .rings
+                        .is_some_and(|r| r.dlv_head != self.shared.dlv_tail(cpu));
                     if !side.offline_requested {
                         (abi::INVALID, 0)
                     } else if side.in_flight.is_some() || unread {
