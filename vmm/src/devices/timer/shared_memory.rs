@@ -9,7 +9,7 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use quietvm_abi::queue::{self as q, DeliveryEntry, State, SubEntry};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
 
-use super::abi;
+use quietvm_abi::timer as abi;
 
 const ENTRY_BYTES: usize = 48;
 const _: () = assert!(std::mem::size_of::<SubEntry>() == ENTRY_BYTES);
