@@ -358,6 +358,21 @@ fn callback_end_vs_hold_recorded_outside_the_lock() {
     callback_end(7, false);
 }
 
+/// Two guest threads, one ARM and one CANCEL of the word; each returns the word it found.
+fn spawn_arm_and_cancel(
+    word: &Arc<Word>,
+) -> (thread::JoinHandle<State>, thread::JoinHandle<State>) {
+    let arm = {
+        let word = word.clone();
+        thread::spawn(move || apply(&word, |s| Some(s.armed())))
+    };
+    let cancel = {
+        let word = word.clone();
+        thread::spawn(move || apply(&word, |s| Some(s.cancelled())))
+    };
+    (arm, cancel)
+}
+
 // ---- d. ARM vs CANCEL -----------------------------------------------------------------------------
 
 /// Two vCPUs ARM and CANCEL the same timer while arming `gen` is pending. The word's generation moves
@@ -366,14 +381,7 @@ fn callback_end_vs_hold_recorded_outside_the_lock() {
 fn arm_and_cancel(gen: u32) {
     builder().check(move || {
         let word = Arc::new(Word::new(pending(gen)));
-        let arm = {
-            let word = word.clone();
-            thread::spawn(move || apply(&word, |s| Some(s.armed())))
-        };
-        let cancel = {
-            let word = word.clone();
-            thread::spawn(move || apply(&word, |s| Some(s.cancelled())))
-        };
+        let (arm, cancel) = spawn_arm_and_cancel(&word);
         let (a, c) = (arm.join().unwrap(), cancel.join().unwrap());
         let ended_gen = [a, c].iter().filter(|&&s| s == pending(gen)).count();
         assert_eq!(ended_gen, 1, "ARM found {a:?}, CANCEL found {c:?}");
@@ -413,14 +421,7 @@ fn arm_cancel_and_expire() {
     let gen = u32::MAX;
     builder().check(move || {
         let word = Arc::new(Word::new(pending(gen)));
-        let arm = {
-            let word = word.clone();
-            thread::spawn(move || apply(&word, |s| Some(s.armed())))
-        };
-        let cancel = {
-            let word = word.clone();
-            thread::spawn(move || apply(&word, |s| Some(s.cancelled())))
-        };
+        let (arm, cancel) = spawn_arm_and_cancel(&word);
         let expiry = expire(&*word, gen, 1, CAS_TRIES);
         let (a, c) = (arm.join().unwrap(), cancel.join().unwrap());
         let ended = [a, c].iter().filter(|&&s| s == pending(gen)).count()
