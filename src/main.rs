@@ -113,6 +113,11 @@ struct RunArgs {
     /// windows"). Pinned timers keep the guest's own slack. No effect under kvm-lapic.
     #[arg(long, value_name = "NS")]
     timer_slack_ns: Option<u64>,
+    /// A halt whose next timer is at most this many ns off waits for it awake instead of sleeping
+    /// (0..=1000000; default 0: always sleep; KVM's own halts poll up to 200000 by default;
+    /// docs/performance.md, "Short halts"). Not under kvm-lapic.
+    #[arg(long, value_name = "NS")]
+    halt_poll_ns: Option<u64>,
     /// Write one JSON line per timer arming when it ends (fired, cancelled, replaced, or pending at
     /// exit) to this file (docs/timer-abi.md, "The timer log"). If it cannot be written, the run fails.
     #[arg(long, value_name = "PATH")]
@@ -182,6 +187,9 @@ impl RunArgs {
         }
         if let Some(v) = self.timer_slack_ns {
             cfg.timer_slack_ns = v;
+        }
+        if let Some(v) = self.halt_poll_ns {
+            cfg.halt_poll_ns = v;
         }
         Ok(cfg)
     }

@@ -118,7 +118,16 @@ pub struct VmConfig {
     /// a guest's smaller slack is raised to it; pinned armings keep the guest's own. 0: none. At most
     /// `quietvm_abi::timer::MAX_SLACK_NS`. No effect under `kvm-lapic`.
     pub timer_slack_ns: u64,
+    /// A halt whose next event is at most this far off (ns) waits for it awake instead of sleeping
+    /// (docs/performance.md, "Short halts"), as KVM's own halts poll (`halt_poll_ns`, 200 us by
+    /// default, which the `kvm-lapic` baseline uses). Default 0: always sleep, since on the
+    /// development host spinning cost more CPU than the wakeups it saved. At most
+    /// [`MAX_HALT_POLL_NS`]. Not under `kvm-lapic` (KVM's own setting applies there).
+    pub halt_poll_ns: u64,
 }
+
+/// The longest `halt-poll-ns`: 1 ms.
+pub const MAX_HALT_POLL_NS: u64 = 1_000_000;
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -140,6 +149,7 @@ impl Default for VmConfig {
             hierarchy_group_size: 8,
             seccomp: true,
             timer_slack_ns: 0,
+            halt_poll_ns: 0,
         }
     }
 }
@@ -178,6 +188,8 @@ pub enum ConfigError {
     BadNode(u32),
     #[error("hierarchy-group-size must be 2..=8, not {0}")]
     BadGroupSize(u32),
+    #[error("halt-poll-ns {0} is more than {MAX_HALT_POLL_NS} (1 ms)")]
+    BadHaltPoll(u64),
     #[error("timer-slack-ns {0} is more than the most quietvm applies ({max} ns)", max = quietvm_abi::timer::MAX_SLACK_NS)]
     BadTimerSlack(u64),
 }
@@ -301,6 +313,8 @@ impl VmConfig {
             seccomp: Option<bool>,
             #[serde(alias = "timer_slack_ns")]
             timer_slack_ns: Option<u64>,
+            #[serde(alias = "halt_poll_ns")]
+            halt_poll_ns: Option<u64>,
         }
         let p: Partial = toml::from_str(text).map_err(|e| e.message().to_string())?;
         let d = VmConfig::default();
@@ -336,6 +350,7 @@ impl VmConfig {
             hierarchy_group_size: p.hierarchy_group_size.unwrap_or(d.hierarchy_group_size),
             seccomp: p.seccomp.unwrap_or(d.seccomp),
             timer_slack_ns: p.timer_slack_ns.unwrap_or(d.timer_slack_ns),
+            halt_poll_ns: p.halt_poll_ns.unwrap_or(d.halt_poll_ns),
         })
     }
 
@@ -373,6 +388,9 @@ impl VmConfig {
         }
         if !(2..=8).contains(&self.hierarchy_group_size) {
             return Err(ConfigError::BadGroupSize(self.hierarchy_group_size));
+        }
+        if self.halt_poll_ns > MAX_HALT_POLL_NS {
+            return Err(ConfigError::BadHaltPoll(self.halt_poll_ns));
         }
         if self.timer_slack_ns > quietvm_abi::timer::MAX_SLACK_NS {
             return Err(ConfigError::BadTimerSlack(self.timer_slack_ns));
@@ -479,6 +497,15 @@ mod tests {
     #[test]
     fn timer_slack_parses_both_ways() {
         assert_eq!(VmConfig::default().timer_slack_ns, 0);
+        assert_eq!(VmConfig::default().halt_poll_ns, 0);
+        assert_eq!(
+            VmConfig::from_toml("halt-poll-ns = 150000")
+                .unwrap()
+                .halt_poll_ns,
+            150_000
+        );
+        assert!(bad(|c| c.halt_poll_ns = MAX_HALT_POLL_NS + 1));
+        assert!(!bad(|c| c.halt_poll_ns = MAX_HALT_POLL_NS));
         let c = VmConfig::from_toml("timer-slack-ns = 50000").unwrap();
         assert_eq!(c.timer_slack_ns, 50_000);
         let c = VmConfig::from_toml("timer_slack_ns = 7").unwrap();

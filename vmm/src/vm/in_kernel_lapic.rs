@@ -73,6 +73,7 @@ pub(super) fn run_vm(
         cfg.vcpus,
         cfg.vcpus,
         super::GuestClock::monotonic(),
+        0,
     )?);
     let mut ended = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, run_vcpu)?;
 

@@ -216,6 +216,8 @@ pub(crate) struct VmShared<D> {
     /// `CLOCK_MONOTONIC` at guest time 0.
     /// The guest clock (also the timer device's).
     pub(crate) clock: GuestClock,
+    /// `halt-poll-ns` (0 under `kvm-lapic`, where KVM halts).
+    pub(crate) halt_poll_ns: u64,
     /// vCPU threads that have reached the start line (see [`begin_vcpu_run`]).
     arrived: AtomicU32,
     stop: AtomicBool,
@@ -328,12 +330,14 @@ impl<D> VmShared<D> {
         vcpus: u32,
         vcpus_online: u32,
         clock: GuestClock,
+        halt_poll_ns: u64,
     ) -> Result<Self, VmmError> {
         Ok(VmShared {
             device,
             serial: SerialConsole::to_stdout().map_err(VmmError::Thread)?,
             kicks,
             clock,
+            halt_poll_ns,
             arrived: AtomicU32::new(0),
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
@@ -1040,6 +1044,7 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         cfg.vcpus,
         cfg.vcpus_online(),
         clock,
+        cfg.halt_poll_ns,
     )?);
     if let Some(l) = &timer_log {
         // A write that fails ends the VM at once, with that error as its outcome.

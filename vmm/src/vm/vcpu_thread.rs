@@ -165,6 +165,29 @@ impl VcpuThread {
         }
     }
 
+    /// Waits awake until guest time `at` if it is at most `halt-poll-ns` away (or until a kick, whose
+    /// reasons go into `reasons`, or the VM's end), as an idle governor polls when the coming idle
+    /// period is shorter than a sleep state's target residency, and as KVM polls its own halts: no
+    /// host wakeup is taken for a timer due that soon (docs/performance.md, "Short halts"). Unlike
+    /// KVM, which guesses, the device knows when the vCPU's next timer is due. `false`: too far off
+    /// (or polling is off), nothing was done.
+    fn poll_until(&self, at: u64, reasons: &mut KickReasons) -> bool {
+        let poll = self.shared.halt_poll_ns;
+        if poll == 0 || at.saturating_sub(self.shared.now()) > poll {
+            return false;
+        }
+        while self.shared.now() < at && !self.shared.stopping() {
+            let kicked = self.shared.kicks.take(self.index);
+            if !kicked.is_empty() {
+                // Its signal stays pending: the next sleep returns at once and re-plans.
+                *reasons |= kicked;
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        true
+    }
+
     /// Programs the deadline timer for guest time `at` ([`NO_DEADLINE`]: none). The same guest time
     /// again, while the timer has not fired, costs nothing: with the TSC clock each conversion to
     /// `CLOCK_MONOTONIC` gives another value, and a `timer_settime` at every entry would be wasted.
@@ -278,8 +301,12 @@ impl VcpuThread {
             let mut reasons = self.shared.kicks.take(self.index);
             let slept = match until {
                 Some(at) if reasons.is_empty() => {
-                    self.arm_deadline(at);
-                    sleep_until_kicked()
+                    if self.poll_until(at, &mut reasons) {
+                        false
+                    } else {
+                        self.arm_deadline(at);
+                        sleep_until_kicked()
+                    }
                 }
                 _ => false,
             };
