@@ -36,6 +36,10 @@ pub struct CompareArgs {
     /// Override the config's `timer-slack-ns` (the least slack of MOVABLE timers, ns; docs/timer-abi.md).
     #[arg(long, value_name = "NS")]
     pub timer_slack_ns: Option<u64>,
+    /// Override the config's `halt-poll-ns` (a halt whose next timer is that close waits awake;
+    /// docs/performance.md, "Short halts"). Not under kvm-lapic or qemu.
+    #[arg(long, value_name = "NS")]
+    pub halt_poll_ns: Option<u64>,
     /// Write every figure as JSON (docs/compare.md).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -135,6 +139,9 @@ pub fn run(args: &CompareArgs) -> Result<Comparison, CompareError> {
     }
     if let Some(v) = args.timer_slack_ns {
         config.timer_slack_ns = v;
+    }
+    if let Some(v) = args.halt_poll_ns {
+        config.halt_poll_ns = v;
     }
     config.validate()?;
     if args.repeat == 0 {
@@ -238,6 +245,7 @@ fn run_one(
     cmd.args(["--policy", &policy.to_string()])
         .args(["--duration-ms", &config.duration_ms.to_string()])
         .args(["--timer-slack-ns", &config.timer_slack_ns.to_string()])
+        .args(["--halt-poll-ns", &config.halt_poll_ns.to_string()])
         .arg("--quiet")
         .arg("--stats-json")
         .arg(&json)
