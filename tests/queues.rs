@@ -114,11 +114,12 @@ fn an_image_that_only_uses_commands_passes_every_workload_under_every_policy() {
 }
 
 /// Every arming in queue mode ends exactly once in the timer log, also when vCPUs race on one
-/// timer (`cancel-race`: one vCPU's cancel can be read before another's arm of the same timer).
+/// timer (`cancel-race`: one vCPU's cancel can be read before another's arm of the same timer;
+/// `rearm-heavy`: many re-arms of one timer from several vCPUs).
 #[test]
 fn the_timer_log_ends_every_queued_arming_once() {
     let dir = tempfile::tempdir().unwrap();
-    for w in ["cancel-race", "all-idle", "timers"] {
+    for w in ["cancel-race", "rearm-heavy", "all-idle", "timers"] {
         let log = dir.path().join(format!("{w}.jsonl"));
         let r = passes(
             w,
@@ -151,4 +152,31 @@ fn the_timer_log_ends_every_queued_arming_once() {
         assert_eq!(count("fired"), u64_of(&t["fired"]), "{w}");
         assert_eq!(count("cancelled"), u64_of(&t["cancelled"]), "{w}");
     }
+}
+
+/// `--halt-poll-ns`: halts whose next timer is that close wait awake. The guest's checks still pass and
+/// quietvm's wakeup count still agrees with the kernel's (a poll is not a sleep).
+#[test]
+fn halt_polling_keeps_the_checks_and_the_kernel_counts() {
+    for policy in ["local", "pull"] {
+        let r = passes(
+            "all-idle",
+            &[
+                "--workload",
+                "all-idle",
+                "--vcpus",
+                "4",
+                "--policy",
+                policy,
+                "--duration-ms",
+                "500",
+                "--halt-poll-ns",
+                "150000",
+            ],
+        );
+        assert_wakeups_match_kernel(&r, 3);
+    }
+    let bad = common::raw(&["run", "--workload", "hello", "--halt-poll-ns", "2000000"]);
+    bad.expect_code(101);
+    assert!(bad.stderr.contains("halt-poll-ns"), "{}", bad.stderr);
 }

@@ -31,16 +31,7 @@ fn go_offline(cpu: &PerCpu) {
     // Counted before quietvm moves this vCPU's timers, so a check on another vCPU that sees one of
     // them fire there also sees the count grown.
     cpu.offline_count.fetch_add(1, Ordering::SeqCst);
-    let mut reply = device::offline_ack();
-    // Queue mode: `BAD_ACK` while quietvm still counts delivery entries as unread. It learns that the
-    // guest took them only when it next fills the ring, before the guest runs again: so after this
-    // exit. Once more, then leave it to the next halt.
-    for _ in 0..2 {
-        if reply.status != status::BAD_ACK || !queues::on() || queues::delivery_waiting() {
-            break;
-        }
-        reply = device::offline_ack();
-    }
+    let reply = device::offline_ack();
     match reply.status {
         status::OK => {}
         // quietvm withdrew the request (it waited too long): nothing moved.

@@ -224,7 +224,8 @@ fn enable_masked(cpu: u32) {
 fn clock_read() -> (u32, (u64, u64), u64) {
     let c = control();
     loop {
-        // SAFETY: as in `sub_indices`; quietvm writes `version` odd, the fields, `version` even.
+        // SAFETY: as in `sub_indices`; quietvm writes the fields, then an even `version` (and
+        // would make it odd around a later update).
         // Volatile reads stay in program order, and x86 does not reorder loads with loads.
         let (v1, base, mult, tsc, v2) = unsafe {
             let v1 = addr_of!((*c).clock.version).read_volatile();

@@ -33,6 +33,13 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The host kernel's current clocksource (`tsc`, `kvm-clock`, `hpet`, ...), if it can be read.
+pub fn host_clocksource() -> Option<String> {
+    std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
 /// The host's time-stamp counter (`RDTSC`): with the vCPUs' TSC offset, the guest's TSC, which is
 /// the device clock (docs/timer-abi.md, "The clock").
 pub fn rdtsc() -> u64 {

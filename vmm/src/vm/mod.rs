@@ -129,10 +129,13 @@ struct TscClock {
     params: quietvm_abi::queue::ClockParams,
 }
 
-/// How far the TSC and `CLOCK_MONOTONIC` may run apart, per ns of sleep: 1/4096 (244 ppm, more than
-/// NTP ever slews, 500 ppm at most, applies in practice) plus 2 us. A host timer for a TSC deadline is
-/// set this much later, so that the thread never wakes before the deadline on the device clock.
+/// A host timer for a TSC deadline is set this much later than the deadline, so that the thread does not
+/// wake before it on the device clock while `CLOCK_MONOTONIC` (which NTP slews, by up to 500 ppm) runs
+/// apart from the TSC: 1/4096 of the wait (244 ppm), at most 50 us, plus 2 us. A longer sleep may wake
+/// a little early; the halt loop then finds nothing due and sleeps again (one extra wakeup), which
+/// costs less than waking every long sleep late.
 const TSC_SLEEP_MARGIN_SHIFT: u32 = 12;
+const TSC_SLEEP_MARGIN_MAX_NS: u64 = 50_000;
 const TSC_SLEEP_MARGIN_NS: u64 = 2_000;
 
 impl GuestClock {
@@ -144,9 +147,21 @@ impl GuestClock {
         }
     }
 
-    /// The guest TSC from now, if every vCPU reports the same TSC offset and KVM knows the TSC's
-    /// frequency; else `CLOCK_MONOTONIC` (and no queue mode).
+    /// The guest TSC from now, if the host's own clock runs on a stable TSC (its clocksource is
+    /// `tsc`: otherwise KVM may move a vCPU's TSC offset when its thread changes CPU), every vCPU
+    /// reports the same TSC offset and KVM knows the TSC's frequency; else `CLOCK_MONOTONIC` (and no
+    /// queue mode).
     fn for_vcpus(vcpus: &[Vcpu], tsc_khz: u32) -> Self {
+        match crate::sys::os::host_clocksource() {
+            Some(c) if c == "tsc" => {}
+            other => {
+                log::info!(
+                    "host clocksource {}: the TSC may not be stable, no timer queue mode",
+                    other.as_deref().unwrap_or("unknown")
+                );
+                return GuestClock::monotonic();
+            }
+        }
         let offsets: Result<Vec<u64>, _> = vcpus.iter().map(Vcpu::tsc_offset).collect();
         let offset = match offsets {
             Ok(o) if tsc_khz > 0 && !o.is_empty() && o.iter().all(|&x| x == o[0]) => o[0],
@@ -186,9 +201,10 @@ impl GuestClock {
             None => self.start_mono.saturating_add(at),
             Some(_) => {
                 let wait = at.saturating_sub(self.now_ns());
-                monotonic_ns()
-                    .saturating_add(wait)
-                    .saturating_add((wait >> TSC_SLEEP_MARGIN_SHIFT) + TSC_SLEEP_MARGIN_NS)
+                monotonic_ns().saturating_add(wait).saturating_add(
+                    (wait >> TSC_SLEEP_MARGIN_SHIFT).min(TSC_SLEEP_MARGIN_MAX_NS)
+                        + TSC_SLEEP_MARGIN_NS,
+                )
             }
         }
     }
@@ -645,7 +661,7 @@ pub(crate) fn exit_stat_name(exit: &Exit) -> &'static str {
     match exit {
         // Only a 32-bit out is the exit port's: others are ignored, as at an unknown port.
         Exit::IoOut {
-            port: EXIT_PORT,
+            port: EXIT_PORT | IDLE_PORT,
             size,
             ..
         } if *size != 4 => "io_unknown",
@@ -1056,6 +1072,7 @@ pub fn run_vm(cfg: &VmConfig, opts: &RunOptions) -> Result<VmStats, VmmError> {
         }));
     }
     let ran = run_vcpu_threads(&shared, machine.vcpus, cfg, opts, VcpuThread::run);
+    shared.device.read_rings_at_end();
     if let Some(l) = &timer_log {
         // Every vCPU thread is back: nothing arms or ends any more.
         shared.device.log_pending_at_end();

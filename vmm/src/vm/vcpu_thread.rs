@@ -171,15 +171,16 @@ impl VcpuThread {
     /// host wakeup is taken for a timer due that soon (docs/performance.md, "Short halts"). Unlike
     /// KVM, which guesses, the device knows when the vCPU's next timer is due. `false`: too far off
     /// (or polling is off), nothing was done.
-    fn poll_until(&self, at: u64, reasons: &mut KickReasons) -> bool {
+    fn poll_until(&mut self, at: u64, reasons: &mut KickReasons) -> bool {
         let poll = self.shared.halt_poll_ns;
         if poll == 0 || at.saturating_sub(self.shared.now()) > poll {
             return false;
         }
+        // The deadline timer of the last entry would fire just after the poll: a spurious kick.
+        self.arm_deadline(NO_DEADLINE);
         while self.shared.now() < at && !self.shared.stopping() {
             let kicked = self.shared.kicks.take(self.index);
             if !kicked.is_empty() {
-                // Its signal stays pending: the next sleep returns at once and re-plans.
                 *reasons |= kicked;
                 break;
             }
@@ -299,9 +300,11 @@ impl VcpuThread {
                 HaltPlan::Sleep { until } => Some(until),
             };
             let mut reasons = self.shared.kicks.take(self.index);
+            let mut polled = false;
             let slept = match until {
                 Some(at) if reasons.is_empty() => {
                     if self.poll_until(at, &mut reasons) {
+                        polled = true;
                         false
                     } else {
                         self.arm_deadline(at);
@@ -311,6 +314,12 @@ impl VcpuThread {
                 _ => false,
             };
             reasons |= self.shared.kicks.take(self.index);
+            if polled {
+                // The signals of kicks taken while polling: their reasons are in hand, and a kick
+                // that comes after this is in the reasons the next step takes before it sleeps or
+                // enters. Left pending, each would cut the next sleep or `KVM_RUN` short.
+                drain_kicks();
+            }
             if self.shared.stopping() {
                 reasons |= KickReasons::STOP;
             }

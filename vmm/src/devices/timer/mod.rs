@@ -257,9 +257,10 @@ enum Unmatched {
     },
 }
 
-/// At most this many unmatched halves per timer; more only comes from a guest that invents
-/// generations, and the oldest is dropped (counted in `queue_errors`).
-const UNMATCHED_MAX: usize = 8;
+/// At most this many unmatched halves in the VM per vCPU: each waits for an entry still unread in some
+/// vCPU's ring, so a correct guest has at most two per ring slot. More only comes from a guest that
+/// invents generations; then the timer's oldest is dropped (counted in `queue_errors`).
+const UNMATCHED_PER_VCPU: usize = 2 * q::SUB_ENTRIES as usize;
 
 /// The device's record of one timer id. Whether it is pending or running is its state word's.
 #[derive(Debug, Default)]
@@ -349,6 +350,9 @@ struct DeviceState {
     serialized: u64,
     /// Timers whose expiry is held (`TimerSlot::held`), to look at when callbacks end.
     held_ids: Vec<TimerId>,
+    /// Unmatched halves kept over all timers (`TimerSlot::unmatched`), at most
+    /// `UNMATCHED_PER_VCPU` per vCPU.
+    unmatched: usize,
     /// Submission entries read, `SYNC`s, and what a guest wrote that made no sense (docs/stats.md).
     queue_entries: u64,
     queue_syncs: u64,
@@ -394,6 +398,7 @@ impl<C: Clock> TimerDevice<C> {
             remote_expiries: 0,
             serialized: 0,
             held_ids: Vec::new(),
+            unmatched: 0,
             queue_entries: 0,
             queue_syncs: 0,
             queue_errors: 0,
@@ -430,6 +435,30 @@ impl<C: Clock> TimerDevice<C> {
     fn log(&self, record: LogRecord) {
         if let Some(l) = &self.log {
             l.push(record);
+        }
+    }
+
+    /// Reads what queue-mode vCPUs queued after their last exit (the VM ended first: an arming due
+    /// after the horizon needs no `SYNC`), so that it is counted and logged like every other. Once
+    /// every vCPU thread has ended.
+    pub fn read_rings_at_end(&self) {
+        let mut st = self.lock();
+        for cpu in 0..st.vcpus.len() as CpuId {
+            if st.vcpus[cpu as usize].rings.is_none() {
+                continue;
+            }
+            // The thread is gone: a port of its own for this last read, whose kicks go nowhere.
+            let mut port = VcpuPort {
+                cpu,
+                joined: true,
+                doorbell_retry_at: NO_DEADLINE,
+                woken_grace_until: 0,
+                returning_from_idle: false,
+                expired: Vec::new(),
+                kicks: Vec::new(),
+                service_kicks: Vec::new(),
+            };
+            self.consume_ring(&mut st, &mut port);
         }
     }
 
@@ -544,6 +573,14 @@ impl<C: Clock> TimerDevice<C> {
         plan
     }
 
+    /// The grace of a vCPU going back into its handler at guest time `now` (queue mode only; 0: none).
+    fn handler_grace(side: &VcpuSide, now: u64) -> u64 {
+        match side.rings {
+            Some(_) => now + WOKEN_HANDLER_GRACE_NS,
+            None => 0,
+        }
+    }
+
     /// When to kick the thread out of the guest: its next event, or a doorbell retry; not before
     /// the grace of a queue-mode vCPU just woken into its handler.
     fn entry_deadline(&self, port: &VcpuPort) -> u64 {
@@ -569,6 +606,10 @@ impl<C: Clock> TimerDevice<C> {
                 return;
             }
             self.consume_own_ring(port);
+            if !self.lock().vcpus[cpu as usize].queue.is_empty() {
+                // What that read released (a held expiry) waits to be handed over: come back soon.
+                port.doorbell_retry_at = port.doorbell_retry_at.min(self.now() + DOORBELL_RETRY_NS);
+            }
             plan.deadline = self.entry_deadline(port);
         }
         // Still moving: a guest writing its ring in a loop. It will exit at this deadline anyway.
@@ -576,16 +617,15 @@ impl<C: Clock> TimerDevice<C> {
 
     /// Reads the port's vCPU's submission ring (queue mode; nothing otherwise) and sends the kicks
     /// that what it applied calls for.
-    fn consume_own_ring(&self, port: &mut VcpuPort) -> u32 {
-        let read = {
+    fn consume_own_ring(&self, port: &mut VcpuPort) {
+        {
             let mut st = self.lock();
             if st.vcpus[port.cpu as usize].rings.is_none() {
-                return 0;
+                return;
             }
-            self.consume_ring(&mut st, port)
-        };
+            self.consume_ring(&mut st, port);
+        }
         self.send_kicks(port);
-        read
     }
 
     /// The guest halted (`HLT`): joins it to timer expiry if it was not yet, and says whether it must
@@ -601,10 +641,7 @@ impl<C: Clock> TimerDevice<C> {
             let side = &st.vcpus[port.cpu as usize];
             if side.doorbell_due() {
                 // Back into the handler without sleeping: the same grace as after a wake.
-                port.woken_grace_until = match side.rings {
-                    Some(_) => now + WOKEN_HANDLER_GRACE_NS,
-                    None => 0,
-                };
+                port.woken_grace_until = Self::handler_grace(side, now);
                 return HaltPlan::Resume;
             }
         }
@@ -642,10 +679,7 @@ impl<C: Clock> TimerDevice<C> {
                 None => !side.queue.is_empty(),
             };
             if unread || side.offline_requested || side.control_pending {
-                port.woken_grace_until = match side.rings {
-                    Some(_) => now + WOKEN_HANDLER_GRACE_NS,
-                    None => 0,
-                };
+                port.woken_grace_until = Self::handler_grace(side, now);
                 return HaltPlan::Resume;
             }
         }
@@ -669,9 +703,7 @@ impl<C: Clock> TimerDevice<C> {
                 // "timer armed from an interrupt in the idle task").
                 side.in_wake_handler = true;
                 self.service.set_push_idle(port.cpu, true);
-                if side.rings.is_some() {
-                    port.woken_grace_until = now + WOKEN_HANDLER_GRACE_NS;
-                }
+                port.woken_grace_until = Self::handler_grace(side, now);
             }
             due
         };
@@ -684,6 +716,8 @@ impl<C: Clock> TimerDevice<C> {
     /// A guest `out` to the command port from this vCPU (docs/timer-abi.md).
     pub fn command(&self, port: &mut VcpuPort, size: u8, cmd: u32) -> CommandEffect {
         self.join(port);
+        // An exit before the halt: the grace is over, its timers are due as they come.
+        port.woken_grace_until = 0;
         let cpu = port.cpu;
         let mut effect = CommandEffect::None;
         let mut st = self.lock();
@@ -1202,6 +1236,7 @@ impl<C: Clock> TimerDevice<C> {
         match other {
             Some(i) => {
                 let u = slot.unmatched.swap_remove(i);
+                st.unmatched -= 1;
                 let (a, outcome, at) = match (u, half) {
                     (Unmatched::Start(a), Unmatched::End { outcome, at, .. })
                     | (Unmatched::End { outcome, at, .. }, Unmatched::Start(a)) => (a, outcome, at),
@@ -1210,23 +1245,25 @@ impl<C: Clock> TimerDevice<C> {
                 self.log(a.record(id, outcome, Some(at), None));
             }
             None => {
-                if slot.unmatched.len() >= UNMATCHED_MAX {
-                    slot.unmatched.remove(0);
+                if st.unmatched >= UNMATCHED_PER_VCPU * st.vcpus.len() {
                     st.queue_errors += 1;
+                    let slot = &mut st.timers[id as usize];
+                    if slot.unmatched.is_empty() {
+                        return;
+                    }
+                    slot.unmatched.remove(0);
+                    st.unmatched -= 1;
                 }
                 st.timers[id as usize].unmatched.push(half);
+                st.unmatched += 1;
             }
         }
     }
 
     /// Removes an expired-but-not-handed-over arming from the delivery queue it waits in.
-    fn unqueue_delivered(st: &mut DeviceState, id: TimerId) -> bool {
-        match st.timers[id as usize].delivered_to.take() {
-            Some(q) => {
-                st.vcpus[q as usize].queue.retain(|p| p.e.id != id);
-                true
-            }
-            None => false,
+    fn unqueue_delivered(st: &mut DeviceState, id: TimerId) {
+        if let Some(q) = st.timers[id as usize].delivered_to.take() {
+            st.vcpus[q as usize].queue.retain(|p| p.e.id != id);
         }
     }
 

@@ -1099,9 +1099,13 @@ fn a_vcpu_woken_into_its_handler_is_not_kicked_before_it_can_halt_again() {
             .wake(&mut vm.ports[0], false, KickReasons::NONE)
             .resume_guest
     );
-    vm.arm(0, 3, abi::FLAG_PINNED, 5_200);
+    // A callback's re-arm (queued, no exit) waits for the halt too.
+    vm.q_arm(0, 3, abi::FLAG_PINNED, 5_200, 0);
     assert_eq!(vm.entry(0).deadline, 5_100 + WOKEN_HANDLER_GRACE_NS);
-    // Nothing armed: no kick at all, grace or not.
+    // An exit that is not the halt (a SYNC: main code armed something due soon) ends the grace.
+    assert_eq!(vm.cmd(0, abi::CMD_SYNC).0, abi::OK);
+    assert_eq!(vm.entry(0).deadline, 5_200);
+    // Nothing armed: no kick at all.
     vm.cancel(0, 3, false);
     assert_eq!(vm.entry(0).deadline, NO_DEADLINE);
     // With commands (no queue mode) nothing changes: the kick comes at the deadline.
@@ -1169,4 +1173,15 @@ fn a_queue_mode_guest_that_pops_instead_of_reading_its_ring_is_not_rung_at_every
     vm.arm(0, 2, abi::FLAG_PINNED, 6_000);
     vm.clock.set(6_000);
     assert!(vm.entry(0).inject_doorbell);
+}
+
+#[test]
+fn what_a_vcpu_queued_after_its_last_exit_is_read_when_the_vm_ends() {
+    let mut vm = Vm::queued(Policy::Local, 1);
+    vm.entry(0);
+    vm.q_arm(0, 3, abi::FLAG_PINNED, 50_000, 0);
+    assert_eq!(vm.dev.timer_stats(0).armed, 0);
+    vm.dev.read_rings_at_end();
+    let t = vm.dev.timer_stats(1_000);
+    assert_eq!((t.armed, t.queue_entries, t.missed), (1, 1, 0));
 }
