@@ -175,6 +175,19 @@ pub struct VcpuPort {
 }
 
 impl VcpuPort {
+    fn new(cpu: CpuId, joined: bool) -> Self {
+        VcpuPort {
+            cpu,
+            joined,
+            doorbell_retry_at: NO_DEADLINE,
+            woken_grace_until: 0,
+            returning_from_idle: false,
+            expired: Vec::new(),
+            kicks: Vec::new(),
+            service_kicks: Vec::new(),
+        }
+    }
+
     /// The vCPU this port belongs to.
     pub fn cpu(&self) -> CpuId {
         self.cpu
@@ -448,16 +461,7 @@ impl<C: Clock> TimerDevice<C> {
                 continue;
             }
             // The thread is gone: a port of its own for this last read, whose kicks go nowhere.
-            let mut port = VcpuPort {
-                cpu,
-                joined: true,
-                doorbell_retry_at: NO_DEADLINE,
-                woken_grace_until: 0,
-                returning_from_idle: false,
-                expired: Vec::new(),
-                kicks: Vec::new(),
-                service_kicks: Vec::new(),
-            };
+            let mut port = VcpuPort::new(cpu, true);
             self.consume_ring(&mut st, &mut port);
         }
     }
@@ -506,16 +510,7 @@ impl<C: Clock> TimerDevice<C> {
     /// The port of vCPU `cpu`, made by its thread when it starts. Until its guest joins (first timer
     /// command or `HLT`), the vCPU is idle to the service.
     pub fn attach(&self, cpu: CpuId) -> VcpuPort {
-        let mut port = VcpuPort {
-            cpu,
-            joined: false,
-            doorbell_retry_at: NO_DEADLINE,
-            woken_grace_until: 0,
-            returning_from_idle: false,
-            expired: Vec::new(),
-            kicks: Vec::new(),
-            service_kicks: Vec::new(),
-        };
+        let mut port = VcpuPort::new(cpu, false);
         self.service.vcpu_halt(cpu);
         self.send_kicks(&mut port);
         port
