@@ -341,6 +341,15 @@ impl VcpuSide {
         }
     }
 
+    /// Expired timers handed to it (or, without queue mode, waiting for its `POP`) that the guest
+    /// has not read, as the device saw it at its last delivery.
+    fn has_unread(&self) -> bool {
+        match self.rings {
+            Some(r) => !r.caught_up,
+            None => !self.queue.is_empty(),
+        }
+    }
+
     fn doorbell_due(&self) -> bool {
         match self.rings {
             // Queue mode: entries the guest has not read, and it had read all before them.
@@ -626,6 +635,23 @@ impl<C: Clock> TimerDevice<C> {
     /// The guest halted (`HLT`): joins it to timer expiry if it was not yet, and says whether it must
     /// sleep (and until when) or return to the guest at once.
     pub fn halt(&self, port: &mut VcpuPort) -> HaltPlan {
+        self.halt_unless(port, VcpuSide::doorbell_due)
+    }
+
+    /// The guest halted through the idle port (docs/timer-abi.md, "Halting in one exit"): as
+    /// [`Self::halt`], for a guest that halts with its doorbell masked. A doorbell already injected
+    /// but not yet handled cannot wake such a guest, so it resumes at once while anything the
+    /// doorbell was for is still unread (its delivery ring or queue) or an offline request waits.
+    pub fn idle(&self, port: &mut VcpuPort) -> HaltPlan {
+        port.returning_from_idle = true;
+        self.halt_unless(port, |side| {
+            side.doorbell_due() || side.has_unread() || side.offline_requested
+        })
+    }
+
+    /// The halt of [`Self::halt`] and [`Self::idle`]: `Resume` if `has_work` says the guest has work
+    /// (after its ring was read and its deliveries handed over), else how long to sleep.
+    fn halt_unless(&self, port: &mut VcpuPort, has_work: impl Fn(&VcpuSide) -> bool) -> HaltPlan {
         self.join(port);
         // Queue mode: what the guest queued before it halted is armed before the vCPU goes idle.
         self.consume_own_ring(port);
@@ -634,7 +660,7 @@ impl<C: Clock> TimerDevice<C> {
             let now = self.now();
             self.fill_delivery(&mut st, port, now);
             let side = &st.vcpus[port.cpu as usize];
-            if side.doorbell_due() {
+            if has_work(side) {
                 // Back into the handler without sleeping: the same grace as after a wake.
                 port.woken_grace_until = Self::handler_grace(side, now);
                 return HaltPlan::Resume;
@@ -654,31 +680,6 @@ impl<C: Clock> TimerDevice<C> {
         } else {
             HaltPlan::Sleep { until: wake_at }
         }
-    }
-
-    /// The guest halted through the idle port (docs/timer-abi.md, "Halting in one exit"): as
-    /// [`Self::halt`], for a guest that halts with its doorbell masked. A doorbell already injected
-    /// but not yet handled cannot wake such a guest, so it resumes at once while anything the
-    /// doorbell was for is still unread (its delivery ring or queue) or an offline request waits.
-    pub fn idle(&self, port: &mut VcpuPort) -> HaltPlan {
-        self.join(port);
-        port.returning_from_idle = true;
-        self.consume_own_ring(port);
-        {
-            let mut st = self.lock();
-            let now = self.now();
-            self.fill_delivery(&mut st, port, now);
-            let side = &st.vcpus[port.cpu as usize];
-            let unread = match side.rings {
-                Some(r) => !r.caught_up,
-                None => !side.queue.is_empty(),
-            };
-            if unread || side.offline_requested || side.control_pending {
-                port.woken_grace_until = Self::handler_grace(side, now);
-                return HaltPlan::Resume;
-            }
-        }
-        self.halt(port)
     }
 
     /// After a halt's sleep (`slept`: it really slept, one host wakeup) or its recheck: the vCPU runs
