@@ -190,8 +190,9 @@ impl VcpuThread {
     }
 
     /// Programs the deadline timer for guest time `at` ([`NO_DEADLINE`]: none). The same guest time
-    /// again, while the timer has not fired, costs nothing: with the TSC clock each conversion to
-    /// `CLOCK_MONOTONIC` gives another value, and a `timer_settime` at every entry would be wasted.
+    /// again, while the timer is still ahead (or still disarmed), costs nothing: with the TSC clock
+    /// each conversion to `CLOCK_MONOTONIC` gives another value, so the check is on guest time; once
+    /// the timer has fired it is programmed again (and fires at once).
     fn arm_deadline(&mut self, at: u64) {
         let armed = self.timer.armed_at();
         let still_armed = if at == NO_DEADLINE {
@@ -239,8 +240,7 @@ impl VcpuThread {
     /// Parks the thread (out of the guest, no deadline) in `state` while `still(shared)` holds and the
     /// VM runs. Every real sleep is a host wakeup with cause `control`.
     fn park_while(&mut self, state: VcpuRunState, still: impl Fn(&Shared) -> bool) {
-        self.timer.arm_at(0);
-        self.armed_for = NO_DEADLINE;
+        self.arm_deadline(NO_DEADLINE);
         self.shared.publish(&self.stats);
         self.set_state(state);
         while still(&self.shared) && !self.shared.stopping() {

@@ -184,15 +184,9 @@ impl DeadlineTimer {
         })
     }
 
-    /// Arms the timer for `monotonic_ns` (0 disarms). Re-arming for the same time is free while that
-    /// time is still ahead; once it has passed the timer has fired, so it is programmed again (and
-    /// fires at once).
+    /// Arms the timer for `monotonic_ns` (0 disarms): one `timer_settime`. The vCPU thread skips
+    /// calls that would change nothing (it knows the guest time a deadline stands for).
     pub fn arm_at(&mut self, monotonic_ns: u64) {
-        if monotonic_ns == self.armed_at
-            && (monotonic_ns == 0 || monotonic_ns > crate::sys::os::monotonic_ns())
-        {
-            return;
-        }
         self.armed_at = monotonic_ns;
         let spec = libc::itimerspec {
             it_interval: libc::timespec {
